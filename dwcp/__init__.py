@@ -1,0 +1,11 @@
+"""dwcp: a Python implementation of DWCP v3, the Distributed WAN Communication Protocol.
+
+Components (DWCP names in brackets):
+- ``dwcp.delta``: hierarchical delta encoding (HDE), C hot path in ``dwcp._hde``;
+- ``dwcp.transport``: adaptive multi-stream transport (AMST) over QUIC;
+- ``dwcp.consensus``: adaptive consensus protocol (ACP), PBFT with Ed25519;
+- ``dwcp.identity``: node keys; ``dwcp.errors``: typed errors.
+"""
+
+__version__ = "0.1.0"
+PROTOCOL_VERSION = 3

@@ -1,0 +1,68 @@
+"""The ``dwcp`` command line.
+
+Subcommands are thin: each converts its flags and calls the Python API, so the
+logic is testable without a shell. Every command module exposes
+``register(subparsers)``; the list below is the whole command set. Errors from
+``dwcp.errors`` become one line on stderr and a named exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import importlib
+import sys
+from collections.abc import Sequence
+
+from dwcp.errors import DwcpError, LocalError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # the operation failed (bad data, peer, integrity...)
+EXIT_USAGE = 2  # bad arguments or configuration
+EXIT_INTERRUPTED = 130
+
+# Modules under dwcp.cli that provide ``register(subparsers)``.
+COMMAND_MODULES: tuple[str, ...] = (
+    "keygen_cmd",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dwcp",
+        description="DWCP v3: move VM images across a WAN (delta encoding, QUIC, BFT commit).",
+    )
+    parser.add_argument("--config", metavar="FILE", help="node configuration (node.toml)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(f"dwcp.cli.{name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``dwcp``; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except KeyboardInterrupt:
+        print("dwcp: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except LocalError as exc:
+        print(f"dwcp: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, ValueError) else EXIT_FAILURE
+    except DwcpError as exc:
+        print(f"dwcp: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"dwcp: error: no space left on device: {exc.filename or ''}", file=sys.stderr)
+        else:
+            print(f"dwcp: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

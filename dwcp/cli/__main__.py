@@ -1,0 +1,5 @@
+import sys
+
+from dwcp.cli import main
+
+sys.exit(main())
