@@ -50,6 +50,10 @@ class DiskFullError(StorageError):
     """The destination file system has no room left (ENOSPC/EDQUOT)."""
 
 
+class EmulatorError(LocalError, OSError):
+    """The link emulator could not build or run its namespaces (needs root, netns and TUN)."""
+
+
 # --- remote / data side --------------------------------------------------
 
 
