@@ -77,6 +77,14 @@ class IntegrityError(PeerError, ValueError):
     """Reassembled data does not match its fingerprint or the whole-image digest."""
 
 
+class RemoteError(PeerError, RuntimeError):
+    """The peer could not do what was asked (disk full, busy, refused); ``code`` says which."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class AuthenticationError(PeerError, PermissionError):
     """A peer's key is not trusted, or a signature does not verify."""
 
