@@ -1,0 +1,92 @@
+"""PBFT (Castro & Liskov) for committing VM migrations: sans-IO cores, signed messages, WAL.
+
+Public API (stable; part B's simulator, network binding and benchmark use it):
+
+- ``ClusterConfig(cluster_id: bytes, replicas: tuple[PublicKey, ...], clients:
+  tuple[PublicKey, ...], checkpoint_interval=128, watermark_window=256,
+  max_batch=64, max_inflight=4, view_change_timeout=1.0, client_retry=0.5,
+  protocol_version=1, max_message_bytes=16 MiB, max_request_bytes=64 KiB)``;
+  properties ``n``, ``f``, ``quorum`` (2f+1), ``weak_quorum`` (f+1),
+  ``primary(view)``, ``client_index(raw_key)``. Replica ids are ``0..n-1``.
+- ``Replica(config, replica_id, key: NodeKey, app: StateMachine, *, recovering=False)``:
+  ``receive(data, now) -> list[Action]`` (one encoded message from a client or
+  replica; bad input is dropped and counted in ``stats``, never raises, never
+  changes state), ``tick(now) -> list[Action]`` (timers), ``next_deadline() ->
+  float | None``, ``recover(records, now) -> list[Action]`` (call once, right
+  after construction, with the WAL's records). Read-only attributes: ``view``,
+  ``last_executed``, ``stable_seq``, ``recovering``, ``stats``.
+  A replica whose log was lost must be built with ``recovering=True``: it
+  refuses to vote until 2f+1 other replicas told it where the cluster is and it
+  has state-transferred past every sequence number it could have voted on.
+- ``Client(config, key: NodeKey)``: ``request(op, now) -> list[Action]`` (one
+  outstanding request per client), ``receive(data, now) -> list[Completed]``,
+  ``tick(now) -> list[Action]`` (re-sends to all replicas on timeout),
+  ``next_deadline()``, ``busy``, ``client_id`` (raw public key bytes).
+- Actions (``dwcp.consensus.actions``, frozen dataclasses): ``Persist(record)``
+  and ``Compact(records)`` (append to / atomically replace the WAL; durable
+  before any later action of the same list), ``Send(to, data)``,
+  ``Broadcast(data)`` (replica: to every other replica; client: to all
+  replicas), ``ReplyTo(client: bytes, data)``, and reports ``Executed(seq,
+  view, request_digest, client, timestamp, result)``, ``Committed(seq, view,
+  digest)`` (one per batch, null requests included), ``ViewChanged(view,
+  primary)``, ``StateTransferred(seq)``, ``Recovered(seq, view)``. Client
+  event: ``Completed(timestamp, op, result, proof)``.
+- ``StateMachine`` protocol (``dwcp.consensus.app``) and ``VMRegistry``
+  (``dwcp.consensus.registry``, ops built with ``encode_op``, results parsed
+  with ``decode_result``).
+- ``Wal(path, *, cluster_id, replica_id, public_key, create=False)``:
+  ``replay()``, ``append(records)`` (one fsync), ``rewrite(records)``,
+  ``perform(actions) -> list[Action]`` (makes Persist/Compact durable, returns
+  the rest), ``close()``.
+- ``dwcp.consensus.messages``: ``Codec(config)`` (``encode``, ``decode``,
+  ``verify``, ``open``), the message dataclasses and ``Kind``: useful to
+  build Byzantine test messages.
+"""
+
+from __future__ import annotations
+
+from dwcp.consensus.actions import (
+    Action,
+    Broadcast,
+    ClientEvent,
+    Committed,
+    Compact,
+    Completed,
+    Executed,
+    Persist,
+    Recovered,
+    ReplyTo,
+    Send,
+    StateTransferred,
+    ViewChanged,
+)
+from dwcp.consensus.app import StateMachine
+from dwcp.consensus.client import Client
+from dwcp.consensus.config import ClusterConfig
+from dwcp.consensus.registry import VMRegistry, decode_result, encode_op
+from dwcp.consensus.replica import Replica
+from dwcp.consensus.wal import Wal
+
+__all__ = [
+    "Action",
+    "Broadcast",
+    "Client",
+    "ClientEvent",
+    "ClusterConfig",
+    "Committed",
+    "Compact",
+    "Completed",
+    "Executed",
+    "Persist",
+    "Recovered",
+    "Replica",
+    "ReplyTo",
+    "Send",
+    "StateMachine",
+    "StateTransferred",
+    "VMRegistry",
+    "ViewChanged",
+    "Wal",
+    "decode_result",
+    "encode_op",
+]
