@@ -1,0 +1,261 @@
+"""Migration messages and their codec (msgpack arrays, version-tagged, size-capped).
+
+One frozen dataclass per message; constructors validate their fields, so a
+message that decodes is well-formed (h11's habit). ``decode`` turns anything
+malformed, oversized or of the wrong type into ``ProtocolError``; it never
+raises anything else and never allocates more than the input's size allows.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import msgpack
+
+from dwcp.errors import ProtocolError
+
+VERSION = 1
+MAX_MESSAGE = 256 * 1024 * 1024  # the largest encoded message accepted
+MAX_FRAME = 64 * 1024 * 1024  # the largest data frame accepted
+MAX_RANGES = 1 << 20  # missing ranges in one plan (16 MiB packed)
+MAX_TEXT = 4096
+_TID_RE = re.compile(r"^[0-9a-f]{32}$")
+_RANGE = struct.Struct("<QQ")
+SIGNING_CONTEXT = b"dwcp-migrate-offer-v1\x00"
+
+
+def _check_tid(tid: str) -> None:
+    if not isinstance(tid, str) or not _TID_RE.match(tid):
+        raise ProtocolError(f"bad transfer id {tid!r}: expected 32 hex digits")
+
+
+def _check_int(name: str, v: int, hi: int = 2**63 - 1) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= hi:
+        raise ProtocolError(f"{name}: expected an integer from 0 to {hi}, got {v!r}")
+
+
+def _check_bytes(name: str, v: bytes, lo: int, hi: int) -> None:
+    if not isinstance(v, bytes) or not lo <= len(v) <= hi:
+        raise ProtocolError(f"{name}: expected {lo}-{hi} bytes")
+
+
+def _check_text(name: str, v: str, hi: int = MAX_TEXT) -> None:
+    if not isinstance(v, str) or len(v) > hi:
+        raise ProtocolError(f"{name}: expected text of at most {hi} characters")
+
+
+def pack_ranges(ranges: list[tuple[int, int]]) -> bytes:
+    """Pack ``(offset, length)`` pairs as little-endian u64 pairs."""
+    return b"".join(_RANGE.pack(o, n) for o, n in ranges)
+
+
+def unpack_ranges(data: bytes) -> list[tuple[int, int]]:
+    """Unpack ranges, checking they are sorted, non-empty and do not overlap."""
+    if len(data) % _RANGE.size or len(data) // _RANGE.size > MAX_RANGES:
+        raise ProtocolError("range list: bad length")
+    out: list[tuple[int, int]] = []
+    end = 0
+    for o, n in _RANGE.iter_unpack(data):
+        if n == 0 or o < end or o + n > 2**63:
+            raise ProtocolError("range list: ranges must be non-empty, sorted and disjoint")
+        out.append((o, n))
+        end = o + n
+    return out
+
+
+class Message:
+    """Base of every migration message."""
+
+    TYPE: ClassVar[int]
+    transfer_id: str
+
+    def fields(self) -> list[Any]:
+        raise ProtocolError("abstract message")  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class Offer(Message):
+    """Source -> destination: the signed manifest of the image to move."""
+
+    TYPE: ClassVar[int] = 1
+    transfer_id: str
+    name: str
+    size: int
+    sha256: bytes
+    manifest: bytes
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        _check_tid(self.transfer_id)
+        _check_text("name", self.name, 255)
+        _check_int("size", self.size)
+        _check_bytes("sha256", self.sha256, 32, 32)
+        _check_bytes("manifest", self.manifest, 1, MAX_MESSAGE - 4096)
+        _check_bytes("signature", self.signature, 64, 64)
+
+    def fields(self) -> list[Any]:
+        return [self.transfer_id, self.name, self.size, self.sha256, self.manifest, self.signature]
+
+
+def offer_signing_payload(
+    transfer_id: str, name: str, size: int, sha256: bytes, manifest: bytes
+) -> bytes:
+    """What the source signs: every field of the offer, unambiguously encoded."""
+    body = msgpack.packb([transfer_id, name, size, sha256, manifest], use_bin_type=True)
+    return SIGNING_CONTEXT + body
+
+
+@dataclass(frozen=True)
+class Plan(Message):
+    """Destination -> source: the byte ranges it still needs, and what it already had."""
+
+    TYPE: ClassVar[int] = 2
+    transfer_id: str
+    missing: tuple[tuple[int, int], ...]
+    bytes_missing: int  # total missing for the whole image (first plan)
+    bytes_local: int  # found in local images
+    bytes_zero: int  # zero blocks
+
+    def __post_init__(self) -> None:
+        _check_tid(self.transfer_id)
+        for name in ("bytes_missing", "bytes_local", "bytes_zero"):
+            _check_int(name, getattr(self, name))
+        if len(self.missing) > MAX_RANGES:
+            raise ProtocolError(f"plan: more than {MAX_RANGES} ranges")
+
+    @property
+    def bytes_pending(self) -> int:
+        return sum(n for _, n in self.missing)
+
+    def fields(self) -> list[Any]:
+        return [
+            self.transfer_id,
+            pack_ranges(list(self.missing)),
+            self.bytes_missing,
+            self.bytes_local,
+            self.bytes_zero,
+        ]
+
+
+@dataclass(frozen=True)
+class Data(Message):
+    """Source -> destination: one encoded delta frame (when not sent over bulk streams)."""
+
+    TYPE: ClassVar[int] = 3
+    transfer_id: str
+    frame: bytes
+
+    def __post_init__(self) -> None:
+        _check_tid(self.transfer_id)
+        _check_bytes("frame", self.frame, 1, MAX_FRAME)
+
+    def fields(self) -> list[Any]:
+        return [self.transfer_id, self.frame]
+
+
+@dataclass(frozen=True)
+class Done(Message):
+    """Source -> destination: all frames sent; the counts let the destination await stragglers."""
+
+    TYPE: ClassVar[int] = 4
+    transfer_id: str
+    frames: int
+    wire_bytes: int
+
+    def __post_init__(self) -> None:
+        _check_tid(self.transfer_id)
+        _check_int("frames", self.frames)
+        _check_int("wire_bytes", self.wire_bytes)
+
+    def fields(self) -> list[Any]:
+        return [self.transfer_id, self.frames, self.wire_bytes]
+
+
+@dataclass(frozen=True)
+class Ack(Message):
+    """Destination -> source: the image is verified, fsynced, renamed and indexed."""
+
+    TYPE: ClassVar[int] = 5
+    transfer_id: str
+    sha256: bytes
+    path_name: str
+
+    def __post_init__(self) -> None:
+        _check_tid(self.transfer_id)
+        _check_bytes("sha256", self.sha256, 32, 32)
+        _check_text("path_name", self.path_name, 255)
+
+    def fields(self) -> list[Any]:
+        return [self.transfer_id, self.sha256, self.path_name]
+
+
+ERROR_CODES = frozenset(
+    {"busy", "integrity", "disk_full", "refused", "image_changed", "protocol", "too_large", "io"}
+)
+
+
+@dataclass(frozen=True)
+class Error(Message):
+    """Either way: the transfer stops; ``code`` is one of ``ERROR_CODES``."""
+
+    TYPE: ClassVar[int] = 6
+    transfer_id: str
+    code: str
+    message: str
+
+    def __post_init__(self) -> None:
+        _check_tid(self.transfer_id)
+        if self.code not in ERROR_CODES:
+            raise ProtocolError(f"unknown error code {self.code!r}")
+        _check_text("message", self.message)
+
+    def fields(self) -> list[Any]:
+        return [self.transfer_id, self.code, self.message]
+
+
+_TYPES: dict[int, type[Message]] = {m.TYPE: m for m in (Offer, Plan, Data, Done, Ack, Error)}
+
+
+def encode(msg: Message) -> bytes:
+    """Serialise ``msg``; the result decodes back to an equal message."""
+    out: bytes = msgpack.packb([VERSION, msg.TYPE, *msg.fields()], use_bin_type=True)
+    return out
+
+
+def decode(data: bytes) -> Message:
+    """Parse one message; raise ``ProtocolError`` for anything malformed or too large."""
+    if len(data) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds the {MAX_MESSAGE}-byte limit")
+    try:
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_bin_len=MAX_MESSAGE,
+            max_str_len=MAX_TEXT,
+            max_array_len=16,
+            max_map_len=0,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"undecodable migration message: {exc}") from None
+    if not isinstance(obj, list) or len(obj) < 2:
+        raise ProtocolError("migration message: expected [version, type, ...]")
+    version, mtype, *fields = obj
+    if version != VERSION:
+        raise ProtocolError(f"migration protocol version {version!r}; this node speaks {VERSION}")
+    cls = _TYPES.get(mtype) if isinstance(mtype, int) and not isinstance(mtype, bool) else None
+    if cls is None:
+        raise ProtocolError(f"unknown migration message type {mtype!r}")
+    if cls is Plan:
+        if len(fields) != 5 or not isinstance(fields[1], bytes):
+            raise ProtocolError("Plan: wrong fields")
+        fields[1] = tuple(unpack_ranges(fields[1]))
+    try:
+        return cls(*fields)
+    except TypeError:
+        raise ProtocolError(f"{cls.__name__}: wrong number of fields ({len(fields)})") from None

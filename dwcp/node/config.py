@@ -1,0 +1,311 @@
+"""Node configuration (``node.toml``): read with tomllib, validated once, then frozen.
+
+Every error names the file, the key and what was expected, so an operator can
+fix the file without reading code. Paths in the file are relative to the file's
+directory, so a node directory can be moved as a whole. ``dwcp peers add``
+appends a ``[[peers]]`` table instead of rewriting the file, which keeps the
+operator's comments.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dwcp.errors import ConfigError, KeyFileError
+from dwcp.identity import PublicKey
+
+DEFAULT_PORT = 7400
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_RATE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?b|bit|bps|b/s)?\s*$", re.I)
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+@dataclass(frozen=True)
+class Address:
+    """A ``HOST:PORT`` pair; IPv6 hosts are written ``[::1]:7400``."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A trusted peer: its name for the CLI, where it listens and its public key."""
+
+    name: str
+    address: Address
+    public_key: PublicKey
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits; defaults suit a small node."""
+
+    max_transfers: int = 4
+    drain_seconds: float = 10.0
+    bwlimit: int = 0  # bytes per second for outgoing migrations; 0 = unlimited
+    level: int = 3  # zstd level for outgoing data
+    max_image_bytes: int = 4 * 1024**4  # largest incoming image accepted
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """The validated contents of one ``node.toml``."""
+
+    path: Path
+    listen: Address
+    key_path: Path
+    data_dir: Path
+    control_path: Path
+    metrics_listen: Address | None = None
+    name: str = "node"
+    limits: Limits = field(default_factory=Limits)
+    peers: tuple[Peer, ...] = ()
+
+    def peer(self, name: str) -> Peer:
+        """The trusted peer called ``name``; ``ConfigError`` listing the known ones otherwise."""
+        for p in self.peers:
+            if p.name == name:
+                return p
+        known = ", ".join(p.name for p in self.peers) or "none"
+        raise ConfigError(
+            f"unknown peer {name!r} in {self.path} (known: {known}); "
+            f"add it with 'dwcp --config {self.path} peers add {name} HOST:PORT PUBKEY'"
+        )
+
+    def peer_by_key(self, key: bytes) -> Peer | None:
+        for p in self.peers:
+            if p.public_key.raw == key:
+                return p
+        return None
+
+
+def parse_address(text: str, *, default_port: int | None = DEFAULT_PORT) -> Address:
+    """Parse ``HOST:PORT`` (``[v6]:PORT``); raise ``ValueError`` saying what is expected."""
+    text = text.strip()
+    host, sep, port_s = text.rpartition(":")
+    if text.startswith("[") and "]" in text:
+        end = text.index("]")
+        host, rest = text[1:end], text[end + 1 :]
+        sep, port_s = (":", rest[1:]) if rest.startswith(":") else ("", "")
+    elif not sep or ":" in host:
+        host, port_s = text, ""
+    if not host:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    if not port_s:
+        if default_port is None:
+            raise ValueError(f"expected HOST:PORT with a port, got {text!r}")
+        return Address(host, default_port)
+    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise ValueError(f"expected a port 1-65535 in {text!r}")
+    return Address(host, int(port_s))
+
+
+def parse_rate(value: str | int | float) -> int:
+    """Parse a rate in bytes per second: ``0``, ``12500000``, ``10M`` (MiB/s), ``100Mbit``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a rate such as 10M or 100Mbit, got a boolean")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"expected a rate >= 0, got {value}")
+        return int(value)
+    m = _RATE_RE.match(value)
+    if not m:
+        raise ValueError(
+            f"expected a rate in bytes/s such as 12500000, 10M (MiB/s) or 100Mbit, got {value!r}"
+        )
+    number, prefix, unit = float(m.group(1)), m.group(2).lower(), (m.group(3) or "").lower()
+    if unit in ("bit", "bps"):
+        # Network units: decimal prefixes, bits.
+        return int(number * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[prefix] / 8)
+    return int(number * _UNITS[prefix])
+
+
+class _Reader:
+    """Typed access to one TOML table with errors naming file and key."""
+
+    def __init__(self, path: Path, table: Mapping[str, Any], prefix: str) -> None:
+        self.path, self.table, self.prefix = path, table, prefix
+
+    def fail(self, key: str, expected: str, got: object = None) -> ConfigError:
+        where = f"{self.prefix}.{key}" if self.prefix else key
+        got_s = "" if got is None else f", got {got!r}"
+        return ConfigError(f"{self.path}: {where}: expected {expected}{got_s}")
+
+    def text(self, key: str, default: str | None = None) -> str:
+        v = self.table.get(key, default)
+        if not isinstance(v, str) or not v:
+            raise self.fail(key, "a non-empty string", v)
+        return v
+
+    def integer(self, key: str, default: int, lo: int, hi: int) -> int:
+        v = self.table.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise self.fail(key, f"an integer from {lo} to {hi}", v)
+        return v
+
+    def number(self, key: str, default: float, lo: float, hi: float) -> float:
+        v = self.table.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
+            raise self.fail(key, f"a number from {lo} to {hi}", v)
+        return float(v)
+
+    def address(self, key: str, default: str | None = None) -> Address:
+        v = self.text(key, default)
+        try:
+            return parse_address(v)
+        except ValueError as exc:
+            raise self.fail(key, f"HOST:PORT ({exc})") from None
+
+    def rel_path(self, key: str, default: str, base: Path) -> Path:
+        return (base / self.text(key, default)).resolve()
+
+    def check_keys(self, allowed: set[str]) -> None:
+        for k in self.table:
+            if k not in allowed:
+                raise self.fail(k, f"one of the known keys {sorted(allowed)}", "unknown key")
+
+
+def _table(path: Path, doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    v = doc.get(key, {})
+    if not isinstance(v, dict):
+        raise ConfigError(f"{path}: [{key}]: expected a table")
+    return v
+
+
+def load_config(path: str | Path) -> NodeConfig:
+    """Read and validate ``node.toml``; raise ``ConfigError`` naming file, key and expectation."""
+    p = Path(path).resolve()
+    try:
+        doc = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{p}: no such config file; create one with 'dwcp init DIR --listen HOST:PORT'"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read the config file: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    for k in doc:
+        if k not in ("node", "limits", "peers"):
+            raise ConfigError(f"{p}: [{k}]: unknown section; expected [node], [limits], [[peers]]")
+    base = p.parent
+    node = _Reader(p, _table(p, doc, "node"), "node")
+    node.check_keys({"name", "listen", "key", "data_dir", "control", "metrics_listen"})
+    name = node.text("name", "node")
+    if not NAME_RE.match(name):
+        raise node.fail("name", "letters, digits, '.', '_' or '-' (at most 64)", name)
+    data_dir = node.rel_path("data_dir", "data", base)
+    metrics = node.address("metrics_listen") if "metrics_listen" in node.table else None
+    lim = _Reader(p, _table(p, doc, "limits"), "limits")
+    lim.check_keys({"max_transfers", "drain_seconds", "bwlimit", "level", "max_image_bytes"})
+    raw_bw = lim.table.get("bwlimit", 0)
+    try:
+        bwlimit = parse_rate(raw_bw)
+    except ValueError as exc:
+        raise lim.fail("bwlimit", str(exc).removeprefix("expected ")) from None
+    limits = Limits(
+        max_transfers=lim.integer("max_transfers", 4, 1, 256),
+        drain_seconds=lim.number("drain_seconds", 10.0, 0.0, 3600.0),
+        bwlimit=bwlimit,
+        level=lim.integer("level", 3, -7, 19),
+        max_image_bytes=lim.integer("max_image_bytes", 4 * 1024**4, 1, 2**62),
+    )
+    return NodeConfig(
+        path=p,
+        listen=node.address("listen"),
+        key_path=node.rel_path("key", "node.key", base),
+        data_dir=data_dir,
+        control_path=node.rel_path("control", str(data_dir / "control.sock"), base),
+        metrics_listen=metrics,
+        name=name,
+        limits=limits,
+        peers=_load_peers(p, doc.get("peers", [])),
+    )
+
+
+def _load_peers(p: Path, raw: object) -> tuple[Peer, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"{p}: peers: expected [[peers]] tables")
+    peers: list[Peer] = []
+    for i, t in enumerate(raw):
+        if not isinstance(t, dict):
+            raise ConfigError(f"{p}: peers[{i}]: expected a table")
+        r = _Reader(p, t, f"peers[{i}]")
+        r.check_keys({"name", "address", "public_key"})
+        name = r.text("name")
+        if not NAME_RE.match(name):
+            raise r.fail("name", "letters, digits, '.', '_' or '-' (at most 64)", name)
+        try:
+            key = PublicKey.parse(r.text("public_key"))
+        except KeyFileError as exc:
+            raise r.fail("public_key", f"'ed25519:<base64>' ({exc})") from None
+        for q in peers:
+            if q.name == name:
+                raise r.fail("name", "a name not used by another peer", name)
+            if q.public_key == key:
+                raise r.fail("public_key", f"a key not already trusted as peer {q.name!r}")
+        peers.append(Peer(name, r.address("address"), key))
+    return tuple(peers)
+
+
+def _toml_str(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def starter_config(listen: Address, name: str) -> str:
+    """The text ``dwcp init`` writes: every key, commented where it has a default."""
+    return f"""# dwcp node configuration (read by dwcp-node and the dwcp CLI).
+# Paths are relative to this file's directory.
+
+[node]
+name = {_toml_str(name)}
+listen = {_toml_str(str(listen))}
+key = "node.key"
+data_dir = "data"
+# control = "data/control.sock"      # local control socket (mode 0600)
+# metrics_listen = "127.0.0.1:9400"  # Prometheus /metrics over HTTP
+
+[limits]
+max_transfers = 4      # concurrent migrations, in and out
+drain_seconds = 10     # SIGTERM: how long transfers get to stop cleanly
+bwlimit = 0            # outgoing bytes/s (0 = unlimited; 10M = 10 MiB/s, 100Mbit)
+level = 3              # zstd level of outgoing data
+
+# Trusted peers: added with 'dwcp --config node.toml peers add NAME HOST:PORT PUBKEY'.
+"""
+
+
+def append_peer(config: NodeConfig, name: str, address: str, public_key: str) -> Peer:
+    """Validate a new peer and append it as a ``[[peers]]`` table; return it."""
+    if not NAME_RE.match(name):
+        raise ConfigError(f"peer name {name!r}: expected letters, digits, '.', '_' or '-'")
+    try:
+        addr = parse_address(address)
+    except ValueError as exc:
+        raise ConfigError(f"peer address: {exc}") from None
+    key = PublicKey.parse(public_key)
+    for q in config.peers:
+        if q.name == name:
+            raise ConfigError(
+                f"{config.path}: a peer named {name!r} already exists; "
+                "edit or delete its [[peers]] table first"
+            )
+        if q.public_key == key:
+            raise ConfigError(f"{config.path}: this key is already trusted as peer {q.name!r}")
+    block = (
+        f"\n[[peers]]\nname = {_toml_str(name)}\naddress = {_toml_str(str(addr))}\n"
+        f"public_key = {_toml_str(key.text)}\n"
+    )
+    with open(config.path, "a", encoding="utf-8") as f:
+        f.write(block)
+    load_config(config.path)  # the file must still be valid
+    return Peer(name, addr, key)
