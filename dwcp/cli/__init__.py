@@ -24,6 +24,7 @@ EXIT_INTERRUPTED = 130
 # Modules under dwcp.cli that provide ``register(subparsers)``.
 COMMAND_MODULES: tuple[str, ...] = (
     "keygen_cmd",
+    "delta_cmd",
 )
 
 

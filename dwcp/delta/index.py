@@ -1,0 +1,183 @@
+"""Where fingerprints already live on this node (HDE image index).
+
+``LocalIndex`` is the in-memory view: a C hash table of every local image's
+aligned blocks, and lazily one of their CDC chunks. ``ImageIndex`` persists
+manifests in sqlite under the node's data directory so a restart does not
+rescan every image, updates an image only when its size, mtime or inode
+changed, and commits each image in one transaction so a crash mid-update
+leaves the previous, consistent state.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from dwcp.delta import native
+from dwcp.delta.chunking import chunk_file
+from dwcp.delta.manifest import Manifest, scan_image
+from dwcp.errors import ImageError, StorageError
+
+
+class LocalIndex:
+    """Fingerprint lookup over a set of local images (sources)."""
+
+    def __init__(self) -> None:
+        self.blocks = native.FingerprintIndex()
+        self._chunks: native.FingerprintIndex | None = None
+        self._chunked: set[int] = set()
+        self.paths: dict[int, Path] = {}
+        self.manifests: dict[int, Manifest] = {}
+
+    def add(self, source: int, path: Path, manifest: Manifest) -> None:
+        if source in self.paths:
+            self.remove(source)
+        self.paths[source] = path
+        self.manifests[source] = manifest
+        self.blocks.add_blocks(manifest.fps, manifest.flags, source, manifest.block_size)
+
+    def remove(self, source: int) -> None:
+        if source not in self.paths:
+            return
+        del self.paths[source]
+        del self.manifests[source]
+        self.blocks.remove_source(source)
+        if self._chunks is not None and source in self._chunked:
+            self._chunks.remove_source(source)
+            self._chunked.discard(source)
+
+    def path_of(self, source: int) -> Path:
+        return self.paths[source]
+
+    @property
+    def chunks(self) -> native.FingerprintIndex:
+        """CDC chunks of every source, computed on first use (only shifted data needs it)."""
+        if self._chunks is None:
+            self._chunks = native.FingerprintIndex()
+        for source, path in self.paths.items():
+            if source not in self._chunked:
+                cl = chunk_file(path)
+                self._chunks.add_chunks(bytes(cl.fps), bytes(cl.flags), cl.offsets, cl.lens, source)
+                self._chunked.add(source)
+        return self._chunks
+
+    @classmethod
+    def of_files(cls, paths: list[Path]) -> LocalIndex:
+        """An index of the given files, scanned now (for one-shot use such as ``dwcp delta``)."""
+        index = cls()
+        for i, p in enumerate(paths):
+            index.add(i, p, scan_image(p))
+        return index
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    path: Path
+    size: int
+    sha256: str
+    mtime_ns: int
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY,
+    path TEXT NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ino INTEGER NOT NULL,
+    dev INTEGER NOT NULL,
+    sha256 BLOB NOT NULL,
+    manifest BLOB NOT NULL
+);
+"""
+
+
+class ImageIndex:
+    """Persistent index of the images in a node's data directory."""
+
+    def __init__(self, db_path: str | os.PathLike[str]) -> None:
+        self.db_path = Path(db_path)
+        try:
+            self.db_path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.db_path, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open the image index {self.db_path}: {exc}") from exc
+        self.local = LocalIndex()
+        for row_id, path, blob in self._db.execute("SELECT id, path, manifest FROM images"):
+            self.local.add(int(row_id), Path(path), Manifest.from_bytes(blob))
+
+    def __enter__(self) -> ImageIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def update(self, path: str | os.PathLike[str]) -> Manifest:
+        """Index ``path`` (again if it changed since it was indexed) and return its manifest."""
+        p = Path(path).resolve()
+        try:
+            st = p.stat()
+        except FileNotFoundError as exc:
+            raise ImageError(f"image {p} not found") from exc
+        row = self._db.execute(
+            "SELECT id, size, mtime_ns, ino, dev FROM images WHERE path = ?", (str(p),)
+        ).fetchone()
+        if row is not None and tuple(row[1:]) == (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev):
+            return self.local.manifests[int(row[0])]
+        manifest = scan_image(p)
+        st = p.stat()
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM images WHERE path = ?", (str(p),))
+            cur = self._db.execute(
+                "INSERT INTO images (path, size, mtime_ns, ino, dev, sha256, manifest) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    str(p),
+                    st.st_size,
+                    st.st_mtime_ns,
+                    st.st_ino,
+                    st.st_dev,
+                    manifest.sha256,
+                    manifest.to_bytes(),
+                ),
+            )
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._db.execute("ROLLBACK")
+            raise StorageError(f"cannot update the image index {self.db_path}: {exc}") from exc
+        if row is not None:
+            self.local.remove(int(row[0]))
+        assert cur.lastrowid is not None
+        self.local.add(int(cur.lastrowid), p, manifest)
+        return manifest
+
+    def remove(self, path: str | os.PathLike[str]) -> None:
+        p = Path(path).resolve()
+        row = self._db.execute("SELECT id FROM images WHERE path = ?", (str(p),)).fetchone()
+        if row is None:
+            return
+        self._db.execute("DELETE FROM images WHERE id = ?", (row[0],))
+        self.local.remove(int(row[0]))
+
+    def sync_dir(self, directory: str | os.PathLike[str]) -> None:
+        """Index every regular file in ``directory``; forget indexed files that are gone."""
+        d = Path(directory).resolve()
+        present = {p.resolve() for p in d.iterdir() if p.is_file()} if d.is_dir() else set()
+        for rec in self.images():
+            if rec.path.parent == d and rec.path not in present:
+                self.remove(rec.path)
+        for p in sorted(present):
+            self.update(p)
+
+    def images(self) -> list[ImageRecord]:
+        rows = self._db.execute("SELECT path, size, sha256, mtime_ns FROM images ORDER BY path")
+        return [ImageRecord(Path(p), int(s), bytes(h).hex(), int(m)) for p, s, h, m in rows]

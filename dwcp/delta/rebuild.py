@@ -1,0 +1,362 @@
+"""Rebuild an image on the receiver (HDE): resumable, verified, atomic.
+
+Received data is written into a sparse temporary file in a state directory,
+and a journal records which ranges are durable, so an interrupted transfer
+resumes with ``pending()``. ``finish`` copies the locally held extents, checks
+every block against the manifest's fingerprints and the whole image against
+its SHA-256, fsyncs, and only then renames the file into place: the output
+path never holds a partial or wrong image.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import errno
+import hashlib
+import mmap
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import xxhash
+
+from dwcp.delta import frames, native
+from dwcp.delta.manifest import Manifest
+from dwcp.delta.planner import COPY, MISSING, Plan
+from dwcp.errors import DiskFullError, ImageError, IntegrityError, ProtocolError, StorageError
+
+FLUSH_BYTES = 64 << 20  # make received data durable (and journal it) at least this often
+_REC = struct.Struct("<QQQ")  # offset, length, xxh3-64 of the two
+_META = struct.Struct("<Q32s")
+
+
+def _disk_error(exc: OSError, where: Path) -> StorageError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(
+            f"no space left on the device holding {where}; free space and re-run to resume"
+        )
+    return StorageError(f"cannot write {where}: {exc.strerror}")
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for off, length in sorted(ranges):
+        if out and off <= out[-1][0] + out[-1][1]:
+            end = max(out[-1][0] + out[-1][1], off + length)
+            out[-1] = (out[-1][0], end - out[-1][0])
+        elif length > 0:
+            out.append((off, length))
+    return out
+
+
+def _subtract(ranges: list[tuple[int, int]], done: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``ranges`` minus ``done`` (both sorted, ``done`` merged)."""
+    out: list[tuple[int, int]] = []
+    j = 0
+    for off, length in ranges:
+        pos, end = off, off + length
+        while j < len(done) and done[j][0] + done[j][1] <= pos:
+            j += 1
+        k = j
+        while pos < end and k < len(done) and done[k][0] < end:
+            a, b = done[k][0], done[k][0] + done[k][1]
+            if a > pos:
+                out.append((pos, a - pos))
+            pos = max(pos, b)
+            k += 1
+        if pos < end:
+            out.append((pos, end - pos))
+    return out
+
+
+class Rebuilder:
+    """Receiver side of one image transfer."""
+
+    def __init__(
+        self,
+        *,
+        size: int,
+        sha256: bytes,
+        plan: Plan,
+        out_path: str | os.PathLike[str],
+        state_dir: str | os.PathLike[str] | None = None,
+        manifest: Manifest | None = None,
+    ) -> None:
+        if plan.size != size:
+            raise ValueError("the plan is for an image of another size")
+        self.size = size
+        self.sha256 = sha256
+        self.plan = plan
+        self.manifest = manifest
+        self.out_path = Path(out_path)
+        self.state_dir = (
+            Path(state_dir)
+            if state_dir is not None
+            else self.out_path.parent / f".{self.out_path.name}.dwcp-partial"
+        )
+        self._part = self.state_dir / "image.part"
+        self._journal = self.state_dir / "journal"
+        self._missing = _merge(plan.missing)
+        self._starts = [o for o, _ in self._missing]
+        self._unjournaled: list[tuple[int, int]] = []
+        self._dirty = 0
+        self.received = 0
+        self._done = self._open_state()
+
+    @classmethod
+    def for_manifest(
+        cls,
+        manifest: Manifest,
+        plan: Plan,
+        out_path: str | os.PathLike[str],
+        state_dir: str | os.PathLike[str] | None = None,
+    ) -> Rebuilder:
+        return cls(
+            size=manifest.size,
+            sha256=manifest.sha256,
+            plan=plan,
+            out_path=out_path,
+            state_dir=state_dir,
+            manifest=manifest,
+        )
+
+    # --- state ----------------------------------------------------------------
+
+    def _open_state(self) -> list[tuple[int, int]]:
+        meta_path = self.state_dir / "meta"
+        meta = _META.pack(self.size, self.sha256)
+        try:
+            if meta_path.exists() and meta_path.read_bytes() == meta and self._part.exists():
+                done = self._read_journal()
+            else:
+                if self.state_dir.exists():
+                    shutil.rmtree(self.state_dir)
+                self.state_dir.mkdir(parents=True)
+                self._check_space()
+                with open(self._part, "wb") as f:
+                    f.truncate(self.size)
+                    os.fsync(f.fileno())
+                self._journal.write_bytes(b"")
+                tmp = meta_path.with_suffix(".tmp")
+                tmp.write_bytes(meta)
+                os.replace(tmp, meta_path)
+                done = []
+            self._fd = os.open(self._part, os.O_RDWR)
+            self._jfd = os.open(self._journal, os.O_WRONLY | os.O_APPEND)
+        except OSError as exc:
+            raise _disk_error(exc, self.state_dir) from exc
+        return _merge(done)
+
+    def _check_space(self) -> None:
+        need = self.plan.bytes_missing + self.plan.bytes_local
+        st = os.statvfs(self.state_dir)
+        free = st.f_bavail * st.f_frsize
+        if need > free:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+            raise DiskFullError(
+                f"{self.state_dir.parent} has {free} bytes free, the image needs {need}; "
+                "free space or choose another data directory"
+            )
+
+    def _read_journal(self) -> list[tuple[int, int]]:
+        data = self._journal.read_bytes()
+        done = []
+        for i in range(0, len(data) - len(data) % _REC.size, _REC.size):
+            off, length, check = _REC.unpack_from(data, i)
+            if xxhash.xxh3_64_intdigest(struct.pack("<QQ", off, length)) != check:
+                break  # a torn tail: everything before it is good
+            done.append((off, length))
+        return done
+
+    def _flush(self) -> None:
+        if not self._unjournaled:
+            return
+        try:
+            os.fsync(self._fd)
+            recs = b"".join(
+                _REC.pack(o, n, xxhash.xxh3_64_intdigest(struct.pack("<QQ", o, n)))
+                for o, n in self._unjournaled
+            )
+            os.write(self._jfd, recs)
+            os.fsync(self._jfd)
+        except OSError as exc:
+            raise _disk_error(exc, self.state_dir) from exc
+        self._done = _merge(self._done + self._unjournaled)
+        self._unjournaled = []
+        self._dirty = 0
+
+    # --- receiving --------------------------------------------------------------
+
+    def pending(self) -> list[tuple[int, int]]:
+        """Missing ranges not yet durably received (what to ask the sender for)."""
+        return _subtract(self._missing, _merge(self._done + self._unjournaled))
+
+    @property
+    def bytes_pending(self) -> int:
+        return sum(n for _, n in self.pending())
+
+    def _check_piece(self, off: int, data: memoryview) -> None:
+        end = off + len(data)
+        i = bisect.bisect_right(self._starts, off) - 1
+        if i < 0 or end > self._missing[i][0] + self._missing[i][1]:
+            raise ProtocolError(
+                f"the sender sent bytes {off}..{end} that were not asked for; "
+                "it is faulty or runs another plan"
+            )
+        m = self.manifest
+        if m is None or off % m.block_size:
+            return
+        bs = m.block_size
+        full = len(data) // bs * bs if end < self.size else len(data)
+        if not full:
+            return
+        fps, flags, _ = native.block_fingerprints(data[:full], bs)
+        first = off // bs
+        want = m.fps[first * native.FP_BYTES : first * native.FP_BYTES + len(fps)]
+        want_flags = m.flags[first : first + len(flags)]
+        if fps != want or flags != want_flags:
+            raise IntegrityError(
+                f"bytes {off}..{off + full} from the sender do not match the manifest's "
+                "fingerprints; the sender is faulty or its image changed"
+            )
+
+    def feed(self, frame: bytes | memoryview) -> int:
+        """Apply one data frame; returns the bytes it carried."""
+        pieces = frames.decode(frame)
+        n = 0
+        for piece in pieces:
+            self._check_piece(piece.offset, piece.data)
+        try:
+            for piece in pieces:
+                os.pwrite(self._fd, piece.data, piece.offset)
+                self._unjournaled.append((piece.offset, len(piece.data)))
+                n += len(piece.data)
+        except OSError as exc:
+            raise _disk_error(exc, self.state_dir) from exc
+        self.received += n
+        self._dirty += n
+        if self._dirty >= FLUSH_BYTES:
+            self._flush()
+        return n
+
+    # --- completion ---------------------------------------------------------------
+
+    def _copy_local(self) -> None:
+        fds: dict[int, int] = {}
+        try:
+            for e in self.plan.extents:
+                if e.kind != COPY:
+                    continue
+                if e.source not in fds:
+                    path = self.plan.paths[e.source]
+                    try:
+                        fds[e.source] = os.open(path, os.O_RDONLY)
+                    except OSError as exc:
+                        raise ImageError(
+                            f"local image {path} is gone; re-run the transfer to re-plan"
+                        ) from exc
+                self._copy_range(fds[e.source], e.source_offset, e.offset, e.length)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def _copy_range(self, src: int, src_off: int, dst_off: int, length: int) -> None:
+        try:
+            while length > 0:
+                try:
+                    n = os.copy_file_range(src, self._fd, length, src_off, dst_off)
+                except OSError as exc:
+                    if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                        raise
+                    n = os.pwrite(self._fd, os.pread(src, min(length, 1 << 20), src_off), dst_off)
+                if n == 0:
+                    raise ImageError("a local image is shorter than when it was indexed; re-run")
+                src_off += n
+                dst_off += n
+                length -= n
+        except OSError as exc:
+            raise _disk_error(exc, self.state_dir) from exc
+
+    def _verify(self) -> None:
+        if self.size == 0:
+            digest = hashlib.sha256().digest()
+        else:
+            with mmap.mmap(self._fd, self.size, access=mmap.ACCESS_READ) as mm:
+                view = memoryview(mm)
+                try:
+                    if self.manifest is not None:
+                        self._verify_blocks(view)
+                    digest = hashlib.sha256(view).digest()
+                finally:
+                    view.release()
+        if digest != self.sha256:
+            self.abort()
+            raise IntegrityError(
+                f"the rebuilt image's SHA-256 {digest.hex()} is not the expected "
+                f"{self.sha256.hex()}; nothing was written, re-run to transfer it again"
+            )
+
+    def _verify_blocks(self, view: memoryview) -> None:
+        assert self.manifest is not None
+        fps, flags, _ = native.block_fingerprints(view, self.manifest.block_size)
+        if fps == self.manifest.fps and flags == self.manifest.flags:
+            return
+        bad = next(
+            i
+            for i in range(len(flags))
+            if fps[i * 16 : i * 16 + 16] != self.manifest.fps[i * 16 : i * 16 + 16]
+        )
+        where = bad * self.manifest.block_size
+        local = [e for e in self.plan.extents if e.offset <= where < e.offset + e.length]
+        culprit = "a local image changed since it was indexed"
+        if local and local[0].kind == MISSING:
+            culprit = "the sender's data does not match its manifest"
+        self.abort()
+        raise IntegrityError(
+            f"block at offset {where} of the rebuilt image is wrong: {culprit}; re-run"
+        )
+
+    def finish(self) -> Path:
+        """Complete, verify and atomically publish the image; returns its path."""
+        left = self.pending()
+        if left:
+            self._flush()
+            raise ProtocolError(
+                f"{sum(n for _, n in left)} bytes in {len(left)} ranges are still missing"
+            )
+        self._flush()
+        self._copy_local()
+        self._verify()
+        try:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            os.close(self._jfd)
+            self.out_path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self._part, self.out_path)
+            dfd = os.open(self.out_path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as exc:
+            raise _disk_error(exc, self.out_path) from exc
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        return self.out_path
+
+    def close(self) -> None:
+        """Stop without finishing, keeping what was received for a later resume."""
+        try:
+            self._flush()
+        finally:
+            for fd in (self._fd, self._jfd):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def abort(self) -> None:
+        """Stop and delete every partial state (the next attempt starts over)."""
+        for fd in (self._fd, self._jfd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
