@@ -145,6 +145,8 @@ class Rebuilder:
                 done = []
             self._fd = os.open(self._part, os.O_RDWR)
             self._jfd = os.open(self._journal, os.O_WRONLY | os.O_APPEND)
+        except StorageError:
+            raise
         except OSError as exc:
             raise _disk_error(exc, self.state_dir) from exc
         return _merge(done)

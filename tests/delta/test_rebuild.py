@@ -1,0 +1,140 @@
+"""Receiver side: resume, verification, index persistence, disk full."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dwcp.delta import ImageIndex, Rebuilder, encode, plan, scan_image
+from dwcp.errors import DiskFullError, ImageError, IntegrityError, ProtocolError
+from tests.delta.conftest import BS, make_image
+
+
+def _setup(tmp_path: Path, blocks: int = 600) -> tuple[Path, Path, ImageIndex]:
+    rng = random.Random(11)
+    old = make_image(rng, blocks)
+    new = bytearray(old)
+    for i in rng.sample(range(blocks), blocks // 3):
+        new[i * BS : (i + 1) * BS] = rng.randbytes(BS)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "old.img").write_bytes(old)
+    (tmp_path / "src.img").write_bytes(new)
+    index = ImageIndex(tmp_path / "index.db")
+    index.sync_dir(tmp_path / "images")
+    return tmp_path / "src.img", tmp_path / "images" / "new.img", index
+
+
+def test_resume_after_interruption(tmp_path: Path) -> None:
+    src, out, index = _setup(tmp_path)
+    m = scan_image(src)
+    p = plan(m, index.local)
+    frames = list(encode(src, p.missing, batch_bytes=64 * 1024))
+    assert len(frames) > 4
+    rb = Rebuilder.for_manifest(m, p, out)
+    for f in frames[: len(frames) // 2]:
+        rb.feed(f)
+    rb.close()  # the receiver stops (clean shutdown or crash after the last flush)
+    assert not out.exists()
+    rb2 = Rebuilder.for_manifest(m, p, out)
+    left = rb2.pending()
+    assert 0 < sum(n for _, n in left) < p.bytes_missing
+    for f in encode(src, left, batch_bytes=64 * 1024):
+        rb2.feed(f)
+    rb2.finish()
+    assert out.read_bytes() == src.read_bytes()
+    assert not list(out.parent.glob(".*"))
+
+
+def test_data_not_matching_manifest_is_refused(tmp_path: Path) -> None:
+    src, out, index = _setup(tmp_path)
+    m = scan_image(src)
+    p = plan(m, index.local)
+    liar = tmp_path / "liar.img"
+    data = bytearray(src.read_bytes())
+    off = p.missing[0][0]
+    data[off] ^= 1
+    liar.write_bytes(data)
+    rb = Rebuilder.for_manifest(m, p, out)
+    with pytest.raises(IntegrityError, match="fingerprints"):
+        for f in encode(liar, p.missing):
+            rb.feed(f)
+    rb.abort()
+    assert not out.exists()
+
+
+def test_unrequested_range_is_refused(tmp_path: Path) -> None:
+    src, out, index = _setup(tmp_path)
+    m = scan_image(src)
+    p = plan(m, index.local)
+    local = next(e for e in p.extents if e.kind == "copy")
+    rb = Rebuilder.for_manifest(m, p, out)
+    with pytest.raises(ProtocolError, match="not asked for"):
+        for f in encode(src, [(local.offset, local.length)]):
+            rb.feed(f)
+    rb.abort()
+
+
+def test_base_changed_after_indexing_is_caught(tmp_path: Path) -> None:
+    src, out, index = _setup(tmp_path)
+    m = scan_image(src)
+    p = plan(m, index.local)
+    base = tmp_path / "images" / "old.img"
+    copy = next(e for e in p.extents if e.kind == "copy")
+    with open(base, "r+b") as f:
+        f.seek(copy.source_offset)
+        f.write(b"\xff" * 16)
+    rb = Rebuilder.for_manifest(m, p, out)
+    for f_ in encode(src, p.missing):
+        rb.feed(f_)
+    with pytest.raises(IntegrityError, match="local image changed"):
+        rb.finish()
+    assert not out.exists()
+
+
+def test_index_is_persistent_and_incremental(tmp_path: Path) -> None:
+    _src, _out, index = _setup(tmp_path)
+    old = tmp_path / "images" / "old.img"
+    before = index.images()
+    assert [r.path.name for r in before] == ["old.img"]
+    index.close()
+    with ImageIndex(tmp_path / "index.db") as again:
+        assert again.images() == before
+        assert len(again.local.blocks) > 0
+        m1 = again.update(old)  # unchanged: no rescan, same manifest
+        with open(old, "ab") as f:
+            f.write(b"x" * 100)
+        m2 = again.update(old)
+        assert m2.size == m1.size + 100 and m2.sha256 != m1.sha256
+        old.unlink()
+        again.sync_dir(tmp_path / "images")
+        assert again.images() == []
+        assert len(again.local.blocks) == 0
+
+
+def test_missing_image_is_an_image_error(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="not found"):
+        scan_image(tmp_path / "nope")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_disk_full_is_reported_and_leaves_nothing(tmp_path: Path) -> None:
+    rng = random.Random(5)
+    img = tmp_path / "big.img"
+    img.write_bytes(rng.randbytes(6 << 20))
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True)
+    try:
+        m = scan_image(img)
+        from dwcp.delta import LocalIndex
+
+        p = plan(m, LocalIndex())
+        with pytest.raises(DiskFullError, match="free"):
+            Rebuilder.for_manifest(m, p, small / "out.img")
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
