@@ -18,6 +18,7 @@ from dwcp.delta.index import ImageIndex, ImageRecord, LocalIndex
 from dwcp.delta.manifest import BLOCK_SIZE, Manifest, scan_image
 from dwcp.delta.planner import Extent, Plan, chunk_list, plan, refine
 from dwcp.delta.rebuild import Rebuilder
+from dwcp.delta.summary import ManifestAssembler, leaves_bytes, summary_bytes
 
 __all__ = [
     "BLOCK_SIZE",
@@ -27,6 +28,7 @@ __all__ = [
     "ImageRecord",
     "LocalIndex",
     "Manifest",
+    "ManifestAssembler",
     "PatchStats",
     "Plan",
     "Rebuilder",
@@ -34,8 +36,10 @@ __all__ = [
     "chunk_list",
     "decode_frame",
     "encode",
+    "leaves_bytes",
     "make_delta",
     "plan",
     "refine",
     "scan_image",
+    "summary_bytes",
 ]

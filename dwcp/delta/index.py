@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dwcp.delta import native
 from dwcp.delta.chunking import chunk_file
-from dwcp.delta.manifest import Manifest, scan_image
+from dwcp.delta.manifest import TREE_FANOUT, Manifest, scan_image
 from dwcp.errors import ImageError, StorageError
 
 
@@ -26,6 +26,8 @@ class LocalIndex:
 
     def __init__(self) -> None:
         self.blocks = native.FingerprintIndex()
+        # 1 MiB hash-tree parents at aligned offsets: whole regions found in one lookup.
+        self.parents = native.FingerprintIndex()
         self._chunks: native.FingerprintIndex | None = None
         self._chunked: set[int] = set()
         self.paths: dict[int, Path] = {}
@@ -37,6 +39,11 @@ class LocalIndex:
         self.paths[source] = path
         self.manifests[source] = manifest
         self.blocks.add_blocks(manifest.fps, manifest.flags, source, manifest.block_size)
+        if manifest.n_blocks:
+            group = manifest.block_size * TREE_FANOUT
+            self.parents.add_blocks(
+                manifest.levels[0], bytes(len(manifest.levels[0]) // 16), source, group
+            )
 
     def remove(self, source: int) -> None:
         if source not in self.paths:
@@ -44,6 +51,7 @@ class LocalIndex:
         del self.paths[source]
         del self.manifests[source]
         self.blocks.remove_source(source)
+        self.parents.remove_source(source)
         if self._chunks is not None and source in self._chunked:
             self._chunks.remove_source(source)
             self._chunked.discard(source)

@@ -100,3 +100,33 @@ def test_cross_image_dedup_with_several_bases(tmp_path: Path, rng: random.Random
     assert st_.bytes_changed == 0
     apply_delta(tmp_path / "d", [tmp_path / "a", tmp_path / "b"], tmp_path / "out")
     assert (tmp_path / "out").read_bytes() == new
+
+
+def test_summary_exchange_costs_metadata_in_proportion_to_the_change(
+    tmp_path: Path, rng: random.Random
+) -> None:
+    from dwcp.delta.summary import ManifestAssembler, leaves_bytes, summary_bytes
+
+    old = make_image(rng, 256 * 40 + 17)  # 40 full 1 MiB groups and a partial one
+    new = bytearray(old)
+    for g in (3, 17):  # change two groups only
+        new[g * 256 * BS + 5 * BS] ^= 0xFF
+    (tmp_path / "old").write_bytes(old)
+    (tmp_path / "new").write_bytes(new)
+    index = LocalIndex.of_files([tmp_path / "old"])
+    m = scan_image(tmp_path / "new")
+    asm = ManifestAssembler(summary_bytes(m), index)
+    assert asm.needed == [3, 17]
+    leaves = leaves_bytes(m, asm.needed)
+    assert len(leaves) < 2 * 256 * 16 + 200
+    assert asm.complete(leaves) == m
+    bad = bytearray(leaves)
+    bad[-1] ^= 1
+    import pytest
+
+    from dwcp.errors import ManifestError
+
+    with pytest.raises(ManifestError, match="tree root"):
+        ManifestAssembler(summary_bytes(m), index).complete(bytes(bad))
+    with pytest.raises(ManifestError):
+        ManifestAssembler(summary_bytes(m)[:-1], index)
