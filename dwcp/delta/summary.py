@@ -76,14 +76,14 @@ class ManifestAssembler:
                 f"manifest summary lists {len(parents) // FP} parents, expected {n_groups}"
             )
         self.block_size, self.size, self.sha256, self.root = bs, size, sha, root
-        self.n_blocks = -(-size // bs)
+        self.n_blocks: int = -(-size // bs)
         self._index = index
         found = index.parents.lookup(parents, bytes(n_groups))
         self._found = found
         self.needed = [g for g in range(n_groups) if found.sources[g] < 0]
 
     def _group_blocks(self, g: int) -> int:
-        return min(TREE_FANOUT, self.n_blocks - g * TREE_FANOUT)
+        return int(min(TREE_FANOUT, self.n_blocks - g * TREE_FANOUT))
 
     def complete(self, leaves: bytes) -> Manifest:
         """Merge local fingerprints with the sender's leaves; check against the root."""
