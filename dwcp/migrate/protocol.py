@@ -233,6 +233,8 @@ class _Machine:
             return self._fail(_remote_error(event.message))
         if isinstance(event, ConnectionLost):
             return self._fail(ConnectionLostError(f"connection lost: {event.reason}"))
+        if isinstance(event, LocalFailure):
+            return self._local_failure(event)
         method = self.TABLE.get((self.state, name))
         if method is None:
             if isinstance(event, MessageReceived):
@@ -289,8 +291,6 @@ class Sender(_Machine):
         (State.IDLE, "Start"): "_on_start",
         (State.OFFERED, "Plan"): "_on_plan",
         (State.STREAMING, "StreamFinished"): "_on_stream_finished",
-        (State.STREAMING, "LocalFailure"): "_local_failure",
-        (State.OFFERED, "LocalFailure"): "_local_failure",
         (State.FINISHING, "Ack"): "_on_ack",
     }
 
@@ -361,7 +361,6 @@ class Receiver(_Machine):
     TABLE: ClassVar[dict[tuple[State, str], str]] = {
         (State.IDLE, "Offer"): "_on_offer",
         (State.PREPARING, "Prepared"): "_on_prepared",
-        (State.PREPARING, "LocalFailure"): "_local_failure",
         (State.RECEIVING, "Data"): "_on_data",
         (State.RECEIVING, "FrameReceived"): "_on_data",
         (State.DRAINING, "Data"): "_on_data",
@@ -369,9 +368,6 @@ class Receiver(_Machine):
         (State.RECEIVING, "FrameWritten"): "_on_written",
         (State.DRAINING, "FrameWritten"): "_on_written",
         (State.RECEIVING, "Done"): "_on_done",
-        (State.RECEIVING, "LocalFailure"): "_local_failure",
-        (State.DRAINING, "LocalFailure"): "_local_failure",
-        (State.FINISHING, "LocalFailure"): "_local_failure",
         (State.FINISHING, "Finished"): "_on_finished",
     }
 

@@ -1,0 +1,551 @@
+"""Asyncio glue: binds the sans-IO migration machines to a channel and the delta engine.
+
+The glue performs the machines' actions and feeds their results back; it makes
+no protocol decisions. Control messages travel on one ordered ``Channel``
+(length-prefixed); data frames go over the transport's bulk path when the
+channel offers one (``BulkChannel``), else as ``Data`` messages on the channel.
+Blocking work (scans, zstd, pwrite, fsync) runs in threads; the image index is
+owned by one thread (``IndexWorker``) because sqlite connections are per-thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from dwcp import delta
+from dwcp.errors import (
+    ConnectionLostError,
+    DiskFullError,
+    DwcpError,
+    FrameError,
+    ImageError,
+    IntegrityError,
+    ManifestError,
+    ProtocolError,
+    RemoteError,
+    StorageError,
+    UsageError,
+)
+from dwcp.identity import NodeKey, PublicKey
+from dwcp.migrate import messages as msg
+from dwcp.migrate import protocol as proto
+
+T = TypeVar("T")
+_LEN = struct.Struct("<I")
+_FRAME_RAW = struct.Struct("<2sBBIII")  # dwcp.delta.frames header prefix: ... raw_len at [4]
+
+
+# --- channels ------------------------------------------------------------------
+
+
+class Channel(Protocol):
+    """An ordered, reliable message channel between the two nodes."""
+
+    async def send(self, data: bytes) -> None: ...
+
+    async def recv(self) -> bytes:
+        """The next message; raises ``ConnectionLostError`` when the peer is gone."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class BulkChannel(Channel, Protocol):
+    """A channel with a separate high-throughput path for data frames."""
+
+    async def send_frames(self, frames: AsyncIterator[bytes]) -> None:
+        """Send every frame, in order, over the bulk path; return when all are handed over."""
+        ...
+
+    def recv_frames(self) -> AsyncIterator[bytes]:
+        """The frames the peer sends over the bulk path, in order."""
+        ...
+
+
+class StreamReaderLike(Protocol):
+    async def readexactly(self, n: int) -> bytes: ...
+
+
+class StreamWriterLike(Protocol):
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class FramedChannel:
+    """``Channel`` over a byte stream: each message is a u32 length then its bytes."""
+
+    def __init__(
+        self, reader: StreamReaderLike, writer: StreamWriterLike, *, limit: int = msg.MAX_MESSAGE
+    ) -> None:
+        self.reader, self.writer, self.limit = reader, writer, limit
+
+    async def send(self, data: bytes) -> None:
+        try:
+            self.writer.write(_LEN.pack(len(data)) + data)
+            await self.writer.drain()
+        except (ConnectionError, OSError) as exc:
+            raise ConnectionLostError(f"cannot send to the peer: {exc}") from exc
+
+    async def recv(self) -> bytes:
+        try:
+            (n,) = _LEN.unpack(await self.reader.readexactly(_LEN.size))
+            if n > self.limit:
+                raise ProtocolError(f"message of {n} bytes exceeds the {self.limit}-byte limit")
+            return await self.reader.readexactly(n)
+        except asyncio.IncompleteReadError as exc:
+            raise ConnectionLostError("the peer closed the channel") from exc
+        except (ConnectionError, OSError) as exc:
+            raise ConnectionLostError(f"cannot receive from the peer: {exc}") from exc
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+
+# --- threads -------------------------------------------------------------------
+
+
+async def in_thread(fn: Callable[..., T], *args: Any, executor: Any = None) -> T:
+    """Run ``fn`` in a thread; if the caller is cancelled, wait for the thread to stop first.
+
+    Cancelling must not leave a write in flight on a file that the caller's
+    cleanup is about to close or delete.
+    """
+    loop = asyncio.get_running_loop()
+    fut = loop.run_in_executor(executor, fn, *args)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await fut
+        raise
+
+
+class IndexWorker:
+    """The image index, opened and used by a single thread (sqlite's rule)."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.db_path = db_path
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dwcp-index")
+        self._index: delta.ImageIndex | None = None
+
+    async def open(self, images_dir: Path) -> None:
+        def _open() -> None:
+            self._index = delta.ImageIndex(self.db_path)
+            self._index.sync_dir(images_dir)
+
+        await in_thread(_open, executor=self._pool)
+
+    async def call(self, fn: Callable[[delta.ImageIndex], T]) -> T:
+        def _run() -> T:
+            if self._index is None:
+                raise StorageError("the image index is not open")
+            return fn(self._index)
+
+        return await in_thread(_run, executor=self._pool)
+
+    async def close(self) -> None:
+        def _close() -> None:
+            if self._index is not None:
+                self._index.close()
+                self._index = None
+
+        await in_thread(_close, executor=self._pool)
+        self._pool.shutdown(wait=True)
+
+
+# --- results and progress --------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """What a progress bar shows; sent to the CLI while a migration runs."""
+
+    name: str
+    peer: str
+    bytes_image: int = 0
+    bytes_missing: int = 0  # what the destination lacked (whole image)
+    bytes_to_send: int = 0  # still lacking at the start of this run (less after a resume)
+    bytes_sent: int = 0  # image bytes sent so far (uncompressed)
+    bytes_wire: int = 0  # bytes put on the channel so far
+    phase: str = "scanning"
+
+    @property
+    def dedup_ratio(self) -> float:
+        """Fraction of the image the destination did not need (zeros and local data)."""
+        if not self.bytes_image:
+            return 0.0
+        return 1.0 - self.bytes_missing / self.bytes_image
+
+
+@dataclass
+class MigrationResult:
+    name: str
+    peer: str
+    sha256: str
+    bytes_image: int
+    bytes_missing: int
+    bytes_local: int
+    bytes_zero: int
+    bytes_sent: int  # image bytes sent in this run (uncompressed)
+    bytes_wire: int  # bytes this run put on the channel (frames and messages)
+    seconds: float
+    dedup_ratio: float
+    resumed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- sender --------------------------------------------------------------------
+
+
+def _stat_key(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _frame_raw_bytes(frame: bytes) -> int:
+    return int(_FRAME_RAW.unpack_from(frame)[4]) if len(frame) >= _FRAME_RAW.size else 0
+
+
+class _Pacer:
+    """Token-bucket style pacing of the sender to ``rate`` bytes per second."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate, self.start, self.sent = rate, time.monotonic(), 0
+
+    async def pace(self, n: int) -> None:
+        self.sent += n
+        if self.rate > 0:
+            ahead = self.sent / self.rate - (time.monotonic() - self.start)
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+
+
+async def _iterate_in_thread(it: Iterator[bytes], depth: int = 2) -> AsyncIterator[bytes]:
+    """Iterate a blocking generator in a thread, ``depth`` items ahead (bounded memory)."""
+    queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(maxsize=depth)
+
+    def _next() -> bytes | None:
+        return next(it, None)
+
+    async def produce() -> None:
+        try:
+            while (item := await in_thread(_next)) is not None:
+                await queue.put(item)
+            await queue.put(None)
+        except BaseException as exc:  # forwarded to the consumer
+            await queue.put(exc)
+
+    task = asyncio.create_task(produce())
+    try:
+        while True:
+            item = await queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+
+
+async def send_image(
+    channel: Channel,
+    key: NodeKey,
+    image: Path,
+    *,
+    name: str,
+    peer: str,
+    level: int = 3,
+    bwlimit: int = 0,
+    on_progress: Callable[[Progress], None] = lambda p: None,
+) -> MigrationResult:
+    """Migrate ``image`` over ``channel`` as ``name``; returns once the peer acknowledged it."""
+    t0 = time.monotonic()
+    prog = Progress(name, peer)
+    try:
+        before = _stat_key(image)
+    except FileNotFoundError:
+        raise ImageError(f"image {image} not found") from None
+    except OSError as exc:
+        raise ImageError(f"cannot read image {image}: {exc.strerror}") from None
+    if not image.is_file():
+        raise ImageError(f"{image} is not a regular file")
+    on_progress(prog)
+    manifest = await in_thread(delta.scan_image, image)
+    mbytes = manifest.to_bytes()
+    tid = proto.transfer_id_for(key.public.raw, name, manifest.sha256, manifest.size)
+    sig = key.sign(msg.offer_signing_payload(tid, name, manifest.size, manifest.sha256, mbytes))
+    sender = proto.Sender(msg.Offer(tid, name, manifest.size, manifest.sha256, mbytes, sig))
+    prog.bytes_image, prog.phase = manifest.size, "planning"
+    on_progress(prog)
+    wire = 0
+
+    async def send(m: msg.Message) -> None:
+        nonlocal wire
+        data = msg.encode(m)
+        wire += len(data) + _LEN.size
+        await channel.send(data)
+
+    actions = sender.handle(proto.Start())
+    while True:
+        for a in actions:
+            if isinstance(a, proto.SendMessage):
+                await send(a.message)
+            elif isinstance(a, proto.StreamRanges):
+                prog.bytes_missing = sender.stats.bytes_missing
+                prog.bytes_to_send = sender.stats.bytes_pending
+                prog.phase = "sending"
+                on_progress(prog)
+                n_frames, frame_wire = await _stream(
+                    channel, sender, image, a.ranges, level, bwlimit, prog, on_progress, send
+                )
+                if isinstance(channel, BulkChannel):
+                    wire += frame_wire
+                if _stat_key(image) != before:
+                    ev: proto.Event = proto.LocalFailure(
+                        "image_changed",
+                        f"image {image} changed while it was being sent; stop the VM or "
+                        "snapshot the image, then retry",
+                    )
+                else:
+                    ev = proto.StreamFinished(n_frames, frame_wire)
+                    prog.phase = "verifying"
+                    on_progress(prog)
+                actions = sender.handle(ev)
+                break
+            elif isinstance(a, proto.Completed):
+                s = sender.stats
+                return MigrationResult(
+                    name=name,
+                    peer=peer,
+                    sha256=manifest.sha256.hex(),
+                    bytes_image=manifest.size,
+                    bytes_missing=s.bytes_missing,
+                    bytes_local=s.bytes_local,
+                    bytes_zero=s.bytes_zero,
+                    bytes_sent=prog.bytes_sent,
+                    bytes_wire=wire,
+                    seconds=round(time.monotonic() - t0, 3),
+                    dedup_ratio=round(prog.dedup_ratio, 6),
+                    resumed=s.bytes_pending < s.bytes_missing,
+                )
+            elif isinstance(a, proto.Failed):
+                err = a.error
+                if isinstance(err, IntegrityError | RemoteError):
+                    with contextlib.suppress(OSError):
+                        if _stat_key(image) != before:
+                            raise ImageError(
+                                f"image {image} changed while it was being sent; stop the VM "
+                                "or snapshot the image, then retry"
+                            ) from err
+                raise err
+        else:
+            try:
+                m = msg.decode(await channel.recv())
+            except ProtocolError as exc:
+                await _best_effort(send(msg.Error(tid, "protocol", str(exc)[:4000])))
+                raise
+            except ConnectionLostError as exc:
+                actions = sender.handle(proto.ConnectionLost(str(exc)))
+                continue
+            actions = sender.handle(proto.MessageReceived(m))
+
+
+async def _stream(
+    channel: Channel,
+    sender: proto.Sender,
+    image: Path,
+    ranges: tuple[tuple[int, int], ...],
+    level: int,
+    bwlimit: int,
+    prog: Progress,
+    on_progress: Callable[[Progress], None],
+    send: Callable[[msg.Message], Awaitable[None]],
+) -> tuple[int, int]:
+    """Encode and send every frame of ``ranges``; returns (frames, frame bytes)."""
+    pacer = _Pacer(bwlimit)
+    count, total = 0, 0
+
+    async def frames() -> AsyncIterator[bytes]:
+        nonlocal count, total
+        async for frame in _iterate_in_thread(delta.encode(image, list(ranges), level=level)):
+            count += 1
+            total += len(frame)
+            prog.bytes_sent += _frame_raw_bytes(frame)
+            prog.bytes_wire += len(frame)
+            on_progress(prog)
+            yield frame
+            await pacer.pace(len(frame))
+
+    if isinstance(channel, BulkChannel):
+        await channel.send_frames(frames())
+    else:
+        async for frame in frames():
+            await send(msg.Data(sender.transfer_id, frame))
+    return count, total
+
+
+async def _best_effort(aw: Awaitable[None]) -> None:
+    with contextlib.suppress(DwcpError, OSError):
+        await aw
+
+
+# --- receiver ------------------------------------------------------------------
+
+
+@dataclass
+class ReceiverHooks:
+    """What the node lends a receiving transfer: where to store, the index, counters."""
+
+    images_dir: Path
+    partial_dir: Callable[[str], Path]
+    check_name: Callable[[str], str]
+    index: IndexWorker
+    max_image_bytes: int
+    claim: Callable[[str], Awaitable[None]] = lambda tid: asyncio.sleep(0)
+    release: Callable[[str], None] = lambda tid: None
+    on_bytes: Callable[[int, int], None] = lambda wire, raw: None
+    on_plan: Callable[[int, int], None] = lambda image, dedup: None
+
+
+def _failure_for(exc: BaseException) -> proto.LocalFailure:
+    """Map a local exception to the error code sent to the peer (and whether to discard)."""
+    text = str(exc)[:4000]
+    if isinstance(exc, DiskFullError):
+        return proto.LocalFailure("disk_full", text, discard=True)
+    if isinstance(exc, IntegrityError):
+        return proto.LocalFailure("integrity", text, discard=True)
+    if isinstance(exc, FrameError | ManifestError | ProtocolError):
+        return proto.LocalFailure("protocol", text, discard=True)
+    if isinstance(exc, UsageError):
+        return proto.LocalFailure("refused", text)
+    return proto.LocalFailure("io", text)
+
+
+async def receive_image(channel: Channel, peer_key: PublicKey, hooks: ReceiverHooks) -> str | None:
+    """Serve one incoming migration on ``channel``; returns the stored image's name or None."""
+    receiver = proto.Receiver(peer_key, max_image_bytes=hooks.max_image_bytes)
+    rebuilder: delta.Rebuilder | None = None
+    claimed: str | None = None
+    manifest: delta.Manifest | None = None
+    frame_task: asyncio.Task[None] | None = None
+    events: asyncio.Queue[proto.Event] = asyncio.Queue()
+
+    async def pump_messages() -> None:
+        while True:
+            try:
+                m = msg.decode(await channel.recv())
+            except ProtocolError as exc:
+                await events.put(proto.LocalFailure("protocol", str(exc)[:4000], discard=False))
+                return
+            except ConnectionLostError as exc:
+                await events.put(proto.ConnectionLost(str(exc)))
+                return
+            await events.put(proto.MessageReceived(m))
+
+    async def pump_frames(ch: BulkChannel) -> None:
+        try:
+            async for frame in ch.recv_frames():
+                await events.put(proto.FrameReceived(frame))
+        except ConnectionLostError as exc:
+            await events.put(proto.ConnectionLost(str(exc)))
+
+    async def prepare(offer: msg.Offer) -> proto.Event:
+        nonlocal rebuilder, claimed, manifest
+        try:
+            name = hooks.check_name(offer.name)
+            manifest = delta.Manifest.from_bytes(offer.manifest, max_image=hooks.max_image_bytes)
+            if manifest.size != offer.size or manifest.sha256 != offer.sha256:
+                raise ManifestError("the manifest does not match the offer's size and digest")
+            await hooks.claim(offer.transfer_id)
+            claimed = offer.transfer_id
+            m = manifest
+            plan = await hooks.index.call(lambda ix: delta.plan(m, ix.local))
+            out = hooks.images_dir / name
+            state = hooks.partial_dir(offer.transfer_id)
+            rebuilder = await in_thread(delta.Rebuilder.for_manifest, m, plan, out, state)
+        except (DwcpError, OSError) as exc:
+            return _failure_for(exc)
+        hooks.on_plan(m.size, m.size - plan.bytes_missing)
+        pending = tuple(rebuilder.pending())
+        return proto.Prepared(pending, plan.bytes_missing, plan.bytes_local, plan.bytes_zero)
+
+    async def write(frame: bytes) -> proto.Event:
+        assert rebuilder is not None
+        try:
+            n = await in_thread(rebuilder.feed, frame)
+        except (DwcpError, OSError) as exc:
+            return _failure_for(exc)
+        hooks.on_bytes(len(frame), n)
+        return proto.FrameWritten(n)
+
+    async def finish() -> proto.Event:
+        assert rebuilder is not None and manifest is not None
+        try:
+            path = await in_thread(rebuilder.finish)
+            await hooks.index.call(lambda ix: ix.update(path))
+        except (DwcpError, OSError) as exc:
+            return _failure_for(exc)
+        return proto.Finished(manifest.sha256, path.name)
+
+    msg_task = asyncio.create_task(pump_messages())
+    result: str | None = None
+    try:
+        while receiver.state not in proto.TERMINAL:
+            actions = receiver.handle(await events.get())
+            while actions:
+                a = actions.pop(0)
+                follow: proto.Event | None = None
+                if isinstance(a, proto.SendMessage):
+                    try:
+                        await channel.send(msg.encode(a.message))
+                    except ConnectionLostError as exc:
+                        follow = proto.ConnectionLost(str(exc))
+                    if (
+                        isinstance(a.message, msg.Plan)
+                        and isinstance(channel, BulkChannel)
+                        and frame_task is None
+                    ):
+                        frame_task = asyncio.create_task(pump_frames(channel))
+                elif isinstance(a, proto.PrepareTransfer):
+                    follow = await prepare(a.offer)
+                elif isinstance(a, proto.WriteFrame):
+                    follow = await write(a.frame)
+                elif isinstance(a, proto.FinishTransfer):
+                    follow = await finish()
+                elif isinstance(a, proto.Completed):
+                    result = a.path_name
+                elif isinstance(a, proto.Failed) and rebuilder is not None:
+                    await in_thread(rebuilder.abort if a.discard else rebuilder.close)
+                    rebuilder = None
+                if follow is not None:
+                    actions.extend(receiver.handle(follow))
+        return result
+    finally:
+        for t in (msg_task, frame_task):
+            if t is not None:
+                t.cancel()
+                with contextlib.suppress(BaseException):
+                    await t
+        if rebuilder is not None and receiver.state is not proto.State.COMPLETE:
+            await in_thread(rebuilder.close)
+        if claimed is not None:
+            hooks.release(claimed)
