@@ -34,15 +34,16 @@ need_venv() {
   fi
   # Reinstall when the packaging or the C sources changed since the last install.
   if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml setup.py native -newer "$stamp" 2>/dev/null | head -n1)" ]; then
-    "$PY" -m pip install -q --upgrade pip >/dev/null
-    "$PY" -m pip install -q -e '.[dev]'
+    # Drop pip's notices about this machine's unused local indexes; keep real errors.
+    "$PY" -m pip install -q --upgrade pip 2> >(grep -v "is ignored: it is neither" >&2) >/dev/null
+    "$PY" -m pip install -q -e '.[dev]' 2> >(grep -vE "is ignored: it is neither|Warning|^ *!!|^ *\*{5}|^ *$" >&2)
     touch "$stamp"
   fi
 }
 
 run_tests() {
-  "$VENV/bin/ruff" check dwcp tests benchmarks native
-  "$VENV/bin/ruff" format --check dwcp tests benchmarks native
+  "$VENV/bin/ruff" check .
+  "$VENV/bin/ruff" format --check .
   "$VENV/bin/mypy" dwcp
   "$PY" -m pytest "$@"
 }
