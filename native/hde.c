@@ -86,23 +86,83 @@ static inline uint64_t top_mask(int bits) {
     return ((1ULL << bits) - 1) << (64 - bits);
 }
 
-/* Length of the next chunk of p[0:n]; n may exceed max_size. */
+/* The gear hash at byte i is H(i) = sum_{j<64} GEAR[p[i-j]] << j (mod 2^64): the
+ * rolling h = (h << 1) + GEAR[byte] shifts a byte out after 64 steps. H thus depends
+ * on the 64 bytes ending at i only, so a cut decision depends on those bytes and
+ * the chunk length alone: the scan warms up 64 bytes before min_size, and it can
+ * jump over zero runs, where H is the constant -GEAR[0]. Results never depend on
+ * how the loops are unrolled or compiled. */
+#define CDC_WINDOW 64
+#define GEAR_STEP(h, b) ((h) = ((h) << 1) + GEAR[(b)])
+
+/* Length of the run of zero bytes at the start of p[0:n]. */
+static size_t zero_run(const uint8_t *p, size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, p + i, 8);
+        if (w) break;
+    }
+    while (i < n && !p[i]) i++;
+    return i;
+}
+
+/* First i in [s, e) with no mask bit set in H(i): returns i + 1. Else returns 0
+ * and leaves *ph = H(e - 1). On entry *ph = H(s - 1). The loop is unrolled by
+ * four: one gear step per byte is a one-cycle dependency chain (lea), so the
+ * scan runs at about a byte per cycle; the zero check costs one load per 64. */
+static size_t cdc_scan(const uint8_t *p, size_t s, size_t e, uint64_t mask, uint64_t *ph) {
+    uint64_t h = *ph;
+    const uint64_t zero_h = 0 - GEAR[0]; /* H of an all-zero window */
+    const int skip_zeros = (zero_h & mask) != 0;
+    while (s + CDC_WINDOW <= e) {
+        uint64_t w;
+        memcpy(&w, p + s, 8);
+        if (!w && skip_zeros) {
+            size_t z = zero_run(p + s, e - s);
+            if (z >= 2 * CDC_WINDOW) {
+                /* Windows ending in the run's first 63 bytes still see older bytes. */
+                for (size_t end = s + CDC_WINDOW - 1; s < end; s++) {
+                    GEAR_STEP(h, p[s]);
+                    if (!(h & mask)) return s + 1;
+                }
+                s += z - (CDC_WINDOW - 1);
+                h = zero_h;
+                continue;
+            }
+        }
+        for (size_t end = s + CDC_WINDOW; s < end; s += 4) {
+            GEAR_STEP(h, p[s]);
+            if (__builtin_expect(!(h & mask), 0)) return s + 1;
+            GEAR_STEP(h, p[s + 1]);
+            if (__builtin_expect(!(h & mask), 0)) return s + 2;
+            GEAR_STEP(h, p[s + 2]);
+            if (__builtin_expect(!(h & mask), 0)) return s + 3;
+            GEAR_STEP(h, p[s + 3]);
+            if (__builtin_expect(!(h & mask), 0)) return s + 4;
+        }
+    }
+    for (; s < e; s++) {
+        GEAR_STEP(h, p[s]);
+        if (!(h & mask)) return s + 1;
+    }
+    *ph = h;
+    return 0;
+}
+
+/* Length of the next chunk of p[0:n] (n may exceed max_size; min_size >= 64):
+ * the least L in [min_size, min(n, max_size)] whose H(L - 1) has no bit of
+ * mask_s set (L <= avg_size) or of mask_l (L > avg_size); else min(n, max_size). */
 static size_t cut_point(const uint8_t *p, size_t n, size_t min_size, size_t avg_size,
                         size_t max_size, uint64_t mask_s, uint64_t mask_l) {
     if (n <= min_size) return n;
     if (n > max_size) n = max_size;
     size_t normal = avg_size < n ? avg_size : n;
     uint64_t h = 0;
-    size_t i = min_size;
-    for (; i < normal; i++) {
-        h = (h << 1) + GEAR[p[i]];
-        if (!(h & mask_s)) return i + 1;
-    }
-    for (; i < n; i++) {
-        h = (h << 1) + GEAR[p[i]];
-        if (!(h & mask_l)) return i + 1;
-    }
-    return n;
+    for (size_t i = min_size - CDC_WINDOW; i < min_size - 1; i++) GEAR_STEP(h, p[i]);
+    size_t r = cdc_scan(p, min_size - 1, normal, mask_s, &h);
+    if (!r) r = cdc_scan(p, normal, n, mask_l, &h);
+    return r ? r : n;
 }
 
 int64_t hde_cdc(const uint8_t *buf, size_t len, uint32_t min_size, uint32_t avg_size,
