@@ -7,6 +7,7 @@ a shared memfd, so the parent reads them live.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -73,6 +74,9 @@ def _main(argv: list[str]) -> int:
     seed = int(spec["seed"])
     ab = Direction(**spec["ab"]).to_c(direction_seed(seed, "ab"))
     ba = Direction(**spec["ba"]).to_c(direction_seed(seed, "ba"))
+    # The link should keep its timing while the endpoints load the CPU: run ahead of them.
+    with contextlib.suppress(OSError):
+        os.nice(-10)
     mem = mmap.mmap(memfd, REPORT_SIZE)
     report = ffi.from_buffer("dwcp_emu_report *", mem)
     rc = lib.dwcp_emu_run(fd_a, fd_b, stop_fd, ab, ba, report)

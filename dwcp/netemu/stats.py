@@ -44,6 +44,7 @@ class LinkStats:
     ba: DirectionStats
     cpu_s: float  # CPU seconds of the forwarding loop
     wall_s: float
+    wakeups: int = 0  # times the loop woke up (arrivals and due packets)
 
     @property
     def packets(self) -> int:
@@ -61,4 +62,5 @@ class LinkStats:
             ba=DirectionStats.from_c(report.ba),
             cpu_s=int(report.cpu_ns) / 1e9,
             wall_s=int(report.wall_ns) / 1e9,
+            wakeups=int(report.wakeups),
         )

@@ -1,0 +1,201 @@
+"""Goodput over the emulated WAN: dwcp vs one plain aioquic connection vs iperf3 TCP.
+
+    python benchmarks/transport_bench.py [--seconds 10 | --quick] [--json]
+
+Each cell gets a fresh dwcp.netemu.Link (same seed, so the same loss pattern)
+per tool; each tool runs for --seconds and reports received bytes over its own
+transfer time (slow start included). Ratios are goodput / link rate. Needs root
+(network namespaces); prints why and exits 0 when it cannot run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dwcp.netemu import Link, unavailable_reason
+
+HERE = Path(__file__).resolve().parent
+PORT = 4433
+
+
+@dataclass(frozen=True)
+class Cell:
+    rate_bps: float
+    rtt_ms: float
+    loss: float
+
+    @property
+    def label(self) -> str:
+        return f"{self.rate_bps / 1e6:g} Mbit/s {self.rtt_ms:g} ms {self.loss * 100:g}%"
+
+
+CELLS = [
+    Cell(100e6, 50, 0.0),
+    Cell(100e6, 50, 0.005),
+    Cell(100e6, 50, 0.01),
+    Cell(100e6, 100, 0.005),
+]
+TOOLS = ["dwcp", "aioquic", "iperf3 -P1", "iperf3 -P8"]
+
+
+def _wait_port(link: Link, proto: str, port: int, proc: subprocess.Popen[Any]) -> None:
+    """Wait (bounded) until something listens on ``port`` in namespace b."""
+    flag = "-Hltn" if proto == "tcp" else "-Hlun"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        out = link.run_in_b(["ss", flag, f"sport = :{port}"], capture_output=True, text=True)
+        if out.stdout.strip():
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early: {proc.args}")
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {proto}/{port} after 20 s")
+
+
+def run_iperf3(link: Link, seconds: float, streams: int) -> dict[str, Any]:
+    server = link.popen_b(
+        ["iperf3", "-s", "-1", "-B", link.addr_b, "-p", "5201"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _wait_port(link, "tcp", 5201, server)
+    argv = ["iperf3", "-c", link.addr_b, "-p", "5201", "-t", str(seconds), "-P", str(streams)]
+    cp = link.run_in_a(
+        [*argv, "-C", "cubic", "-J"], capture_output=True, text=True, timeout=seconds + 60
+    )
+    end = json.loads(cp.stdout)["end"]
+    return {
+        "goodput_bps": end["sum_received"]["bits_per_second"],
+        "retransmits": end["sum_sent"].get("retransmits"),
+    }
+
+
+def run_aioquic(link: Link, seconds: float) -> dict[str, Any]:
+    peer = str(HERE / "aioquic_peer.py")
+    server = link.popen_b(
+        [sys.executable, peer, "server", link.addr_b, str(PORT), "--seconds", str(seconds)],
+        stdout=subprocess.DEVNULL,
+    )
+    _wait_port(link, "udp", PORT, server)
+    argv = [sys.executable, peer, "client", link.addr_b, str(PORT)]
+    cp = link.run_in_a(argv, capture_output=True, text=True, timeout=seconds + 90)
+    if cp.returncode != 0:
+        raise RuntimeError(f"aioquic client failed: {cp.stderr.strip()[-500:]}")
+    return dict(json.loads(cp.stdout.strip().splitlines()[-1]))
+
+
+def dwcp_perf_available() -> bool:
+    return importlib.util.find_spec("dwcp.cli.perf_cmd") is not None
+
+
+def run_dwcp(link: Link, seconds: float, keys: Path) -> dict[str, Any]:
+    dwcp = [sys.executable, "-m", "dwcp"]
+    ka, kb = keys / "a.key", keys / "b.key"
+    listen = [*dwcp, "perf", "--listen", f"{link.addr_b}:{PORT}"]
+    server = link.popen_b(
+        [*listen, "--key", str(kb), "--trust", f"{ka}.pub"], stdout=subprocess.DEVNULL
+    )
+    _wait_port(link, "udp", PORT, server)
+    argv = [*dwcp, "perf", f"{link.addr_b}:{PORT}", "--key", str(ka), "--trust", f"{kb}.pub"]
+    argv += ["--seconds", str(seconds), "--json"]
+    cp = link.run_in_a(argv, capture_output=True, text=True, timeout=seconds + 90)
+    if cp.returncode != 0:
+        raise RuntimeError(f"dwcp perf failed: {cp.stderr.strip()[-500:]}")
+    out = json.loads(cp.stdout.strip().splitlines()[-1])
+    return {k: out.get(k) for k in ("goodput_bps", "rtt_ms", "loss", "connections", "streams")}
+
+
+def measure(cell: Cell, tool: str, seconds: float, keys: Path) -> dict[str, Any]:
+    with Link(rate_bps=cell.rate_bps, delay_ms=cell.rtt_ms / 2, loss=cell.loss, seed=1) as link:
+        if tool == "dwcp":
+            res = run_dwcp(link, seconds, keys)
+        elif tool == "aioquic":
+            res = run_aioquic(link, seconds)
+        else:
+            res = run_iperf3(link, seconds, int(tool.split("-P")[1]))
+        st = link.stats()
+    res["ratio"] = res["goodput_bps"] / cell.rate_bps
+    res["emulator"] = {
+        "cpu_us_per_packet": round(st.cpu_ns_per_packet / 1000, 2),
+        "overflow_drops": st.ab.overflow_drops + st.ba.overflow_drops,
+        "late_us_mean": round(st.ab.late_ns_mean / 1000, 1),
+        "queue_drops": st.ab.queue_drops,
+        "lost": st.ab.lost + st.ba.lost,
+    }
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--seconds", type=float, default=10.0, help="duration of each cell")
+    ap.add_argument("--quick", action="store_true", help="3 s per cell")
+    ap.add_argument("--json", action="store_true", help="one JSON object on the last line")
+    ap.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of tools")
+    a = ap.parse_args()
+    seconds = 3.0 if a.quick else a.seconds
+    reason = unavailable_reason() or (None if shutil.which("iperf3") else "iperf3 is missing")
+    if reason:
+        print(f"transport_bench: skipped: {reason}")
+        if a.json:
+            print(json.dumps({"skipped": reason}))
+        return 0
+    tools = [t.strip() for t in a.tools.split(",") if t.strip()]
+    have_dwcp = dwcp_perf_available()
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        keys = Path(tmp)
+        if have_dwcp and "dwcp" in tools:
+            for name in ("a", "b"):
+                subprocess.run(
+                    [sys.executable, "-m", "dwcp", "keygen", str(keys / f"{name}.key")],
+                    check=True,
+                    capture_output=True,
+                )
+        for cell in CELLS:
+            row: dict[str, Any] = {}
+            for tool in tools:
+                if tool == "dwcp" and not have_dwcp:
+                    row[tool] = {"error": "dwcp perf is not available yet"}
+                    continue
+                try:
+                    row[tool] = measure(cell, tool, seconds, keys)
+                except (RuntimeError, subprocess.SubprocessError, ValueError, KeyError) as e:
+                    row[tool] = {"error": str(e)}
+                print(f"  {cell.label:<26} {tool:<11} {_fmt(row[tool])}", file=sys.stderr)
+            results[cell.label] = row
+    _table(results, tools, seconds)
+    if a.json:
+        print(json.dumps({"seconds": seconds, "results": results}))
+    return 0
+
+
+def _fmt(r: dict[str, Any]) -> str:
+    if "goodput_bps" not in r:
+        return "n/a"
+    return f"{r['goodput_bps'] / 1e6:6.1f} ({r['ratio']:.2f})"
+
+
+def _table(results: dict[str, dict[str, Any]], tools: list[str], seconds: float) -> None:
+    print(f"\nGoodput in Mbit/s (ratio to link rate), {seconds:g} s per cell, emulated link")
+    print(f"{'link':<26}" + "".join(f"{t:>16}" for t in tools))
+    for label, row in results.items():
+        print(f"{label:<26}" + "".join(f"{_fmt(row.get(t, {})):>16}" for t in tools))
+    errors = {
+        f"{t}: {row[t]['error']}" for row in results.values() for t in row if "error" in row[t]
+    }
+    for err in sorted(errors):
+        print(f"  n/a {err}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
