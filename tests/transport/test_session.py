@@ -1,0 +1,257 @@
+"""Sessions over loopback: requests, channels, striped bulk, back-pressure, lost peers."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+from dwcp.errors import (
+    ConnectionLostError,
+    IdleTimeoutError,
+    RemoteError,
+    SessionClosedError,
+    TransportError,
+)
+from dwcp.transport import Session, TransportConfig, connect, serve
+
+from .helpers import run, two_keys
+
+MiB = 1 << 20
+
+
+@asynccontextmanager
+async def pair(
+    handler: Callable[[Session], Awaitable[None]] | None = None,
+    *,
+    config: TransportConfig | None = None,
+    on_request: Callable[[Session, bytes], Awaitable[bytes]] | None = None,
+) -> AsyncIterator[tuple[Session, Any]]:
+    a, b = two_keys()
+    config = config or TransportConfig(idle_timeout=10.0)
+    server = await serve(
+        "127.0.0.1", 0, a, [b.public], handler, config=config, on_request=on_request
+    )
+    try:
+        session = await connect(*server.address, b, [a.public], config=config)
+        try:
+            yield session, server
+        finally:
+            await session.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def test_request_response_both_ways_and_handler_errors() -> None:
+    async def on_request(session: Session, body: bytes) -> bytes:
+        if body == b"fail":
+            raise RemoteError("busy", "try later")
+        if body == b"crash":
+            raise ValueError("bug")
+        return b"echo:" + body
+
+    server_got: list[BaseException | bytes] = []
+
+    async def handler(session: Session) -> None:
+        # The client gave connect() no on_request: its side answers with an error.
+        try:
+            server_got.append(await session.request(b"from server"))
+        except RemoteError as exc:
+            server_got.append(exc)
+
+    async def main() -> None:
+        async with pair(handler, on_request=on_request) as (session, _server):
+            replies = await asyncio.gather(*(session.request(b"%d" % i) for i in range(50)))
+            assert replies == [b"echo:%d" % i for i in range(50)]
+            assert await session.request(b"") == b"echo:"
+            with pytest.raises(RemoteError, match="try later") as info:
+                await session.request(b"fail")
+            assert info.value.code == "busy"
+            with pytest.raises(RemoteError, match="bug"):
+                await session.request(b"crash")
+            while not server_got:
+                await asyncio.sleep(0.01)
+
+    run(main())
+    assert isinstance(server_got[0], RemoteError)
+    assert "does not accept requests" in str(server_got[0])
+
+
+def test_channels_carry_ordered_bytes_both_ways() -> None:
+    async def handler(session: Session) -> None:
+        chan = await session.accept_channel()
+        assert chan.name == "echo"
+        while data := await chan.reader.read(65536):
+            chan.writer.write(data.upper())
+            await chan.writer.drain()
+        chan.writer.write_eof()
+
+    async def main() -> None:
+        async with pair(handler) as (session, _server):
+            chan = await session.open_channel("echo")
+            payload = os.urandom(3 * MiB).hex().encode()[: 3 * MiB]
+
+            async def produce() -> None:
+                for i in range(0, len(payload), 100_000):
+                    chan.writer.write(payload[i : i + 100_000])
+                    await chan.writer.drain()
+                chan.writer.write_eof()
+
+            task = asyncio.ensure_future(produce())
+            got = await chan.reader.readexactly(len(payload))
+            await task
+            assert got == payload.upper()
+            assert await chan.reader.read() == b""
+            assert chan.reader.at_eof()
+
+    run(main())
+
+
+def test_bulk_transfer_arrives_byte_identical() -> None:
+    size = 64 * MiB
+    block = os.urandom(MiB)
+    expected = hashlib.sha256()
+    buffers = []
+    for i in range(size // MiB):
+        buf = bytes([i % 251]) + block[1:]
+        buffers.append(buf)
+        expected.update(buf)
+    result: dict[str, Any] = {}
+
+    async def handler(session: Session) -> None:
+        recv = await session.accept_bulk()
+        h = hashlib.sha256()
+        async for chunk in recv:
+            h.update(chunk)
+        result["digest"] = h.hexdigest()
+        result["offset"] = recv.offset
+
+    async def main() -> None:
+        config = TransportConfig(idle_timeout=10.0, initial_connections=2, policy="fixed")
+        async with pair(handler, config=config) as (session, _server):
+            end = await session.send(buffers)
+            assert end == size
+            while "digest" not in result:
+                await asyncio.sleep(0.01)
+            assert session.stats().packets_sent > 0
+
+    run(main(), timeout=240)
+    assert result == {"digest": expected.hexdigest(), "offset": size}
+
+
+def test_slow_receiver_keeps_memory_bounded_then_gets_everything() -> None:
+    window = 2 * MiB
+    config = TransportConfig(idle_timeout=10.0, window=window, chunk=256 * 1024)
+    total = 24 * MiB
+    data = os.urandom(total)
+    state: dict[str, Any] = {}
+
+    async def main() -> None:
+        go = asyncio.Event()
+        receiver_ready = asyncio.Event()
+
+        async def handler(session: Session) -> None:
+            recv = await session.accept_bulk()
+            state["recv"] = recv
+            receiver_ready.set()
+            await go.wait()  # a receiver that does not read at all for now
+            parts = [chunk async for chunk in recv]
+            state["data"] = b"".join(parts)
+
+        async with pair(handler, config=config) as (session, _server):
+            sender = session.open_bulk()
+            write = asyncio.ensure_future(sender.write(data))
+            await receiver_ready.wait()
+            recv = state["recv"]
+            # The sender stops exactly at the window and the receiver holds at most that.
+            while sender.sent < window or recv.buffered < window:
+                assert not write.done()
+                await asyncio.sleep(0.01)
+            for _ in range(20):
+                await asyncio.sleep(0.01)
+                assert sender.sent == window
+                assert recv.buffered <= window
+                in_quic = sum(
+                    c.quic.send_buffered(sid)
+                    for (ci, _i), sid in session._out_lanes.items()
+                    for c in [session.conns[ci]]
+                )
+                assert in_quic <= window + 4096
+            assert not write.done()
+            go.set()
+            await write
+            assert await sender.finish() == total
+            while "data" not in state:
+                await asyncio.sleep(0.01)
+
+    run(main(), timeout=120)
+    assert state["data"] == data
+
+
+def test_killed_peer_raises_idle_timeout() -> None:
+    a, b = two_keys()
+    script = textwrap.dedent(
+        f"""
+        import asyncio, sys
+        from dwcp.identity import NodeKey, PublicKey
+        from dwcp.transport import serve, TransportConfig
+        async def main():
+            key = NodeKey(bytes.fromhex("{a.seed.hex()}"))
+            async def on_request(s, body):
+                return body
+            srv = await serve("127.0.0.1", 0, key, [PublicKey.parse("{b.public.text}")],
+                              on_request=on_request, config=TransportConfig(idle_timeout=1.0))
+            print(srv.address[1], flush=True)
+            await asyncio.sleep(60)
+        asyncio.run(main())
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+
+        async def main() -> None:
+            config = TransportConfig(idle_timeout=1.0, connect_timeout=10.0)
+            session = await connect("127.0.0.1", port, b, [a.public], config=config)
+            assert await session.request(b"hi") == b"hi"
+            proc.kill()
+            proc.wait()
+            with pytest.raises(IdleTimeoutError):
+                # Generous guard: the error itself comes from the 1 s idle timeout.
+                await asyncio.wait_for(session.request(b"anyone?"), 30)
+            with pytest.raises(TransportError):
+                await session.request(b"again")
+
+        run(main())
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_closed_session_raises_typed_errors_on_both_sides() -> None:
+    ended: list[BaseException] = []
+
+    async def handler(session: Session) -> None:
+        ended.append(await session.wait_closed())
+
+    async def main() -> None:
+        async with pair(handler) as (session, _server):
+            await session.close("done")
+            with pytest.raises(SessionClosedError):
+                await session.request(b"x")
+            while not ended:
+                await asyncio.sleep(0.01)
+
+    run(main())
+    assert isinstance(ended[0], ConnectionLostError)
+    assert "done" in str(ended[0])
