@@ -9,3 +9,12 @@ Components (DWCP names in brackets):
 
 __version__ = "0.1.0"
 PROTOCOL_VERSION = 3
+
+
+def __getattr__(name: str) -> object:
+    """``dwcp.serve`` / ``dwcp.connect``: the transport API, imported on first use."""
+    if name in ("serve", "connect"):
+        from dwcp import transport
+
+        return getattr(transport, name)
+    raise AttributeError(f"module 'dwcp' has no attribute {name!r}")
