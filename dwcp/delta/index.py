@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from dwcp.delta import native
-from dwcp.delta.chunking import chunk_file
+from dwcp.delta.chunking import ChunkList, chunk_file
 from dwcp.delta.manifest import TREE_FANOUT, Manifest, scan_image
 from dwcp.errors import ImageError, StorageError
 
@@ -24,7 +26,9 @@ from dwcp.errors import ImageError, StorageError
 class LocalIndex:
     """Fingerprint lookup over a set of local images (sources)."""
 
-    def __init__(self) -> None:
+    def __init__(self, chunk_loader: Callable[[int, Path], ChunkList] | None = None) -> None:
+        # How to get a source's CDC chunks: computed by default, cached by ImageIndex.
+        self._chunk_loader = chunk_loader or (lambda _source, path: chunk_file(path))
         self.blocks = native.FingerprintIndex()
         # 1 MiB hash-tree parents at aligned offsets: whole regions found in one lookup.
         self.parents = native.FingerprintIndex()
@@ -66,7 +70,7 @@ class LocalIndex:
             self._chunks = native.FingerprintIndex()
         for source, path in self.paths.items():
             if source not in self._chunked:
-                cl = chunk_file(path)
+                cl = self._chunk_loader(source, path)
                 self._chunks.add_chunks(bytes(cl.fps), bytes(cl.flags), cl.offsets, cl.lens, source)
                 self._chunked.add(source)
         return self._chunks
@@ -97,7 +101,8 @@ CREATE TABLE IF NOT EXISTS images (
     ino INTEGER NOT NULL,
     dev INTEGER NOT NULL,
     sha256 BLOB NOT NULL,
-    manifest BLOB NOT NULL
+    manifest BLOB NOT NULL,
+    chunks BLOB
 );
 """
 
@@ -115,7 +120,7 @@ class ImageIndex:
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open the image index {self.db_path}: {exc}") from exc
-        self.local = LocalIndex()
+        self.local = LocalIndex(self._load_chunks)
         for row_id, path, blob in self._db.execute("SELECT id, path, manifest FROM images"):
             self.local.add(int(row_id), Path(path), Manifest.from_bytes(blob))
 
@@ -167,6 +172,24 @@ class ImageIndex:
         assert cur.lastrowid is not None
         self.local.add(int(cur.lastrowid), p, manifest)
         return manifest
+
+    def _load_chunks(self, source: int, path: Path) -> ChunkList:
+        """CDC chunks of a source from the database, computed and stored on first use."""
+        row = self._db.execute("SELECT chunks FROM images WHERE id = ?", (source,)).fetchone()
+        if row is not None and row[0] is not None:
+            blob = bytes(row[0])
+            n = len(blob) // 29
+            cl = ChunkList()
+            cl.offsets = array("Q", blob[: 8 * n])
+            cl.lens = array("I", blob[8 * n : 12 * n])
+            cl.fps = bytearray(blob[12 * n : 28 * n])
+            cl.flags = bytearray(blob[28 * n :])
+            return cl
+        cl = chunk_file(path)
+        blob = cl.offsets.tobytes() + cl.lens.tobytes() + bytes(cl.fps) + bytes(cl.flags)
+        with self._db:
+            self._db.execute("UPDATE images SET chunks = ? WHERE id = ?", (blob, source))
+        return cl
 
     def remove(self, path: str | os.PathLike[str]) -> None:
         p = Path(path).resolve()

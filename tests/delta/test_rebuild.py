@@ -138,3 +138,19 @@ def test_disk_full_is_reported_and_leaves_nothing(tmp_path: Path) -> None:
         assert list(small.iterdir()) == []
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_chunk_lists_are_cached_in_the_index(tmp_path: Path) -> None:
+    _src, _out, index = _setup(tmp_path)
+    n = len(index.local.chunks)
+    assert n > 0
+    index.close()
+    import dwcp.delta.index as index_mod
+
+    with ImageIndex(tmp_path / "index.db") as again:
+        real = index_mod.chunk_file
+        index_mod.chunk_file = None  # type: ignore[assignment]
+        try:
+            assert len(again.local.chunks) == n  # read back, not recomputed
+        finally:
+            index_mod.chunk_file = real
