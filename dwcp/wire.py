@@ -31,7 +31,7 @@ SESSION_ID_BYTES: Final = 16
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 _ID_OFF = struct.Struct("!IQ")
-_HELLO = struct.Struct(f"!{SESSION_ID_BYTES}sHH")
+_HELLO = struct.Struct(f"!{SESSION_ID_BYTES}sHHQ")
 
 
 class Frame:
@@ -42,17 +42,22 @@ class Frame:
 
 @dataclass(frozen=True, slots=True)
 class Hello(Frame):
-    """First frame of a connection: which session it joins, as lane ``index`` of ``count``."""
+    """First frame of a connection: which session it joins, as connection ``index`` of at most
+    ``count``, and how many unconsumed bulk bytes the sender may have at this node (``window``).
+    The server echoes it with its own ``window``."""
 
     session_id: bytes
     index: int
     count: int
+    window: int
 
     def __post_init__(self) -> None:
         if len(self.session_id) != SESSION_ID_BYTES:
             raise FrameError(f"session id is {len(self.session_id)} bytes, expected 16")
         if not 0 <= self.index < self.count <= 0xFFFF:
             raise FrameError(f"hello index {self.index} of {self.count} is out of range")
+        if not 0 < self.window < 1 << 40:
+            raise FrameError(f"hello window {self.window} is out of range")
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +150,9 @@ def encode(frame: Frame) -> bytes:
     if isinstance(frame, BulkData):
         return bulk_data_header(frame.transfer_id, frame.offset, len(frame.data)) + frame.data
     if isinstance(frame, Hello):
-        return _frame(T_HELLO, _HELLO.pack(frame.session_id, frame.index, frame.count))
+        return _frame(
+            T_HELLO, _HELLO.pack(frame.session_id, frame.index, frame.count, frame.window)
+        )
     if isinstance(frame, Request):
         return _frame(T_REQUEST, frame.body)
     if isinstance(frame, Response):
@@ -167,8 +174,7 @@ def encode(frame: Frame) -> bytes:
 
 
 def _p_hello(p: bytes) -> Frame:
-    sid, index, count = _HELLO.unpack(p)
-    return Hello(sid, index, count)
+    return Hello(*_HELLO.unpack(p))
 
 
 def _p_request(p: bytes) -> Frame:

@@ -9,6 +9,7 @@ the client finishes its handshake before the server has checked it).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -120,7 +121,7 @@ async def _open_conn(
     trusted: frozenset[PublicKey],
     config: TransportConfig,
     hello: wire.Hello,
-) -> tuple[Conn, wire.FrameDecoder, _Greeter]:
+) -> tuple[Conn, wire.FrameDecoder, _Greeter, int]:
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
@@ -129,13 +130,13 @@ async def _open_conn(
     family, _, _, _, addr = infos[0]
     bind: Addr = ("0.0.0.0", 0) if family == socket.AF_INET else ("::", 0, 0, 0)
     sock = open_udp_socket(family, bind, config.socket_buffer)
-    echoed: asyncio.Future[wire.FrameDecoder] = loop.create_future()
+    echoed: asyncio.Future[tuple[wire.FrameDecoder, wire.Hello]] = loop.create_future()
 
     def on_echo(conn: Conn, frame: wire.Hello, decoder: wire.FrameDecoder) -> None:
-        if frame != hello:
+        if (frame.session_id, frame.index) != (hello.session_id, hello.index):
             raise FrameError("the server echoed a different Hello")
         if not echoed.done():
-            echoed.set_result(decoder)
+            echoed.set_result((decoder, frame))
 
     def on_fail(exc: DwcpError) -> None:
         if not echoed.done():
@@ -165,7 +166,7 @@ async def _open_conn(
             await asyncio.shield(conn.connected)
             quic.send_stream_data(CONTROL_STREAM, wire.encode(hello))
             conn.transmit()
-            decoder = await echoed
+            decoder, echo = await echoed
     except TimeoutError:
         conn.close("connect timeout")
         raise ConnectionLostError(
@@ -175,7 +176,7 @@ async def _open_conn(
     except DwcpError:
         conn.close("handshake failed")
         raise
-    return conn, decoder, greeter
+    return conn, decoder, greeter, echo.window
 
 
 async def connect(
@@ -194,13 +195,18 @@ async def connect(
         raise UsageError("connect needs at least one trusted public key (--trust)")
     session_id = random_session_id()
     count = max(1, config.max_connections)
-    first = wire.Hello(session_id, 0, count)
-    conn, decoder, greeter = await _open_conn(host, port, key, trust, config, first)
+    first = wire.Hello(session_id, 0, count, config.bulk_window)
+    conn, decoder, greeter, peer_window = await _open_conn(host, port, key, trust, config, first)
     assert conn.quic.peer_key is not None
 
     async def opener(session: Session, index: int) -> Conn:
-        extra, dec, extra_greeter = await _open_conn(
-            host, port, key, frozenset({session.peer}), config, wire.Hello(session_id, index, count)
+        extra, dec, extra_greeter, _ = await _open_conn(
+            host,
+            port,
+            key,
+            frozenset({session.peer}),
+            config,
+            wire.Hello(session_id, index, count, config.bulk_window),
         )
         if extra.quic.peer_key != session.peer:
             extra.close("different peer")
@@ -218,6 +224,7 @@ async def connect(
         config=config,
         on_request=on_request,
         opener=opener,
+        peer_window=peer_window,
     )
     greeter.hand_over(session, conn, decoder)
     if conn.error is not None:
@@ -320,6 +327,7 @@ class Server:
     def _on_hello(self, conn: Conn, hello: wire.Hello, decoder: wire.FrameDecoder) -> None:
         greeter = conn.listener
         assert isinstance(greeter, _Greeter)
+        echo = dataclasses.replace(hello, window=self.config.bulk_window)
         peer = conn.quic.peer_key
         if peer is None:
             raise AuthenticationError("no peer key after the handshake")
@@ -333,10 +341,11 @@ class Server:
                 is_client=False,
                 config=self.config,
                 on_request=self._on_request,
+                peer_window=hello.window,
             )
             self.sessions[hello.session_id] = session
             session._failed.add_done_callback(lambda _f: self.sessions.pop(hello.session_id, None))
-            conn.quic.send_stream_data(CONTROL_STREAM, wire.encode(hello))
+            conn.quic.send_stream_data(CONTROL_STREAM, wire.encode(echo))
             greeter.hand_over(session, conn, decoder)
             if self._handler is not None:
                 self._spawn(self._run_handler(session))
@@ -347,7 +356,7 @@ class Server:
             if len(session.conns) >= min(hello.count, MAX_CONNECTIONS):
                 raise FrameError("too many connections for one session")
             session.attach(conn)
-            conn.quic.send_stream_data(CONTROL_STREAM, wire.encode(hello))
+            conn.quic.send_stream_data(CONTROL_STREAM, wire.encode(echo))
             greeter.hand_over(session, conn, decoder)
         conn.transmit_soon()
 

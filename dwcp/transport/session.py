@@ -338,6 +338,7 @@ class Session:
         config: TransportConfig,
         on_request: RequestHandler | None,
         opener: ConnOpener | None = None,
+        peer_window: int | None = None,
     ) -> None:
         self.session_id = session_id
         self.peer = peer
@@ -357,7 +358,9 @@ class Session:
         self._lanes: list[tuple[Conn, int]] = []
         self._out_lanes: dict[tuple[int, int], int] = {}
         self._lane_rr = 0
-        self._lane_high = config.bulk_window
+        # The sender may have at most this many unconsumed bytes at the receiver.
+        self.send_window = min(config.bulk_window, peer_window or config.bulk_window)
+        self._lane_high = self.send_window
         self._progress: asyncio.Future[None] | None = None
         self._failed: asyncio.Future[None] = self._loop.create_future()
         self.error: DwcpError | None = None
@@ -670,7 +673,7 @@ class Session:
         """Start a bulk transfer whose first byte is at ``offset`` (non-zero to resume)."""
         self._check()
         tid = next(self._transfer_ids)
-        sender = self._senders[tid] = BulkSender(self, tid, offset, self.config.bulk_window)
+        sender = self._senders[tid] = BulkSender(self, tid, offset, self.send_window)
         self._send_control(wire.BulkStart(tid, offset))
         if self._adapt_task is None:
             self._adapt_task = asyncio.ensure_future(self._adapt_loop())
@@ -719,7 +722,7 @@ class Session:
             lanes = self._lanes
             if not lanes:
                 lanes = self._lanes = self._active_lanes()
-                self._lane_high = max(2 * self.config.chunk, self.config.bulk_window // len(lanes))
+                self._lane_high = max(2 * self.config.chunk, self.send_window // len(lanes))
             n = len(lanes)
             for k in range(n):
                 conn, sid = lanes[(self._lane_rr + k) % n]

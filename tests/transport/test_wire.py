@@ -13,8 +13,8 @@ from dwcp import wire
 from dwcp.errors import FrameError
 
 FRAMES: list[wire.Frame] = [
-    wire.Hello(b"s" * 16, 0, 1),
-    wire.Hello(b"\x00" * 16, 3, 8),
+    wire.Hello(b"s" * 16, 0, 1, 1 << 20),
+    wire.Hello(b"\x00" * 16, 3, 8, 1),
     wire.Request(b""),
     wire.Request(b"ping" * 100),
     wire.Response(True, b"pong"),
@@ -82,9 +82,9 @@ def test_bad_field_values() -> None:
         )
     with pytest.raises(FrameError):
         wire.FrameDecoder().feed(
-            wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.T_HELLO, 20)
+            wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.T_HELLO, 28)
             + b"s" * 16
-            + struct.pack("!HH", 5, 5)
+            + struct.pack("!HHQ", 5, 5, 1)
         )
 
 
