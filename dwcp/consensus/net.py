@@ -1,0 +1,671 @@
+"""Thin asyncio binding: PBFT replicas as processes talking length-prefixed frames over TCP.
+
+Why this shape: the cores are sans-IO, so this module only moves bytes, keeps
+time (``loop.time()``, monotonic) and makes ``Persist``/``Compact`` durable.
+Actions produced while handling everything that arrived in one event-loop
+turn are performed together: the WAL is written and fsync'd once (group
+commit), and only then are that turn's messages sent, so "durable before it
+is sent" holds for every record without one fsync per message.
+
+Wire: each frame is ``u32 big-endian length`` + bytes. The first frame of a
+connection is a hello: ``b"R" + u16 replica id`` from a replica, or ``b"C" +
+32-byte client keys`` from a client pool (one connection may carry many
+clients). Hellos are routing hints only: every message is signed, so a
+spoofed hello can at worst divert a client's replies (the client then
+retries to all replicas). Frames above the configured message limit close
+the connection; peers' write buffers are capped and overflow is dropped
+(PBFT retransmits through its timers), so memory stays bounded.
+
+Entry points::
+
+    python -m dwcp.consensus.net init DIR --n 4 --clients 1 --base-port 7400
+    python -m dwcp.consensus.net replica --config DIR/cluster.json --id 0 \\
+        --key DIR/replica-0.key --wal DIR/replica-0.wal [--new | --recovering]
+
+``--new`` creates the log on first start; without it a missing log is an error
+(a replica must never silently forget its votes), and ``--recovering`` rejoins
+after losing the log without voting until it has caught up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dwcp.consensus.actions import (
+    Action,
+    Broadcast,
+    Completed,
+    Executed,
+    ReplyTo,
+    Send,
+    ViewChanged,
+)
+from dwcp.consensus.client import Client
+from dwcp.consensus.config import ClusterConfig
+from dwcp.consensus.messages import Codec, Kind, Reply
+from dwcp.consensus.registry import VMRegistry
+from dwcp.consensus.replica import Replica
+from dwcp.consensus.wal import Wal
+from dwcp.errors import ConfigError, ConsensusError, ProtocolError, UsageError
+from dwcp.identity import NodeKey, PublicKey
+
+_LEN = struct.Struct(">I")
+_RID = struct.Struct(">H")
+MAX_WRITE_BUFFER = 64 << 20
+"""Bytes queued to one peer before further frames to it are dropped."""
+_TUNING = (
+    "checkpoint_interval",
+    "watermark_window",
+    "max_batch",
+    "max_inflight",
+    "view_change_timeout",
+    "client_retry",
+)
+
+
+def frame(data: bytes) -> bytes:
+    return _LEN.pack(len(data)) + data
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """A cluster plus where each replica listens (``addresses[i]`` is replica ``i``)."""
+
+    cluster: ClusterConfig
+    addresses: tuple[tuple[str, int], ...]
+
+    def __post_init__(self) -> None:
+        if len(self.addresses) != self.cluster.n:
+            raise ConfigError(
+                f"{len(self.addresses)} addresses for {self.cluster.n} replicas: "
+                "list one host:port per replica"
+            )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> NetConfig:
+        """Read the JSON written by ``dump`` (or ``init``)."""
+        p = Path(path)
+        try:
+            doc = json.loads(p.read_text(encoding="utf-8"))
+            cluster = ClusterConfig(
+                bytes.fromhex(doc["cluster_id"]),
+                tuple(PublicKey.parse(t) for t in doc["replicas"]),
+                tuple(PublicKey.parse(t) for t in doc["clients"]),
+                **{k: v for k, v in doc.get("tuning", {}).items() if k in _TUNING},
+            )
+            addrs = []
+            for a in doc["addresses"]:
+                host, _, port = str(a).rpartition(":")
+                addrs.append((host, int(port)))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(
+                f"{p}: not a valid cluster file ({type(exc).__name__}: {exc}); "
+                "create one with 'python -m dwcp.consensus.net init DIR'"
+            ) from exc
+        return cls(cluster, tuple(addrs))
+
+    def dump(self, path: str | os.PathLike[str]) -> None:
+        c = self.cluster
+        doc = {
+            "cluster_id": c.cluster_id.hex(),
+            "replicas": [k.text for k in c.replicas],
+            "clients": [k.text for k in c.clients],
+            "addresses": [f"{h}:{p}" for h, p in self.addresses],
+            "tuning": {k: getattr(c, k) for k in _TUNING},
+        }
+        Path(path).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+
+
+class FrameProtocol(asyncio.Protocol):
+    """Splits a byte stream into frames; the first frame is handed to ``on_hello``."""
+
+    def __init__(
+        self,
+        limit: int,
+        on_frame: Callable[[FrameProtocol, bytes], None],
+        on_lost: Callable[[FrameProtocol], None] | None = None,
+        on_hello: Callable[[FrameProtocol, bytes], None] | None = None,
+    ) -> None:
+        self.limit = limit
+        self.on_frame = on_frame
+        self.on_lost = on_lost
+        self.on_hello = on_hello
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.dropped = 0
+        self.connected = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if not self.connected.done():
+            self.connected.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        pos = 0
+        end = len(buf)
+        while end - pos >= 4:
+            (n,) = _LEN.unpack_from(buf, pos)
+            if n > self.limit:
+                self.close()
+                return
+            if end - pos - 4 < n:
+                break
+            payload = bytes(buf[pos + 4 : pos + 4 + n])
+            pos += 4 + n
+            if self.on_hello is not None:
+                hello, self.on_hello = self.on_hello, None
+                hello(self, payload)
+            else:
+                self.on_frame(self, payload)
+            if self.transport is None:
+                return
+        del buf[:pos]
+
+    def send(self, frames: Sequence[bytes]) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        if t.get_write_buffer_size() > MAX_WRITE_BUFFER:
+            self.dropped += len(frames)
+            return
+        t.write(b"".join(frame(f) for f in frames))
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self.on_lost is not None:
+            self.on_lost(self)
+
+
+class _Link:
+    """An outgoing connection to one replica, re-dialled in the background when lost."""
+
+    def __init__(self, node: _Endpoint, target: int, hello: bytes) -> None:
+        self.node = node
+        self.target = target
+        self.hello = hello
+        self.proto: FrameProtocol | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._dial())
+
+    async def _dial(self) -> None:
+        loop = asyncio.get_running_loop()
+        host, port = self.node.net.addresses[self.target]
+        delay = 0.02
+        while True:
+            lost: asyncio.Future[None] = loop.create_future()
+            try:
+                _, proto = await loop.create_connection(
+                    functools.partial(self._protocol, lost), host, port
+                )
+            except OSError:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+                continue
+            delay = 0.02
+            proto.send([self.hello])
+            self.proto = proto
+            await lost
+            self.proto = None
+
+    def _protocol(self, lost: asyncio.Future[None]) -> FrameProtocol:
+        def on_lost(_: FrameProtocol) -> None:
+            if not lost.done():
+                lost.set_result(None)
+
+        return FrameProtocol(self.node.limit, self.node.on_frame, on_lost)
+
+    def send(self, frames: Sequence[bytes]) -> None:
+        if self.proto is not None:
+            self.proto.send(frames)
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        if self.proto is not None:
+            self.proto.close()
+
+
+class _Endpoint:
+    """Common state of a replica server and a client pool."""
+
+    net: NetConfig
+    limit: int
+
+    def on_frame(self, proto: FrameProtocol, data: bytes) -> None:
+        raise UsageError("subclasses handle frames")
+
+
+class ReplicaServer(_Endpoint):
+    """Runs one sans-IO ``Replica`` on loopback/TCP with a fsync'd WAL."""
+
+    def __init__(
+        self,
+        net: NetConfig,
+        replica_id: int,
+        key: NodeKey,
+        wal_path: str | os.PathLike[str],
+        *,
+        recovering: bool = False,
+        create: bool = False,
+        app: VMRegistry | None = None,
+    ) -> None:
+        self.net = net
+        cfg = net.cluster
+        self.limit = cfg.max_message_bytes + 64
+        self.id = replica_id
+        self.app = app if app is not None else VMRegistry()
+        self.replica = Replica(cfg, replica_id, key, self.app, recovering=recovering)
+        wal_file = Path(wal_path)
+        if recovering and wal_file.exists():
+            # A log we no longer trust is kept aside for inspection, never replayed.
+            wal_file.replace(wal_file.with_name(wal_file.name + ".lost"))
+        self.wal = Wal(
+            wal_file,
+            cluster_id=cfg.cluster_id,
+            replica_id=replica_id,
+            public_key=key.public.raw,
+            create=recovering or create,
+        )
+        self.links: dict[int, _Link] = {}
+        self.clients: dict[bytes, FrameProtocol] = {}
+        self.executed = 0
+        self.view = 0
+        self._pending: list[Action] = []
+        self._flush_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._server: asyncio.Server | None = None
+        self._records = self.wal.replay()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        host, port = self.net.addresses[self.id]
+        self._server = await loop.create_server(
+            lambda: FrameProtocol(self.limit, self.on_frame, self._lost, self._hello),
+            host,
+            port,
+            reuse_address=True,
+        )
+        hello = b"R" + _RID.pack(self.id)
+        for j in range(self.net.cluster.n):
+            if j != self.id:
+                link = _Link(self, j, hello)
+                self.links[j] = link
+                link.start()
+        self._queue(self.replica.recover(self._records, loop.time()))
+
+    def _hello(self, proto: FrameProtocol, data: bytes) -> None:
+        if data[:1] == b"C" and (len(data) - 1) % 32 == 0:
+            for i in range(1, len(data), 32):
+                self.clients[data[i : i + 32]] = proto
+        elif not (data[:1] == b"R" and len(data) == 3):
+            proto.close()
+
+    def _lost(self, proto: FrameProtocol) -> None:
+        for k in [k for k, p in self.clients.items() if p is proto]:
+            del self.clients[k]
+
+    def on_frame(self, proto: FrameProtocol, data: bytes) -> None:
+        self._queue(self.replica.receive(data, asyncio.get_running_loop().time()))
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self._queue(self.replica.tick(asyncio.get_running_loop().time()))
+
+    def _queue(self, actions: list[Action]) -> None:
+        if actions:
+            self._pending.extend(actions)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
+        self._rearm()
+
+    def _flush(self) -> None:
+        """Group commit: make every queued record durable, then send this turn's messages."""
+        self._flush_scheduled = False
+        actions, self._pending = self._pending, []
+        rest = self.wal.perform(actions)
+        to_peer: dict[int, list[bytes]] = defaultdict(list)
+        to_client: dict[bytes, list[bytes]] = defaultdict(list)
+        for a in rest:
+            if isinstance(a, Send):
+                to_peer[a.to].append(a.data)
+            elif isinstance(a, Broadcast):
+                for j in self.links:
+                    to_peer[j].append(a.data)
+            elif isinstance(a, ReplyTo):
+                to_client[a.client].append(a.data)
+            elif isinstance(a, Executed):
+                self.executed += 1
+            elif isinstance(a, ViewChanged):
+                self.view = a.view
+                print(f"replica {self.id}: view {a.view} primary {a.primary}", flush=True)
+        for j, frames in to_peer.items():
+            link = self.links.get(j)
+            if link is not None:
+                link.send(frames)
+        for c, frames in to_client.items():
+            proto = self.clients.get(c)
+            if proto is not None:
+                proto.send(frames)
+
+    def _rearm(self) -> None:
+        dl = self.replica.next_deadline()
+        if dl == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = dl
+        if dl is not None:
+            self._timer = asyncio.get_running_loop().call_at(dl, self._on_timer)
+
+    def close(self) -> None:
+        for link in self.links.values():
+            link.stop()
+        if self._server is not None:
+            self._server.close()
+        if self._timer is not None:
+            self._timer.cancel()
+        self.wal.close()
+
+
+class ClientPool(_Endpoint):
+    """Many sans-IO ``Client``s (one per key) sharing one connection per replica."""
+
+    def __init__(self, net: NetConfig, keys: Sequence[NodeKey]) -> None:
+        self.net = net
+        cfg = net.cluster
+        self.limit = cfg.max_message_bytes + 64
+        self.codec = Codec(cfg)
+        self.clients = [Client(cfg, k) for k in keys]
+        self.by_index = {c.index: c for c in self.clients}
+        self._waiters: dict[int, asyncio.Future[Completed]] = {}
+        self._timers: dict[int, asyncio.TimerHandle] = {}
+        hello = b"C" + b"".join(k.public.raw for k in keys)
+        self.links = {j: _Link(self, j, hello) for j in range(cfg.n)}
+
+    async def start(self, timeout: float = 10.0) -> None:
+        """Dial every replica; return once all are connected (or raise after ``timeout``)."""
+        for link in self.links.values():
+            link.start()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while any(link.proto is None for link in self.links.values()):
+            if loop.time() > end:
+                raise ConsensusError(
+                    "could not connect to every replica; check that they run and the "
+                    "addresses in the cluster file"
+                )
+            await asyncio.sleep(0.01)
+
+    def _perform(self, client: Client, actions: list[Action]) -> None:
+        for a in actions:
+            if isinstance(a, Send):
+                self.links[a.to].send([a.data])
+            elif isinstance(a, Broadcast):
+                for link in self.links.values():
+                    link.send([a.data])
+        old = self._timers.pop(client.index, None)
+        if old is not None:
+            old.cancel()
+        dl = client.next_deadline()
+        if dl is not None:
+            self._timers[client.index] = asyncio.get_running_loop().call_at(
+                dl, self._on_timer, client
+            )
+
+    def _on_timer(self, client: Client) -> None:
+        self._timers.pop(client.index, None)
+        self._perform(client, client.tick(asyncio.get_running_loop().time()))
+
+    def on_frame(self, proto: FrameProtocol, data: bytes) -> None:
+        try:
+            s = self.codec.decode(data)
+        except ProtocolError:
+            return
+        if s.kind is not Kind.REPLY or not isinstance(s.msg, Reply):
+            return
+        client = self.by_index.get(s.msg.client)
+        if client is None:
+            return
+        for ev in client.receive(data, asyncio.get_running_loop().time()):
+            waiter = self._waiters.pop(client.index, None)
+            timer = self._timers.pop(client.index, None)
+            if timer is not None:
+                timer.cancel()
+            if waiter is not None and not waiter.done():
+                waiter.set_result(ev)
+
+    async def request(self, op: bytes, client: int = 0) -> Completed:
+        """Submit ``op`` as ``clients[client]`` and wait for f + 1 matching replies."""
+        c = self.clients[client]
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Completed] = loop.create_future()
+        self._waiters[c.index] = fut
+        self._perform(c, c.request(op, loop.time()))
+        return await fut
+
+    def close(self) -> None:
+        for link in self.links.values():
+            link.stop()
+        for t in self._timers.values():
+            t.cancel()
+
+
+# --- command line ----------------------------------------------------------
+
+
+def init_cluster(
+    directory: str | os.PathLike[str],
+    *,
+    n: int = 4,
+    clients: int = 1,
+    host: str = "127.0.0.1",
+    base_port: int = 7400,
+    cluster_id: bytes | None = None,
+    **tuning: Any,
+) -> NetConfig:
+    """Write ``replica-I.key``, ``client-J.key`` and ``cluster.json`` into ``directory``."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    rkeys = [NodeKey.generate() for _ in range(n)]
+    ckeys = [NodeKey.generate() for _ in range(clients)]
+    for i, k in enumerate(rkeys):
+        k.save(d / f"replica-{i}.key", overwrite=True)
+    for j, k in enumerate(ckeys):
+        k.save(d / f"client-{j}.key", overwrite=True)
+    cfg = ClusterConfig(
+        cluster_id or os.urandom(8),
+        tuple(k.public for k in rkeys),
+        tuple(k.public for k in ckeys),
+        **tuning,
+    )
+    net = NetConfig(cfg, tuple((host, base_port + i) for i in range(n)))
+    net.dump(d / "cluster.json")
+    return net
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Ports the kernel just handed out (closed again; good enough for loopback tests)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class LocalCluster:
+    """Starts n replica processes on loopback from a fresh directory (tests, benchmarks, demos)."""
+
+    def __init__(self, directory: str | os.PathLike[str], *, clients: int = 1, **tuning: Any):
+        self.dir = Path(directory)
+        ports = free_ports(4 if "n" not in tuning else int(tuning["n"]))
+        self.net = init_cluster(self.dir, clients=clients, base_port=0, **tuning)
+        self.net = NetConfig(self.net.cluster, tuple(("127.0.0.1", p) for p in ports))
+        self.net.dump(self.dir / "cluster.json")
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    def client_keys(self) -> list[NodeKey]:
+        return [
+            NodeKey.load(self.dir / f"client-{j}.key") for j in range(len(self.net.cluster.clients))
+        ]
+
+    def start(self, i: int, *, recovering: bool = False) -> None:
+        wal = self.dir / f"replica-{i}.wal"
+        cmd = [
+            sys.executable,
+            "-m",
+            "dwcp.consensus.net",
+            "replica",
+            "--config",
+            str(self.dir / "cluster.json"),
+            "--id",
+            str(i),
+            "--key",
+            str(self.dir / f"replica-{i}.key"),
+            "--wal",
+            str(wal),
+        ]
+        if recovering:
+            cmd.append("--recovering")
+        elif not wal.exists():
+            cmd.append("--new")
+        log = open(self.dir / f"replica-{i}.log", "ab")  # noqa: SIM115 - owned by the child
+        self.procs[i] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+    def start_all(self) -> None:
+        for i in range(self.net.cluster.n):
+            self.start(i)
+
+    def kill(self, i: int) -> None:
+        """SIGKILL replica ``i`` (a crash: no clean shutdown)."""
+        p = self.procs.pop(i)
+        p.kill()
+        p.wait()
+
+    def log(self, i: int) -> str:
+        return (self.dir / f"replica-{i}.log").read_text(encoding="utf-8", errors="replace")
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs.clear()
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    net = NetConfig.load(args.config)
+    server = ReplicaServer(
+        net,
+        args.id,
+        NodeKey.load(args.key),
+        args.wal,
+        recovering=args.recovering,
+        create=args.new,
+    )
+    await server.start()
+    print(f"replica {args.id}: listening on {net.addresses[args.id][1]}", flush=True)
+    stop = asyncio.get_running_loop().create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set_result, None)
+    try:
+        await stop
+    finally:
+        server.close()
+
+
+def run(coro: Any) -> Any:
+    """Run ``coro`` on uvloop when it is installed (faster), else on asyncio's loop."""
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        return uvloop.run(coro)
+    return asyncio.run(coro)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dwcp.consensus.net", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p_init = sub.add_parser("init", help="write keys and a cluster file for a loopback cluster")
+    p_init.add_argument("dir")
+    p_init.add_argument("--n", type=int, default=4)
+    p_init.add_argument("--clients", type=int, default=1)
+    p_init.add_argument("--host", default="127.0.0.1")
+    p_init.add_argument("--base-port", type=int, default=7400)
+    p_init.add_argument("--view-change-timeout", type=float, default=1.0)
+    p_rep = sub.add_parser("replica", help="run one replica until SIGTERM")
+    p_rep.add_argument("--config", required=True)
+    p_rep.add_argument("--id", type=int, required=True)
+    p_rep.add_argument("--key", required=True)
+    p_rep.add_argument("--wal", required=True)
+    p_rep.add_argument("--new", action="store_true", help="first start: create the log")
+    p_rep.add_argument(
+        "--recovering",
+        action="store_true",
+        help="this replica lost its log: rejoin without voting until it has caught up",
+    )
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "init":
+            init_cluster(
+                args.dir,
+                n=args.n,
+                clients=args.clients,
+                host=args.host,
+                base_port=args.base_port,
+                view_change_timeout=args.view_change_timeout,
+            )
+            print(f"wrote {args.dir}/cluster.json and keys", flush=True)
+        else:
+            run(_serve(args))
+    except (ConfigError, ConsensusError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
