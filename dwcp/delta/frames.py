@@ -12,6 +12,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -123,11 +124,19 @@ def _encode_view(
         for batch in _batches(checked(), batch_bytes):
             yield _frame(view, batch, cctx, level)
         return
-    contexts = [zstandard.ZstdCompressor(level=level) for _ in range(threads)]
+    # A compressor is not thread-safe: one per worker thread, reused across batches.
+    local = threading.local()
+
+    def work(batch: list[tuple[int, int]]) -> bytes:
+        cctx = getattr(local, "cctx", None)
+        if cctx is None:
+            cctx = local.cctx = zstandard.ZstdCompressor(level=level)
+        return _frame(view, batch, cctx, level)
+
     with ThreadPoolExecutor(max_workers=threads) as pool:
         pending = []
-        for i, batch in enumerate(_batches(checked(), batch_bytes)):
-            pending.append(pool.submit(_frame, view, batch, contexts[i % threads], level))
+        for batch in _batches(checked(), batch_bytes):
+            pending.append(pool.submit(work, batch))
             if len(pending) >= 2 * threads:
                 yield pending.pop(0).result()
         for fut in pending:
