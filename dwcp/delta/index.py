@@ -80,7 +80,7 @@ class LocalIndex:
         """An index of the given files, scanned now (for one-shot use such as ``dwcp delta``)."""
         index = cls()
         for i, p in enumerate(paths):
-            index.add(i, p, scan_image(p))
+            index.add(i, p, scan_image(p, digest=False))  # bases: blocks only
         return index
 
 
