@@ -132,6 +132,7 @@ class Cluster:
         self.workload = Workload(random.Random(seed * 31 + 7), quota)
         self.byzantine_ids = set(byzantine_ids) | set(twins)
         self.wrap = byzantine
+        self.adversaries: list[Any] = []
         for i in range(n):
             copies = [f"r{i}", f"r{i}'"] if i in twins else [f"r{i}"]
             for name in copies:

@@ -1,0 +1,95 @@
+"""Four real replica processes on loopback commit requests, and survive the primary's crash."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from dwcp.consensus.net import ClientPool, FrameProtocol, LocalCluster, NetConfig, frame
+from dwcp.consensus.registry import decode_result, encode_op
+
+# Upper bounds only, so a hung cluster fails instead of blocking CI; never a speed assertion.
+HANG_GUARD = 60.0
+
+
+async def _op(pool: ClientPool, *items: str | int) -> tuple[bool, str, int]:
+    done = await asyncio.wait_for(pool.request(encode_op(*items)), HANG_GUARD)
+    r = decode_result(done.result)
+    return r.ok, r.owner, r.epoch
+
+
+def test_four_processes_commit_then_a_new_view_commits(tmp_path: Path) -> None:
+    with LocalCluster(tmp_path, clients=1, view_change_timeout=0.5, client_retry=0.25) as lc:
+        lc.start_all()
+
+        async def scenario() -> None:
+            pool = ClientPool(lc.net, lc.client_keys())
+            await pool.start(timeout=HANG_GUARD)
+            try:
+                assert await _op(pool, "register", "vm1", "h0") == (True, "h0", 1)
+                assert await _op(pool, "migrate", "vm1", "h0", "h1", 1) == (True, "h1", 2)
+                assert await _op(pool, "migrate", "vm1", "h0", "h2", 1) == (False, "h1", 2)
+                lc.kill(0)  # the primary of view 0
+                assert await _op(pool, "migrate", "vm1", "h1", "h2", 2) == (True, "h2", 3)
+                assert await _op(pool, "get", "vm1") == (True, "h2", 3)
+            finally:
+                pool.close()
+
+        asyncio.run(scenario())
+        logs = [lc.log(i) for i in (1, 2, 3)]
+    assert any("view 1" in text for text in logs), logs
+
+
+def test_net_config_roundtrip(tmp_path: Path) -> None:
+    with LocalCluster(tmp_path, clients=2) as lc:
+        again = NetConfig.load(tmp_path / "cluster.json")
+        assert again == lc.net
+
+
+def test_frame_protocol_splits_and_refuses_oversized_frames() -> None:
+    async def scenario() -> None:
+        got: list[bytes] = []
+        hellos: list[bytes] = []
+        proto = FrameProtocol(
+            16, lambda p, d: got.append(d), on_hello=lambda p, d: hellos.append(d)
+        )
+
+        class T(asyncio.Transport):
+            closed = False
+
+            def close(self) -> None:
+                self.closed = True
+
+            def is_closing(self) -> bool:
+                return self.closed
+
+        t = T()
+        proto.connection_made(t)
+        stream = frame(b"hi") + frame(b"a") + frame(b"bc") + frame(b"")
+        for i in range(len(stream)):  # byte by byte: every split point
+            proto.data_received(stream[i : i + 1])
+        assert hellos == [b"hi"] and got == [b"a", b"bc", b""]
+        proto.data_received(frame(b"x" * 17))
+        assert t.closed
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("junk", [b"\x00\x00\x00\x05abc", b"\xff\xff\xff\xff"])
+def test_partial_or_huge_length_does_not_deliver(junk: bytes) -> None:
+    async def scenario() -> None:
+        got: list[bytes] = []
+        proto = FrameProtocol(1024, lambda p, d: got.append(d))
+
+        class T(asyncio.Transport):
+            def close(self) -> None:
+                pass
+
+        proto.connection_made(T())
+        proto.data_received(junk)
+        assert got == []
+        assert len(proto.buf) <= len(junk)
+
+    asyncio.run(scenario())
