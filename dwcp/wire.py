@@ -240,11 +240,12 @@ class FrameDecoder:
     a stream switches to raw mode (channels).
     """
 
-    __slots__ = ("_buf", "_failed")
+    __slots__ = ("_buf", "_failed", "_need")
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._failed = False
+        self._need = HEADER.size  # bytes needed before parsing can progress
 
     @property
     def buffered(self) -> int:
@@ -257,9 +258,12 @@ class FrameDecoder:
             raise FrameError("decoder already failed on malformed input; close the stream")
         buf = self._buf
         buf += data
+        n = len(buf)
+        if n < self._need:
+            return []  # fast path: the middle of a large frame
         frames: list[Frame] = []
         pos = 0
-        n = len(buf)
+        self._need = HEADER.size
         try:
             while n - pos >= HEADER.size and len(frames) != limit:
                 magic, version, ftype, length = HEADER.unpack_from(buf, pos)
@@ -277,6 +281,7 @@ class FrameDecoder:
                     raise FrameError(f"{name} frame length {length} outside [{lo}, {hi}]")
                 end = pos + HEADER.size + length
                 if end > n:
+                    self._need = end - pos
                     break
                 frames.append(parse(bytes(buf[pos + HEADER.size : end])))
                 pos = end
@@ -294,4 +299,5 @@ class FrameDecoder:
         """Return and forget any bytes not yet parsed."""
         rest = bytes(self._buf)
         self._buf = bytearray()
+        self._need = HEADER.size
         return rest

@@ -275,12 +275,20 @@ class Server:
         t = now()
         touched: dict[int, Conn] = {}
         cid_len = self._quic_config.connection_id_length
+        by_cid = self._by_cid
         for data, addr in batch:
+            # Fast path: short-header (1-RTT) packets carry our CID at bytes 1..1+cid_len,
+            # so the bulk of the traffic skips a full header parse here.
+            conn = by_cid.get(data[1 : 1 + cid_len]) if data and not data[0] & 0x80 else None
+            if conn is not None:
+                conn.receive(data, addr, t)
+                touched[id(conn)] = conn
+                continue
             try:
                 header = pull_quic_header(Buffer(data=data), host_cid_length=cid_len)
             except ValueError:
                 continue
-            conn = self._by_cid.get(header.destination_cid)
+            conn = by_cid.get(header.destination_cid)
             if conn is None:
                 if header.packet_type != QuicPacketType.INITIAL or len(data) < 1200:
                     continue

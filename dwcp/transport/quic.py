@@ -129,6 +129,9 @@ class DwcpQuicConnection(QuicConnection):
         paced = self.paced.get(stream_id)
         if paced is None:
             paced = self.paced[stream_id] = PacedStream(window)
+            # aioquic calls _write_stream_limits for every stream in every packet, so
+            # the override is installed only once a paced stream exists.
+            self._write_stream_limits = self._paced_stream_limits  # type: ignore[method-assign]
         return paced
 
     def consume(self, stream_id: int, nbytes: int) -> bool:
@@ -144,13 +147,13 @@ class DwcpQuicConnection(QuicConnection):
             paced.window // 2
         )
 
-    def _write_stream_limits(
+    def _paced_stream_limits(
         self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: QuicStream
     ) -> None:
         sid = stream.stream_id
         paced = self.paced.get(sid) if self.paced and sid is not None else None
         if paced is None or sid is None:
-            super()._write_stream_limits(builder, space, stream)
+            QuicConnection._write_stream_limits(self, builder, space, stream)
             return
         target = paced.consumed + paced.window
         if target - stream.max_stream_data_local_sent < paced.window // 2:

@@ -675,6 +675,7 @@ class Session:
         tid = next(self._transfer_ids)
         sender = self._senders[tid] = BulkSender(self, tid, offset, self.send_window)
         self._send_control(wire.BulkStart(tid, offset))
+        self._grow(self.controller.connections)
         if self._adapt_task is None:
             self._adapt_task = asyncio.ensure_future(self._adapt_loop())
         return sender
@@ -779,7 +780,7 @@ class Session:
                 goodput_bps=goodput,
                 rtt_s=rtt,
                 loss=loss,
-                connections=min(ctl.connections, len(self.conns)),
+                connections=ctl.connections,
                 streams=ctl.streams,
             )
             before = (ctl.connections, ctl.streams)

@@ -142,7 +142,9 @@ def test_bulk_transfer_arrives_byte_identical() -> None:
             assert end == size
             while "digest" not in result:
                 await asyncio.sleep(0.01)
-            assert session.stats().packets_sent > 0
+            stats = session.stats()
+            assert stats.packets_sent > 0
+            assert stats.connections == 2  # striped over two QUIC connections
 
     run(main(), timeout=240)
     assert result == {"digest": expected.hexdigest(), "offset": size}
