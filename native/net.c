@@ -3,10 +3,14 @@
 #include "net.h"
 
 #include <errno.h>
+#include <netinet/in.h>
+#include <netinet/udp.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -305,5 +309,179 @@ out:
     line_free(&dirs[0].line);
     line_free(&dirs[1].line);
     free(scratch);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Batched UDP I/O.                                                          */
+
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
+
+static void meta_from_sockaddr(dwcp_udp_meta *m, const struct sockaddr_storage *ss) {
+    memset(m->addr, 0, sizeof m->addr);
+    m->flags = 0;
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)ss;
+        memcpy(m->addr, &a->sin_addr, 4);
+        m->port = ntohs(a->sin_port);
+        m->family = 4;
+    } else if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ss;
+        memcpy(m->addr, &a->sin6_addr, 16);
+        m->port = ntohs(a->sin6_port);
+        m->family = 6;
+    } else {
+        m->port = 0;
+        m->family = 0;
+    }
+}
+
+static socklen_t sockaddr_from_meta(struct sockaddr_storage *ss, const dwcp_udp_meta *m) {
+    memset(ss, 0, sizeof *ss);
+    if (m->family == 4) {
+        struct sockaddr_in *a = (struct sockaddr_in *)ss;
+        a->sin_family = AF_INET;
+        a->sin_port = htons(m->port);
+        memcpy(&a->sin_addr, m->addr, 4);
+        return sizeof *a;
+    }
+    if (m->family == 6) {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)ss;
+        a->sin6_family = AF_INET6;
+        a->sin6_port = htons(m->port);
+        memcpy(&a->sin6_addr, m->addr, 16);
+        return sizeof *a;
+    }
+    return 0;
+}
+
+int dwcp_udp_recv_batch(int fd, uint8_t *buf, uint32_t stride, uint32_t max, dwcp_udp_meta *meta) {
+    if (max > DWCP_UDP_MAX_BATCH) max = DWCP_UDP_MAX_BATCH;
+    if (max == 0 || stride == 0) return 0;
+    struct mmsghdr *msgs = calloc(max, sizeof *msgs);
+    struct iovec *iov = calloc(max, sizeof *iov);
+    struct sockaddr_storage *addrs = calloc(max, sizeof *addrs);
+    int rc;
+    if (!msgs || !iov || !addrs) {
+        rc = -ENOMEM;
+        goto out;
+    }
+    for (uint32_t i = 0; i < max; i++) {
+        iov[i].iov_base = buf + (size_t)i * stride;
+        iov[i].iov_len = stride;
+        msgs[i].msg_hdr.msg_iov = &iov[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+        msgs[i].msg_hdr.msg_name = &addrs[i];
+        msgs[i].msg_hdr.msg_namelen = sizeof addrs[i];
+    }
+    do {
+        rc = recvmmsg(fd, msgs, max, MSG_DONTWAIT, NULL);
+    } while (rc < 0 && errno == EINTR);
+    if (rc < 0) {
+        rc = (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -errno;
+        goto out;
+    }
+    for (int i = 0; i < rc; i++) {
+        meta_from_sockaddr(&meta[i], &addrs[i]);
+        uint32_t len = msgs[i].msg_len;
+        meta[i].len = len > stride ? stride : len;
+    }
+out:
+    free(msgs);
+    free(iov);
+    free(addrs);
+    return rc;
+}
+
+static int same_dest(const dwcp_udp_meta *a, const dwcp_udp_meta *b) {
+    return a->family == b->family && a->port == b->port && memcmp(a->addr, b->addr, 16) == 0;
+}
+
+/* Length of the GSO run starting at meta[i]: same destination, equal sizes, last may be shorter. */
+static uint32_t gso_run(const dwcp_udp_meta *meta, uint32_t i, uint32_t n) {
+    uint32_t seg = meta[i].len, k = 1;
+    size_t total = seg;
+    while (i + k < n && k < DWCP_UDP_GSO_MAX_SEGMENTS && same_dest(&meta[i], &meta[i + k]) &&
+           meta[i + k].len <= seg && total + meta[i + k].len <= 65000) {
+        total += meta[i + k].len;
+        k++;
+        if (meta[i + k - 1].len < seg) break; /* a short segment ends the run */
+    }
+    return k;
+}
+
+int dwcp_udp_send_batch(int fd, const uint8_t *buf, const dwcp_udp_meta *meta, uint32_t n, int gso) {
+    if (n == 0) return 0;
+    if (n > DWCP_UDP_MAX_BATCH) n = DWCP_UDP_MAX_BATCH;
+    struct mmsghdr *msgs = calloc(n, sizeof *msgs);
+    struct iovec *iov = calloc(n, sizeof *iov);
+    struct sockaddr_storage *addrs = calloc(n, sizeof *addrs);
+    uint32_t *count = calloc(n, sizeof *count); /* datagrams carried by message j */
+    char(*cmsgbuf)[CMSG_SPACE(sizeof(uint16_t))] = calloc(n, sizeof *cmsgbuf);
+    size_t *offs = calloc((size_t)n + 1, sizeof *offs);
+    int rc = 0;
+    if (!msgs || !iov || !addrs || !count || !cmsgbuf || !offs) {
+        rc = -ENOMEM;
+        goto out;
+    }
+    for (uint32_t i = 0; i < n; i++) offs[i + 1] = offs[i] + meta[i].len;
+    uint32_t done = 0;
+    while (done < n) {
+        /* Build messages for datagrams [done, n). */
+        uint32_t nmsg = 0;
+        for (uint32_t i = done; i < n;) {
+            uint32_t k = gso ? gso_run(meta, i, n) : 1;
+            struct msghdr *h = &msgs[nmsg].msg_hdr;
+            memset(h, 0, sizeof *h);
+            iov[nmsg].iov_base = (void *)(buf + offs[i]);
+            iov[nmsg].iov_len = offs[i + k] - offs[i];
+            h->msg_iov = &iov[nmsg];
+            h->msg_iovlen = 1;
+            socklen_t alen = sockaddr_from_meta(&addrs[nmsg], &meta[i]);
+            if (alen) {
+                h->msg_name = &addrs[nmsg];
+                h->msg_namelen = alen;
+            }
+            if (k > 1) {
+                h->msg_control = cmsgbuf[nmsg];
+                h->msg_controllen = sizeof cmsgbuf[nmsg];
+                struct cmsghdr *c = CMSG_FIRSTHDR(h);
+                c->cmsg_level = SOL_UDP;
+                c->cmsg_type = UDP_SEGMENT;
+                c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+                uint16_t seg = (uint16_t)meta[i].len;
+                memcpy(CMSG_DATA(c), &seg, sizeof seg);
+            }
+            count[nmsg] = k;
+            nmsg++;
+            i += k;
+        }
+        int sent;
+        do {
+            sent = sendmmsg(fd, msgs, nmsg, MSG_DONTWAIT);
+        } while (sent < 0 && errno == EINTR);
+        if (sent < 0) {
+            int e = errno;
+            if (gso && (e == EIO || e == EINVAL || e == EOPNOTSUPP || e == ENOPROTOOPT) &&
+                count[0] > 1) {
+                gso = 0; /* this socket or device cannot segment: plain sends */
+                continue;
+            }
+            if (done == 0) rc = -e;
+            break;
+        }
+        for (int j = 0; j < sent; j++) done += count[j];
+        if ((uint32_t)sent < nmsg) break; /* socket buffer full */
+    }
+    if (rc == 0) rc = (int)done;
+out:
+    free(msgs);
+    free(iov);
+    free(addrs);
+    free(count);
+    free(cmsgbuf);
+    free(offs);
     return rc;
 }

@@ -78,3 +78,35 @@ int dwcp_emu_admit(dwcp_emu_shaper *s, uint64_t now_ns, uint32_t len, uint64_t *
  * a fatal error (a TUN fd failed, out of memory). */
 int dwcp_emu_run(int fd_a, int fd_b, int stop_fd, const dwcp_emu_params *a_to_b,
                  const dwcp_emu_params *b_to_a, dwcp_emu_report *report);
+
+/* ---- Batched UDP I/O (recvmmsg / sendmmsg, UDP GSO) --------------------------
+ * One call moves many datagrams, so Python pays one call per batch, not one per
+ * datagram. Addresses are plain fields so no sockaddr crosses the cffi boundary. */
+
+typedef struct {
+    uint8_t addr[16];  /* IPv4 address in addr[0..3], or an IPv6 address */
+    uint16_t port;     /* host byte order */
+    uint8_t family;    /* 4 or 6 */
+    uint8_t flags;     /* reserved, 0 */
+    uint32_t len;      /* datagram length in bytes */
+} dwcp_udp_meta;
+
+enum {
+    DWCP_UDP_MAX_BATCH = 1024,
+    DWCP_UDP_GSO_MAX_SEGMENTS = 64
+};
+
+/* Read up to max (<= DWCP_UDP_MAX_BATCH) datagrams from the non-blocking UDP
+ * socket fd: datagram i goes to buf + i * stride (longer ones are truncated to
+ * stride, len is then the truncated length), its sender to meta[i]. Returns the
+ * number read (0 when none is waiting) or -errno. */
+int dwcp_udp_recv_batch(int fd, uint8_t *buf, uint32_t stride, uint32_t max, dwcp_udp_meta *meta);
+
+/* Send n datagrams stored back to back in buf (datagram i has length meta[i].len
+ * and destination meta[i]; for a connected socket give family 0). With gso set,
+ * runs of datagrams to the same destination with equal lengths (the last of a
+ * run may be shorter) go out as one UDP_SEGMENT send, falling back to plain
+ * sends when the kernel refuses GSO. Returns the number of datagrams the kernel
+ * accepted (fewer than n when its buffer is full: resend the rest later) or
+ * -errno when it accepted none. */
+int dwcp_udp_send_batch(int fd, const uint8_t *buf, const dwcp_udp_meta *meta, uint32_t n, int gso);
