@@ -77,6 +77,7 @@ from dwcp.errors import AuthenticationError, ConfigError, ProtocolError
 from dwcp.identity import NodeKey
 
 _FUTURE_PER_SENDER = 256
+_FUTURE_BYTES = 4 << 20
 _LAZY_MAX = 512
 _RECOVERING = b"recovering"
 _WAL_LIMIT = 1 << 31
@@ -225,6 +226,8 @@ class Replica:
                     self._install_vote(msg, s.sender, raw)
                 elif isinstance(msg, Checkpoint):
                     self._store_checkpoint(msg, s.sender, raw)
+                    if s.sender == self.id:
+                        self._own_checkpoint_seq = max(self._own_checkpoint_seq, msg.seq)
                 elif isinstance(msg, ViewChange) and s.sender == self.id and msg.view > vc_view:
                     vc_view, self._own_vc = msg.view, raw
                 elif isinstance(msg, NewView) and msg.view > nv_view:
@@ -431,9 +434,7 @@ class Replica:
             self._push_new_view(s.sender, now, out)
             return
         if msg.view > self.view or not self.active:
-            q = self._future.setdefault(s.sender, deque(maxlen=_FUTURE_PER_SENDER))
-            q.append(s.raw)
-            self.stats["buffered"] += 1
+            self._buffer_future(s)
             return
         if not self._window(msg.seq):
             self.stats["out_of_window"] += 1
@@ -479,6 +480,17 @@ class Replica:
             assert e is not None
         self._progress(e, now, out)
         self._execute(now, out)
+
+    def _buffer_future(self, s: Signed) -> None:
+        """Keep a bounded number of bytes of messages for a view we have not entered yet."""
+        q = self._future.setdefault(s.sender, deque())
+        q.append(s.raw)
+        budget = _FUTURE_BYTES
+        total = sum(len(r) for r in q)
+        while q and (len(q) > _FUTURE_PER_SENDER or total > budget):
+            total -= len(q.popleft())
+            self.stats["buffer_overflow"] += 1
+        self.stats["buffered"] += 1
 
     def _progress(self, e: Entry, now: float, out: list[Action]) -> None:
         """Advance one entry: prepared -> send COMMIT; committed -> queue for execution."""

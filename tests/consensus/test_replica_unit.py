@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -492,3 +493,35 @@ def test_old_view_messages_are_dropped(bad_view: int) -> None:
     stale = codec.encode(Commit(bad_view, 1, b"\x00" * 32), 2, net.rkeys[2])
     assert [a for a in r1.receive(stale, net.now) if not isinstance(a, Send)] == []
     assert r1.stats["old_view"] >= 1
+
+
+def test_join_view_change_after_f_plus_one() -> None:
+    net = Net.make()
+    sent: list[bytes] = []
+    for i in (1, 2):
+        out: list[Action] = []
+        net.replica(i)._start_view_change(1, 0.0, out)
+        sent += [a.data for a in out if isinstance(a, Broadcast)]
+    r3 = net.replica(3)
+    assert r3.receive(sent[0], 0.0) == [] or r3.active
+    assert r3.view == 0 and r3.active  # one VIEW-CHANGE (f) is not enough
+    out3 = r3.receive(sent[1], 0.0)
+    assert r3.view == 1 and not r3.active  # f + 1: it joins
+    assert any(isinstance(a, Broadcast) for a in out3)
+
+
+def test_view_change_timer_doubles_while_new_views_fail() -> None:
+    net = Net.make(view_change_timeout=1.0, client_retry=0.2)
+    net.drop = lambda s, d, data: CODEC.decode(data).kind is Kind.NEW_VIEW
+    net.replicas[0] = None
+    net.request(0, encode_op("register", "vm1", "h"))
+    starts: list[tuple[float, int]] = []
+    for _ in range(1200):
+        net.advance(0.05, step=0.05)
+        v = net.replica(1).view
+        if not starts or starts[-1][1] != v:
+            starts.append((net.now, v))
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(starts[1:])]
+    assert len(gaps) >= 3
+    for a, b in itertools.pairwise(gaps):
+        assert b >= 1.9 * a  # each failed view change doubles the timeout (virtual time)
