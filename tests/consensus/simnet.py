@@ -111,6 +111,7 @@ class Sim:
         self._heap: list[tuple[float, int, str, Any]] = []
         self._seq = itertools.count()
         self.events = 0
+        self._torn: set[str] = set()
         # Called with (src, dst, data) for every message handed to the network.
         self.taps: list[Callable[[str, str, bytes], None]] = []
         self.delivered = 0
@@ -172,6 +173,7 @@ class Sim:
 
     def restart(self, name: str, *, amnesia: bool = False) -> None:
         inst = self.instances[name]
+        self._torn.discard(name)
         if amnesia:
             inst.store.clear()
             inst.amnesiac = True
@@ -226,7 +228,22 @@ class Sim:
 
     # --- actions ---------------------------------------------------------
 
+    def crash_midway(self, name: str) -> None:
+        """Crash ``name`` part-way through its next non-empty action list.
+
+        Actions before a random cut point happen (records persisted, messages
+        sent), the rest never do: a crash between a WAL write and the sends it
+        allows, or between two sends.
+        """
+        self._torn.add(name)
+
     def perform(self, inst: Instance, actions: list[Any]) -> None:
+        if inst.name in self._torn and actions and inst.up:
+            self._torn.discard(inst.name)
+            cut = self.rng.randrange(len(actions) + 1)
+            self.perform(inst, actions[:cut])
+            self.crash(inst.name)
+            return
         for action in actions:
             kind = type(action).__name__
             if kind == "Persist":

@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 from adversary import BogusNewView, DoubleVoter, Equivocator, Forger, Spray, wrapper
-from simcluster import Cluster, seeds
+from simcluster import Cluster, key_for, seeds
 from simnet import LinkPolicy
+
+from dwcp.consensus.messages import Commit, Prepare
 
 REPLAY = "pytest tests/consensus/test_byzantine.py"
 BOUND = 30.0  # virtual seconds; the schedules below heal by ~2 s
@@ -111,3 +113,112 @@ def test_crash_plus_byzantine_would_exceed_f_but_stays_safe(seed: int) -> None:
     c.sim.at(0.01, lambda: c.sim.crash("r3"))
     c.run(until=3.0)
     assert not c.checker.violations
+
+
+def _mutants(raw: bytes, c: Cluster, rng: random.Random) -> list[bytes]:
+    from adversary import other_cluster
+
+    from dwcp.consensus.messages import Codec
+
+    codec = Codec(c.config)
+    s = codec.decode(raw)
+    signer = c.rkeys[s.sender] if s.kind.name != "REQUEST" else c.ckeys[s.sender]
+    out = [
+        raw[: rng.randrange(len(raw))],
+        raw + b"\x00",
+        rng.randbytes(rng.randrange(1, 200)),
+        bytes(c.config.max_message_bytes + 1),
+        Codec(other_cluster(c.config)).encode(s.msg, s.sender, signer),
+    ]
+    for _ in range(6):
+        b = bytearray(raw)
+        b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+        out.append(bytes(b))
+    if s.kind.name != "REQUEST":
+        wrong = (s.sender + 1) % c.config.n
+        out.append(codec.encode(s.msg, wrong, signer))  # another replica's id, own key
+    return out
+
+
+def _state(rep: Any) -> tuple[Any, ...]:
+    return (rep.view, rep.last_executed, rep.stable_seq, rep.app.digest(), rep.recovering)
+
+
+@pytest.mark.parametrize("seed", seeds(4))
+def test_invalid_input_changes_nothing(seed: int) -> None:
+    """Corrupted, misattributed or foreign copies of real traffic: nothing persisted or changed.
+
+    (That they also trigger no messages is ``test_unauthenticated_*`` below.)
+    """
+    c = _cluster(seed, "invalid_input")
+    captured: list[bytes] = []
+    c.sim.taps.append(lambda s, d, data: captured.append(data) if len(captured) < 400 else None)
+    c.sim.partition(0.01, 0.6, {"r0"}, [n for n in c.sim.instances if n != "r0"])
+    _finish(c, 0.6)
+    rng = random.Random(seed)
+    sample = rng.sample(captured, min(60, len(captured)))
+    for inst in c.sim.honest_replicas():
+        rep: Any = inst.node
+        before = _state(rep)
+        for raw in sample:
+            for bad in _mutants(raw, c, rng):
+                acts = rep.receive(bad, c.sim.now)
+                kinds = {type(a).__name__ for a in acts}
+                assert kinds <= {"Send"}, f"seed {seed}: {bad[:40]!r} caused {kinds}"
+        assert _state(rep) == before
+
+
+# --- unauthenticated input must not make a replica act (core bug, see consensus-bugs.md) ----
+
+
+def _forged(c: Cluster, msg: Any, sender: int) -> bytes:
+    """``msg`` claiming ``sender`` but signed by a key outside the cluster."""
+    from dwcp.consensus.messages import Codec
+
+    return Codec(c.config).encode(msg, sender, key_for("outsider"))
+
+
+def _settled(seed: int = 3) -> Cluster:
+    c = _cluster(seed, "unauthenticated")
+    _isolate_primary(c, 0.01, 0.6)  # ends in view >= 1, so replicas hold a NEW-VIEW
+    _finish(c, 0.6)
+    return c
+
+
+UNAUTH = pytest.mark.xfail(
+    strict=True,
+    reason="core bug: Replica._on_normal acts on PRE-PREPARE/PREPARE/COMMIT before verifying "
+    "the signature (out-of-window -> _note_ahead/state fetch, old view -> _push_new_view, "
+    "future view -> _buffer_future)",
+)
+
+
+@UNAUTH
+def test_unauthenticated_votes_ahead_start_no_state_fetch() -> None:
+    c = _settled()
+    rep: Any = c.sim.instances["r3"].node
+    far = rep.stable_seq + c.config.watermark_window + 5
+    acts: list[Any] = []
+    for sender in (1, 2):
+        vote = Prepare(rep.view, far, bytes(32))
+        acts += rep.receive(_forged(c, vote, sender), c.sim.now)
+    assert acts == [], acts  # today: Send(FETCH-STATE) to replicas 1 and 2
+
+
+@UNAUTH
+def test_unauthenticated_old_view_vote_gets_no_new_view_pushed() -> None:
+    c = _settled()
+    rep: Any = c.sim.instances["r3"].node
+    assert rep.view >= 1
+    acts = rep.receive(_forged(c, Commit(rep.view - 1, 1, bytes(32)), 2), c.sim.now)
+    assert acts == [], acts  # today: Send(2, NEW-VIEW), a large message, to a spoofed sender
+
+
+@UNAUTH
+def test_unauthenticated_future_view_votes_are_not_buffered() -> None:
+    c = _settled()
+    rep: Any = c.sim.instances["r3"].node
+    before = rep.stats["buffered"]
+    rep.receive(_forged(c, Prepare(rep.view + 1, 1, bytes(32)), 2), c.sim.now)
+    # today: buffered, evicting replica 2's genuine future-view messages from its bounded queue
+    assert rep.stats["buffered"] == before

@@ -7,6 +7,10 @@ and must be caught when a Twin of its primary equivocates.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -140,6 +144,38 @@ def test_checker_catches_an_equivocating_twin_primary() -> None:
         c.run(until=2.0)
         fired.append(bool(c.checker.violations))
     assert any(fired)
+
+
+_REPLAY_SCRIPT = """
+import sys
+from test_sim_random import build, liveness_bound
+for seed in (4, 7, 10):  # crashed primary, isolated primary, torn crash
+    c, heal, span, fault = build(seed)
+    c.start()
+    c.run(until=liveness_bound(heal, span, c.config.view_change_timeout))
+    print(seed, fault, c.sim.trace_digest(), c.sim.events, sorted(c.checker.summary().items()))
+"""
+
+
+def test_replay_is_exact_across_processes_and_hash_seeds() -> None:
+    """A seed printed by a failing CI run must replay the same run on another machine."""
+    here = Path(__file__).resolve().parent
+    outs = []
+    for hash_seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+        env["PYTHONPATH"] = os.pathsep.join([str(here), str(here.parent.parent)])
+        proc = subprocess.run(
+            [sys.executable, "-c", _REPLAY_SCRIPT],
+            cwd=here,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
+        )
+        outs.append(proc.stdout)
+    assert outs[0] == outs[1]
+    assert len(outs[0].splitlines()) == 3
 
 
 def test_partition_blocks_and_heals() -> None:

@@ -3,7 +3,8 @@
 Each seed draws a lossy, duplicating, reordering network and one fault
 schedule with at most f = 1 faulty replica at a time (crash, crash and restart
 from the WAL, restart with the log wiped, a crashed primary, a crash cascade
-into view v+2, an isolated replica, a 2-2 split, flapping partitions). After
+into view v+2, an isolated replica, a 2-2 split, flapping partitions, a crash part-way through
+an action list). After
 the last fault the network stops losing messages, and every client request
 must complete within ``liveness_bound``.
 
@@ -30,6 +31,7 @@ FAULTS = (
     "isolate-primary",
     "split",
     "flap",
+    "torn",
 )
 
 
@@ -71,6 +73,11 @@ def build(seed: int) -> tuple[Cluster, float, float, str]:
         who = "r0" if fault == "primary" else victim
         sim.at(t1, lambda: sim.crash(who))
         sim.at(t2, lambda: sim.restart(who, amnesia=fault == "amnesia"))
+        heal = t2
+    elif fault == "torn":
+        who = victim if rng.random() < 0.5 else "r0"
+        sim.at(t1, lambda: sim.crash_midway(who))
+        sim.at(t2, lambda: sim.restart(who))
         heal = t2
     elif fault == "cascade":
         t3 = t2 + rng.uniform(0.01, 0.5)
