@@ -347,11 +347,15 @@ class Replica:
             self.stats["stale_request"] += 1
             return
         self.codec.verify(s)
+        rd = digest(s.raw)
         if last is not None and ts == last[0]:
+            # Executed here; the client still waits, so others may lack our votes.
             self.stats["resent_reply"] += 1
             self._reply(c, ts, last[1], out)
+            seq = self._inflight.get(rd)
+            if seq is not None:
+                self._retransmit(seq, now, out)
             return
-        rd = digest(s.raw)
         known = self._pending.get(c)
         if known is None or known[0] < ts:
             self._pending[c] = (ts, rd, s.raw)
@@ -365,22 +369,28 @@ class Replica:
             self._propose(now, out)
         elif self.active:
             out.append(Send(self.config.primary(self.view), s.raw))
-        if not self.is_primary and self.active and self._vc_deadline is None:
+        # Every replica (the primary too) waiting to execute a request runs the timer: a
+        # primary that cannot finish its own proposals votes for its replacement.
+        if self.active and self._vc_deadline is None:
             self._vc_deadline = now + self._timeout()
 
     def _retransmit(self, seq: int, now: float, out: list[Action]) -> None:
-        """A client re-sent a request we are working on: re-send our messages for it."""
-        e = self._log.get((self.view, seq))
-        if e is None or not self.active or now - e.resent_at < self.config.client_retry / 2:
+        """A client re-sent a request: re-send our messages for it and the sequence numbers
+        before it (a replica missing an earlier COMMIT cannot execute this one either)."""
+        if not self.active:
             return
-        e.resent_at = now
-        self.stats["retransmissions"] += 1
-        if self.is_primary and e.pp_raw:
-            out.append(Broadcast(e.pp_raw))
-        for votes in (e.prepares, e.commits):
-            own = votes.get(self.id)
-            if own is not None:
-                out.append(Broadcast(own[1]))
+        for n in range(self.stable_seq + 1, seq + 1):
+            e = self._log.get((self.view, n))
+            if e is None or now - e.resent_at < self.config.client_retry / 2:
+                continue
+            e.resent_at = now
+            self.stats["retransmissions"] += 1
+            if self.is_primary and e.pp_raw:
+                out.append(Broadcast(e.pp_raw))
+            for votes in (e.prepares, e.commits):
+                own = votes.get(self.id)
+                if own is not None:
+                    out.append(Broadcast(own[1]))
 
     def _propose(self, now: float, out: list[Action]) -> None:
         if not (self.active and self.is_primary) or self.recovering:
@@ -528,12 +538,13 @@ class Replica:
                 self._take_checkpoint(seq, now, out)
         if executed:
             self._backoff = 0
-            if self.active and not self.is_primary:
+            if self.active:
                 self._vc_deadline = now + self._timeout() if self._pending else None
             self._propose(now, out)
 
     def _execute_one(self, seq: int, view: int, raw: bytes, rd: bytes, out: list[Action]) -> None:
-        self._inflight.pop(rd, None)
+        # rd stays in _inflight until the stable checkpoint: a re-sent request then re-sends
+        # our votes for its sequence number (see _on_request).
         try:
             r = self.codec.decode(raw, limit=self.config.max_request_bytes)
         except ProtocolError:
@@ -864,7 +875,7 @@ class Replica:
             if e.view == self.view:
                 self._progress(e, now, out)
         self._execute(now, out)
-        if self._pending and not self.is_primary:
+        if self._pending:
             self._vc_deadline = now + self._timeout()
         self._replay_future(now, out)
         self._propose(now, out)
