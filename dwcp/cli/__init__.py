@@ -25,6 +25,11 @@ EXIT_INTERRUPTED = 130
 COMMAND_MODULES: tuple[str, ...] = (
     "keygen_cmd",
     "delta_cmd",
+    "init_cmd",
+    "peers_cmd",
+    "migrate_cmd",
+    "images_cmd",
+    "status_cmd",
     "perf_cmd",
 )
 

@@ -1,0 +1,115 @@
+"""``dwcp migrate IMAGE --to PEER``: ask the local node to move an image to a peer.
+
+Returns when the destination has verified, stored and indexed the image. On a
+terminal, a progress bar (bytes, rate, dedup ratio, ETA) runs on stderr; with
+``--json`` the result is one JSON object on stdout's last line. Interrupting
+the command stops the migration; re-running it resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from dwcp.cli._node import call_node, human_bytes, require_config
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "migrate", help="move an image to a peer, sending only what it lacks"
+    )
+    p.add_argument("image", metavar="IMAGE", help="image file (raw, qcow2, ...) or stored name")
+    p.add_argument("--to", required=True, metavar="PEER", help="a peer name from 'dwcp peers'")
+    p.add_argument("--name", help="name at the destination (default: IMAGE's file name)")
+    p.add_argument("--bwlimit", metavar="RATE", help="bytes/s: 12500000, 10M (MiB/s), 100Mbit")
+    p.add_argument("--level", type=int, metavar="N", help="zstd level (default from config)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    p.set_defaults(func=run)
+
+
+class _Bar:
+    """A rich progress bar fed by the node's progress lines (only on a terminal)."""
+
+    def __init__(self, image: str, peer: str) -> None:
+        self.console = Console(stderr=True)
+        self.progress: Progress | None = None
+        self.task: TaskID | None = None
+        self.label = f"{Path(image).name} -> {peer}"
+
+    def update(self, data: dict[str, Any]) -> None:
+        if not self.console.is_terminal:
+            return
+        if self.progress is None:
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                DownloadColumn(binary_units=True),
+                TransferSpeedColumn(),
+                TextColumn("dedup {task.fields[dedup]:>5.1%}"),
+                TextColumn("{task.fields[phase]}"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=False,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task(self.label, total=None, dedup=0.0, phase="")
+        assert self.task is not None
+        total = data.get("bytes_to_send")
+        self.progress.update(
+            self.task,
+            total=total
+            if data.get("phase") not in (None, "connecting", "scanning", "planning")
+            else None,
+            completed=data.get("bytes_sent", 0),
+            dedup=float(data.get("dedup_ratio", 0.0)),
+            phase=str(data.get("phase", "")),
+        )
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    config = require_config(args)
+    image = Path(args.image)
+    target = str(image.resolve()) if image.exists() else args.image
+    request = {
+        "image": target,
+        "to": args.to,
+        "name": args.name,
+        "bwlimit": args.bwlimit,
+        "level": args.level,
+    }
+    bar = _Bar(args.image, args.to)
+    try:
+        result: dict[str, Any] = call_node(config, "migrate", request, on_progress=bar.update)
+    finally:
+        bar.close()
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    saved = result["bytes_image"] - result["bytes_wire"]
+    print(
+        f"migrated {result['name']} to {result['peer']} in {result['seconds']:.2f} s: "
+        f"{human_bytes(result['bytes_image'])} image, {human_bytes(result['bytes_wire'])} on the "
+        f"wire ({result['dedup_ratio']:.1%} already at the destination, "
+        f"{human_bytes(max(saved, 0))} saved)",
+        file=sys.stdout,
+    )
+    print(f"sha256 {result['sha256']} verified by {result['peer']}")
+    return 0

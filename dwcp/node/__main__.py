@@ -1,0 +1,5 @@
+import sys
+
+from dwcp.node.daemon import main
+
+sys.exit(main())

@@ -1,0 +1,230 @@
+"""The node's local control interface: JSON lines over a unix socket.
+
+Why a unix socket and not HTTP on 127.0.0.1: a socket file created mode 0600
+in the node's private data directory can only be opened by the node's user
+(and root), so the file system does the access control for free; any local
+user can reach a loopback TCP port, and then every request would need a token.
+It also needs no port allocation. Prometheus metrics are the exception: they
+are read-only and scrapers speak HTTP, so the node serves them separately
+(``[node] metrics_listen``).
+
+Protocol: the client sends one JSON object ``{"op": ..., "args": {...}}`` and a
+newline; the node answers with zero or more ``{"event": "progress", ...}`` lines
+and exactly one ``{"event": "result", "data": ...}`` or
+``{"event": "error", "type": ..., "message": ...}`` line. Closing the socket
+cancels the request (a migration then stops, resumable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from dwcp import errors
+
+MAX_LINE = 1 << 20
+_SUN_PATH_MAX = 100  # sockaddr_un holds 108 bytes; leave room
+
+Emit = Callable[[dict[str, Any]], None]
+Handler = Callable[[dict[str, Any], Emit], Awaitable[Any]]
+
+
+class NodeNotRunningError(errors.LocalError, ConnectionRefusedError):
+    """No node answers on the control socket."""
+
+
+@contextlib.contextmanager
+def _short_path(path: Path) -> Iterator[str]:
+    """A path to ``path`` short enough for sockaddr_un (via /proc/self/fd if needed)."""
+    s = str(path)
+    if len(s.encode()) <= _SUN_PATH_MAX:
+        yield s
+        return
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
+def bind_unix(path: Path) -> socket.socket:
+    """Bind a listening unix socket at ``path``, mode 0600; refuse if a node already serves it."""
+    if path.exists():
+        try:
+            connect_unix(path).close()
+        except NodeNotRunningError:
+            path.unlink()
+        else:
+            raise errors.UsageError(f"a node is already running with control socket {path}")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        with _short_path(path) as p:
+            sock.bind(p)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    sock.setblocking(False)
+    return sock
+
+
+def connect_unix(path: Path, timeout: float | None = 5.0) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        with _short_path(path) as p:
+            sock.connect(p)
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        sock.close()
+        raise NodeNotRunningError(
+            f"no node is running for this config (control socket {path}); start it with "
+            "'dwcp-node --config FILE'"
+        ) from exc
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def error_line(exc: BaseException) -> dict[str, Any]:
+    out: dict[str, Any] = {"event": "error", "type": type(exc).__name__, "message": str(exc)}
+    if isinstance(exc, errors.RemoteError):
+        out["code"] = exc.code
+    return out
+
+
+def error_from_line(line: dict[str, Any]) -> errors.DwcpError:
+    """Rebuild a typed error from an error line (unknown types become ``DwcpError``)."""
+    name, message = str(line.get("type", "")), str(line.get("message", "node error"))
+    if name == "RemoteError":
+        return errors.RemoteError(str(line.get("code", "io")), message)
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, errors.DwcpError):
+        with contextlib.suppress(Exception):
+            return cls(message)
+    return errors.DwcpError(message)
+
+
+class ControlServer:
+    """Serves the control socket by dispatching each request to a named handler."""
+
+    def __init__(self, path: Path, handlers: dict[str, Handler]) -> None:
+        self.path = path
+        self.handlers = handlers
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        sock = bind_unix(self.path)
+        self._server = await asyncio.start_unix_server(self._client, sock=sock, limit=MAX_LINE)
+
+    async def close(self) -> None:
+        """Stop accepting, cancel requests in progress, remove the socket file."""
+        if self._server is not None:
+            self._server.close()
+        for t in list(self._tasks):
+            t.cancel()
+        for t in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await t
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self._tasks.discard(task)
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        def send(obj: dict[str, Any]) -> None:
+            writer.write(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+
+        try:
+            line = await reader.readline()
+            req = json.loads(line)
+            op, args = req["op"], req.get("args", {})
+            if not isinstance(op, str) or not isinstance(args, dict):
+                raise ValueError("bad request shape")
+        except (ValueError, KeyError, TypeError, asyncio.LimitOverrunError):
+            send(error_line(errors.UsageError("malformed control request")))
+            return
+        handler = self.handlers.get(op)
+        if handler is None:
+            send(error_line(errors.UsageError(f"unknown control operation {op!r}")))
+            return
+
+        def emit(data: dict[str, Any]) -> None:
+            send({"event": "progress", "data": data})
+
+        work = asyncio.ensure_future(handler(args, emit))
+        gone = asyncio.ensure_future(reader.read(1))  # EOF: the client went away
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():  # the client hung up: stop the request
+                work.cancel()
+                with contextlib.suppress(BaseException):
+                    await work
+                return
+            try:
+                send({"event": "result", "data": work.result()})
+            except errors.DwcpError as exc:
+                send(error_line(exc))
+            except OSError as exc:
+                send(error_line(errors.StorageError(str(exc))))
+            except Exception as exc:  # a bug: report it, keep the node up
+                send(error_line(errors.DwcpError(f"internal error in {op}: {exc!r}")))
+            await writer.drain()
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()
+
+
+def call(
+    path: Path,
+    op: str,
+    args: dict[str, Any] | None = None,
+    *,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    timeout: float | None = None,
+) -> Any:
+    """Blocking client: send one request, feed progress lines to ``on_progress``, return the
+    result or raise the typed error the node reported."""
+    sock = connect_unix(path)
+    sock.settimeout(timeout)
+    try:
+        sock.sendall(json.dumps({"op": op, "args": args or {}}).encode() + b"\n")
+        with sock.makefile("rb") as f:
+            while True:
+                raw = f.readline(MAX_LINE)
+                if not raw:
+                    raise errors.ConnectionLostError(
+                        "the node closed the control connection (did it stop?)"
+                    )
+                line = json.loads(raw)
+                event = line.get("event")
+                if event == "progress":
+                    if on_progress is not None:
+                        on_progress(line.get("data", {}))
+                elif event == "result":
+                    return line.get("data")
+                else:
+                    raise error_from_line(line)
+    finally:
+        sock.close()

@@ -1,0 +1,502 @@
+"""``dwcp-node``: the node daemon, in uvicorn's three phases.
+
+startup    load the key, open the data directory and image index (syncing it
+           with ``images/``), bind the control socket, metrics and transport;
+main loop  serve until SIGTERM/SIGINT sets ``should_exit``;
+shutdown   refuse new work, give running transfers ``[limits] drain_seconds``
+           to finish, then cancel the rest: receivers flush their journal and
+           keep ``partial/ID`` so the same migration resumes after a restart.
+           A second signal skips the drain.
+
+The node's operations (``migrate``, ``images``, ``status``, ``peers``,
+``reload``) are plain async methods that the control socket dispatches to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+from dwcp import __version__
+from dwcp.errors import ConfigError, DwcpError, ImageError, LocalError, UsageError
+from dwcp.identity import NodeKey, PublicKey
+from dwcp.migrate import aio
+from dwcp.node import metrics
+from dwcp.node.config import NodeConfig, load_config, parse_rate
+from dwcp.node.control import ControlServer
+from dwcp.node.link import NodeLink, QuicChannel
+from dwcp.node.store import Store, check_image_name
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2  # bad configuration: fix the file named in the message
+EXIT_STARTUP = 3  # could not start (port in use, node already running, index unreadable)
+
+log = logging.getLogger("dwcp.node")
+PROGRESS_INTERVAL = 0.1  # seconds between progress lines to the CLI
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any ``extra`` fields."""
+
+    _skip: ClassVar[set[str]] = set(vars(logging.makeLogRecord({})))
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for k, v in vars(record).items():
+            if k not in self._skip and k not in out:
+                out[k] = v
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(store: Store, level: str) -> None:
+    root = logging.getLogger("dwcp")
+    root.setLevel(level.upper())
+    root.handlers.clear()
+    fh = logging.FileHandler(store.log_path, encoding="utf-8")
+    fh.setFormatter(JsonFormatter())
+    root.addHandler(fh)
+    eh = logging.StreamHandler(sys.stderr)
+    eh.setFormatter(logging.Formatter("dwcp-node: %(message)s"))
+    root.addHandler(eh)
+    root.propagate = False
+
+
+class Node:
+    """One running node; ``serve()`` runs the three phases."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.store = Store(config.data_dir)
+        self.key: NodeKey | None = None
+        self.stats = metrics.NodeStats()
+        self.registry = metrics.make_registry(self.stats)
+        self.index = aio.IndexWorker(self.store.index_path)
+        self.link: NodeLink | None = None
+        self.control = ControlServer(
+            config.control_path,
+            {
+                "status": self.op_status,
+                "images": self.op_images,
+                "peers": self.op_peers,
+                "migrate": self.op_migrate,
+                "reload": self.op_reload,
+            },
+        )
+        self.should_exit = asyncio.Event()
+        self.force_exit = False
+        self.draining = False
+        self.started = time.time()
+        self.incoming: dict[str, asyncio.Task[Any]] = {}
+        self.outgoing: set[asyncio.Task[Any]] = set()
+        self.slots = asyncio.Semaphore(config.limits.max_transfers)
+        self._metrics_server: asyncio.base_events.Server | None = None
+        self._config_mtime = self._mtime()
+
+    # --- phases -------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        self._capture_signals()
+        await self.startup()
+        try:
+            await self.should_exit.wait()
+        finally:
+            await self.shutdown()
+
+    async def startup(self) -> None:
+        self.store.check()
+        self.key = NodeKey.load(self.config.key_path)
+        await self.index.open(self.store.images_dir)
+        await self.control.start()
+        self.link = NodeLink(self.key, self.config.listen)
+        self.stats.links = self.link.links
+        await self.link.start(self._trusted(), self._on_incoming)
+        if self.config.metrics_listen is not None:
+            m = self.config.metrics_listen
+            self._metrics_server = await asyncio.start_server(self._serve_metrics, m.host, m.port)
+        log.info(
+            "node %s ready: listening on %s (udp), control %s",
+            self.config.name,
+            self.config.listen,
+            self.config.control_path,
+            extra={
+                "event": "ready",
+                "node_id": self.key.node_id,
+                "public_key": self.key.public.text,
+                "peers": [p.name for p in self.config.peers],
+            },
+        )
+
+    async def shutdown(self) -> None:
+        self.draining = True
+        if self.link is not None:
+            self.link.accepting = False
+        tasks = [*self.incoming.values(), *self.outgoing]
+        if tasks and not self.force_exit:
+            drain = self.config.limits.drain_seconds
+            log.info(
+                "draining %d transfer(s) for up to %.0f s",
+                len(tasks),
+                drain,
+                extra={"event": "draining"},
+            )
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + drain
+            while not self.force_exit and (left := deadline - loop.time()) > 0:
+                pending = [t for t in (*self.incoming.values(), *self.outgoing) if not t.done()]
+                if not pending:
+                    break
+                await asyncio.wait(pending, timeout=min(0.1, left))
+        stragglers = [t for t in (*self.incoming.values(), *self.outgoing) if not t.done()]
+        for t in stragglers:
+            t.cancel()
+        for t in stragglers:
+            with contextlib.suppress(BaseException):
+                await t
+        if stragglers:
+            log.info(
+                "stopped %d transfer(s); they resume when re-run",
+                len(stragglers),
+                extra={"event": "stopped_transfers"},
+            )
+        await self.control.close()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+        if self.link is not None:
+            await self.link.close()
+        await self.index.close()
+        log.info("node stopped", extra={"event": "stopped"})
+
+    def _capture_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.handle_exit, sig)
+
+    def handle_exit(self, sig: int = signal.SIGTERM) -> None:
+        """First signal: drain and stop; second: stop without waiting."""
+        if self.should_exit.is_set():
+            self.force_exit = True
+        log.info("received %s", signal.Signals(sig).name, extra={"event": "signal"})
+        self.should_exit.set()
+
+    # --- helpers ------------------------------------------------------------------
+
+    def _mtime(self) -> int:
+        try:
+            return self.config.path.stat().st_mtime_ns
+        except OSError:
+            return 0
+
+    def _trusted(self) -> list[PublicKey]:
+        return [p.public_key for p in self.config.peers]
+
+    async def reload(self) -> None:
+        """Re-read the config's peers (added by ``dwcp peers add``) if the file changed."""
+        mtime = self._mtime()
+        if mtime == self._config_mtime:
+            return
+        new = load_config(self.config.path)
+        self.config = new
+        self._config_mtime = mtime
+        if self.link is not None:
+            await self.link.update_trust(self._trusted())
+        log.info("reloaded peers", extra={"event": "reload", "peers": [p.name for p in new.peers]})
+
+    async def _serve_metrics(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            while (h := await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            ok = line.split(b" ")[1:2] == [b"/metrics"] if line else False
+            body = metrics.render(self.registry) if ok else b"see /metrics\n"
+            status = b"200 OK" if ok else b"404 Not Found"
+            writer.write(
+                b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(body)
+            await writer.drain()
+            del h
+        except (TimeoutError, ConnectionError, IndexError):
+            pass
+        finally:
+            writer.close()
+
+    # --- incoming migrations ------------------------------------------------------------
+
+    async def _on_incoming(self, peer_key: PublicKey, chan: QuicChannel) -> None:
+        peer = self.config.peer_by_key(peer_key.raw)
+        peer_name = peer.name if peer is not None else peer_key.node_id
+        if self.draining:
+            return
+        hooks = aio.ReceiverHooks(
+            images_dir=self.store.images_dir,
+            partial_dir=self.store.transfer_dir,
+            check_name=check_image_name,
+            index=self.index,
+            max_image_bytes=self.config.limits.max_image_bytes,
+            claim=self._claim,
+            release=self._release,
+            on_bytes=self._on_bytes_in,
+            on_plan=self._on_plan_in,
+        )
+        self.stats.active_in += 1
+        t0 = time.monotonic()
+        try:
+            name = await aio.receive_image(chan, peer_key, hooks)
+        except asyncio.CancelledError:
+            self.stats.count_migration("in", "stopped")
+            raise
+        finally:
+            self.stats.active_in -= 1
+        if name is None:
+            self.stats.count_migration("in", "failed")
+            log.info("incoming migration from %s failed", peer_name, extra={"event": "in_failed"})
+        else:
+            self.stats.count_migration("in", "ok")
+            log.info(
+                "received image %s from %s in %.2f s",
+                name,
+                peer_name,
+                time.monotonic() - t0,
+                extra={"event": "in_ok", "image": name, "peer": peer_name},
+            )
+
+    async def _claim(self, transfer_id: str) -> None:
+        """One task per transfer id: a newer session for it replaces a stale one."""
+        old = self.incoming.get(transfer_id)
+        me = asyncio.current_task()
+        if old is not None and old is not me and not old.done():
+            old.cancel()
+            with contextlib.suppress(BaseException):
+                await old
+        assert me is not None
+        self.incoming[transfer_id] = me
+
+    def _release(self, transfer_id: str) -> None:
+        if self.incoming.get(transfer_id) is asyncio.current_task():
+            del self.incoming[transfer_id]
+
+    def _on_bytes_in(self, wire: int, raw: int) -> None:
+        self.stats.bytes_received += wire
+
+    def _on_plan_in(self, image: int, dedup: int) -> None:
+        self.stats.bytes_deduplicated += dedup
+
+    # --- control operations ---------------------------------------------------------------
+
+    async def op_status(self, args: dict[str, Any], emit: Any) -> dict[str, Any]:
+        assert self.key is not None
+        images = await self.index.call(lambda ix: len(ix.images()))
+        c = self.config
+        return {
+            "name": c.name,
+            "node_id": self.key.node_id,
+            "public_key": self.key.public.text,
+            "listen": str(c.listen),
+            "version": __version__,
+            "uptime_seconds": round(time.time() - self.started, 1),
+            "data_dir": str(c.data_dir),
+            "images": images,
+            "partial_transfers": self.store.partial_transfers(),
+            "peers": [p.name for p in c.peers],
+            "stats": self.stats.snapshot(),
+            "consensus": None,
+            "draining": self.draining,
+        }
+
+    async def op_images(self, args: dict[str, Any], emit: Any) -> list[dict[str, Any]]:
+        d = self.store.images_dir.resolve()
+
+        def listing(ix: Any) -> list[dict[str, Any]]:
+            ix.sync_dir(d)
+            return [
+                {"name": r.path.name, "size": r.size, "sha256": r.sha256, "mtime_ns": r.mtime_ns}
+                for r in ix.images()
+                if r.path.parent == d
+            ]
+
+        return await self.index.call(listing)
+
+    async def op_peers(self, args: dict[str, Any], emit: Any) -> list[dict[str, Any]]:
+        await self.reload()
+        peers = self.config.peers
+        link = self.link
+        probes = await asyncio.gather(
+            *(link.probe(p) if link is not None else asyncio.sleep(0) for p in peers)
+        )
+        return [
+            {
+                "name": p.name,
+                "address": str(p.address),
+                "public_key": p.public_key.text,
+                "node_id": p.public_key.node_id,
+                "reachable": rtt is not None,
+                "connect_seconds": None if rtt is None else round(rtt, 4),
+            }
+            for p, rtt in zip(peers, probes, strict=True)
+        ]
+
+    async def op_reload(self, args: dict[str, Any], emit: Any) -> dict[str, Any]:
+        await self.reload()
+        return {"peers": [p.name for p in self.config.peers]}
+
+    async def op_migrate(self, args: dict[str, Any], emit: Any) -> dict[str, Any]:
+        if self.draining:
+            raise UsageError("the node is shutting down; re-run when it is back")
+        await self.reload()
+        peer = self.config.peer(str(args.get("to", "")))
+        image = self._source_path(str(args.get("image", "")))
+        name = check_image_name(str(args.get("name") or image.name))
+        level = int(args.get("level") or self.config.limits.level)
+        if not -7 <= level <= 19:
+            raise UsageError(f"--level {level}: expected -7..19")
+        try:
+            bw = parse_rate(args["bwlimit"]) if args.get("bwlimit") else self.config.limits.bwlimit
+        except ValueError as exc:
+            raise UsageError(f"--bwlimit: {exc}") from None
+        task = asyncio.current_task()
+        assert task is not None and self.key is not None and self.link is not None
+        self.outgoing.add(task)
+        last: dict[str, Any] = {"t": 0.0, "phase": ""}
+
+        def progress(p: aio.Progress) -> None:
+            now = time.monotonic()
+            if now - last["t"] >= PROGRESS_INTERVAL or p.phase != last["phase"]:
+                last["t"], last["phase"] = now, p.phase
+                emit(
+                    {
+                        "phase": p.phase,
+                        "bytes_image": p.bytes_image,
+                        "bytes_missing": p.bytes_missing,
+                        "bytes_to_send": p.bytes_to_send,
+                        "bytes_sent": p.bytes_sent,
+                        "bytes_wire": p.bytes_wire,
+                        "dedup_ratio": round(p.dedup_ratio, 4),
+                    }
+                )
+
+        t0 = time.monotonic()
+        try:
+            async with self.slots:
+                self.stats.active_out += 1
+                try:
+                    emit({"phase": "connecting"})
+                    chan = await self.link.open(peer)
+                    try:
+                        result = await aio.send_image(
+                            chan,
+                            self.key,
+                            image,
+                            name=name,
+                            peer=peer.name,
+                            level=level,
+                            bwlimit=bw,
+                            on_progress=progress,
+                        )
+                    finally:
+                        self.link.forget(chan)
+                        await chan.close()
+                finally:
+                    self.stats.active_out -= 1
+        except asyncio.CancelledError:
+            self.stats.count_migration("out", "stopped")
+            raise
+        except DwcpError as exc:
+            self.stats.count_migration("out", "failed")
+            log.info(
+                "migration of %s to %s failed: %s",
+                image,
+                peer.name,
+                exc,
+                extra={"event": "out_failed", "error": type(exc).__name__},
+            )
+            raise
+        finally:
+            self.outgoing.discard(task)
+        result.seconds = round(time.monotonic() - t0, 3)
+        s = self.stats
+        s.count_migration("out", "ok")
+        s.bytes_sent += result.bytes_wire
+        s.bytes_deduplicated += result.bytes_image - result.bytes_missing
+        s.bytes_raw += result.bytes_sent
+        s.bytes_compressed += result.bytes_wire
+        log.info(
+            "migrated %s to %s: %d bytes on the wire for %d",
+            name,
+            peer.name,
+            result.bytes_wire,
+            result.bytes_image,
+            extra={"event": "out_ok", "result": result.to_dict()},
+        )
+        return result.to_dict()
+
+    def _source_path(self, image: str) -> Path:
+        """An absolute path as given, or the name of an image in this node's ``images/``."""
+        if not image:
+            raise UsageError("no image given")
+        p = Path(image)
+        if p.is_absolute() and p.exists():
+            return p
+        if "/" not in image:
+            with contextlib.suppress(UsageError):
+                stored = self.store.image_path(image)
+                if stored.exists():
+                    return stored
+        raise ImageError(
+            f"image {image} not found (a file path, or a name listed by 'dwcp images')"
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dwcp-node", description="Run a dwcp node in the foreground.")
+    p.add_argument("--config", required=True, metavar="FILE", help="node.toml (see 'dwcp init')")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--version", action="version", version=f"dwcp-node {__version__}")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``dwcp-node``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+        store = Store(config.data_dir)
+        store.check()
+        setup_logging(store, args.log_level)
+    except (ConfigError, UsageError) as exc:
+        print(f"dwcp-node: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    node = Node(config)
+    try:
+        from dwcp.transport import run
+
+        run(node.serve())
+    except (LocalError, OSError) as exc:
+        print(f"dwcp-node: error: cannot start: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
