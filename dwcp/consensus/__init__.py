@@ -41,6 +41,30 @@ Public API (stable; part B's simulator, network binding and benchmark use it):
 - ``dwcp.consensus.messages``: ``Codec(config)`` (``encode``, ``decode``,
   ``verify``, ``open``), the message dataclasses and ``Kind``: useful to
   build Byzantine test messages.
+
+Design choices worth knowing:
+
+- Wire form ``[kind, sender, body, signature]`` (msgpack); the signature covers
+  ``cluster_id, protocol_version, kind, sender`` and the body. For REQUEST the
+  sender is the client's index in ``ClusterConfig.clients``.
+- Durability: what a replica promised is in its WAL before it is sent (see
+  ``replica.py``); COMMITs ride lazily with the next write, so after a crash a
+  replica may have to learn its last batches again (retransmission or state
+  transfer), but never votes differently.
+- Lost log: ``recovering=True`` makes the replica ask 2f+1 others for their
+  status and stay silent (no PRE-PREPARE/PREPARE/COMMIT/VIEW-CHANGE) until it
+  state-transferred to a stable checkpoint at or above ``max(reported last
+  executed) + L``; so the cluster has to advance by up to L sequence numbers
+  before it votes again (an idle cluster keeps it waiting, safely).
+- Liveness aids beyond the paper: a re-sent client request makes replicas
+  re-send their votes (and the primary its PRE-PREPARE) for the uncommitted
+  sequence numbers up to it; a replica that sees a lower-view message forwards
+  its (self-certifying) NEW-VIEW; f+1 replicas working beyond our high
+  watermark trigger state transfer.
+- Sizes: VIEW-CHANGE carries full PRE-PREPAREs (with their requests) of every
+  prepared batch above the stable checkpoint, so with K=128 and batches of 64
+  it can reach megabytes; size ``max_message_bytes`` (and the transport's frame
+  limit) for ``(K + max_inflight) * max_batch`` requests, or lower K.
 """
 
 from __future__ import annotations
