@@ -27,14 +27,30 @@ from typing import Any
 
 from dwcp.consensus.net import ClientPool, LocalCluster, run
 from dwcp.consensus.registry import encode_op
+from dwcp.identity import NodeKey
 
 # research/pbft.md section 4, "Loopback prototype" (1/1 and 64/64 rows).
 PROTOTYPE = {
     "single": {"rate": 473.0, "p50": 1.9, "p95": 2.6, "p99": 4.2},
     "batched": {"rate": 2876.0, "p50": 21.0, "p95": 27.0, "p99": 33.0},
 }
+NOTES_VERIFY_US = 38.3
 TARGETS = {"single": (300.0, 5.0), "batched": (1500.0, 40.0)}
 HANG = 60.0
+
+
+def verify_us(seconds: float = 0.3) -> float:
+    """Ed25519 verify cost right now: the machine-noise gauge (38.3 us in the notes' run)."""
+    key = NodeKey.generate()
+    msg = bytes(200)
+    sig = key.sign(msg)
+    n = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(50):
+            key.public.verify(msg, sig)
+        n += 50
+    return (time.perf_counter() - t0) / n * 1e6
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -119,6 +135,7 @@ def main() -> int:
     trials = min(max(args.trials, 0), 20)
     vct = args.vc_timeout
     out: dict[str, Any] = {"seconds": seconds, "vc_timeout": vct}
+    gauge = [verify_us()]
 
     with tempfile.TemporaryDirectory(prefix="dwcp-acp-") as tmp:
         with LocalCluster(
@@ -139,6 +156,8 @@ def main() -> int:
             ) as lc:
                 lc.start_all()
                 times.append(run(_failover(lc)))
+        gauge.append(verify_us())
+        out["verify_us"] = {"before": gauge[0], "after": gauge[1], "notes": NOTES_VERIFY_US}
         if times:
             out["failover"] = {
                 "trials": len(times),
@@ -149,8 +168,13 @@ def main() -> int:
             }
 
     print(f"PBFT on loopback, n=4 processes, WAL+fsync, {seconds:.0f} s per phase")
+    g = out["verify_us"]
+    print(
+        f"machine noise: Ed25519 verify {g['before']:.1f} / {g['after']:.1f} us before/after "
+        f"(notes' quiet run: {NOTES_VERIFY_US} us; higher means a busier machine)"
+    )
     hdr = (
-        f"{'workload':<34}{'commits/s':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'vs proto':>10}"
+        f"{'workload':<42}{'commits/s':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'vs proto':>10}"
     )
     print(hdr)
     print("-" * len(hdr))
@@ -164,7 +188,7 @@ def main() -> int:
             (f"prototype {label} (ref)", p, "1.00x"),
         ):
             print(
-                f"{name:<34}{row['rate']:>10.0f}{row['p50']:>9.2f}{row['p95']:>9.2f}"
+                f"{name:<42}{row['rate']:>10.0f}{row['p50']:>9.2f}{row['p95']:>9.2f}"
                 f"{row['p99']:>9.2f}{ratio:>10}"
             )
         rate_t, p95_t = TARGETS[key]

@@ -452,8 +452,8 @@ class ClientPool(_Endpoint):
         if s.kind is not Kind.REPLY or not isinstance(s.msg, Reply):
             return
         client = self.by_index.get(s.msg.client)
-        if client is None:
-            return
+        if client is None or not client.busy:
+            return  # the f+1 replies already arrived: skip decoding the rest again
         for ev in client.receive(data, asyncio.get_running_loop().time()):
             waiter = self._waiters.pop(client.index, None)
             timer = self._timers.pop(client.index, None)
