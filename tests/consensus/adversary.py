@@ -15,6 +15,7 @@ noise is rejected by the first decode. Every choice uses the run's seeded RNG.
   VIEW-CHANGE with an invalid prepared certificate mixed among valid ones.
 - ``Forger``: bad signatures, another replica's sender id, messages signed for
   another cluster id, random bytes, truncations, oversized frames.
+- ``Liar``: honest votes, lying STATE blobs, CHECKPOINT digests, STATUS and REPLY.
 - ``Spray``: a network adversary (not a replica, so it does not count toward f)
   that replays old captured traffic to random replicas and re-signs captured
   messages for another cluster with the senders' keys.
@@ -43,6 +44,7 @@ from dwcp.consensus.messages import (
     Signed,
     ViewChange,
 )
+from dwcp.consensus.registry import VMRegistry, encode_op
 from dwcp.errors import ProtocolError
 from dwcp.identity import NodeKey
 
@@ -333,3 +335,33 @@ def wrapper(cls: type[Wrapper], **kw: Any) -> Callable[[Any, int], Callable[[Sim
         return wrap
 
     return make
+
+
+class Liar(Wrapper):
+    """Honest votes, but lies wherever a single replica's word is taken or compared.
+
+    Wrong STATE blobs (with the genuine proof), wrong CHECKPOINT digests, STATUS
+    answers with absurd or zero positions, and wrong REPLY results.
+    """
+
+    def outgoing(self, action: Any, s: Signed) -> list[Any]:
+        from dwcp.consensus.messages import Checkpoint, Reply, State, Status
+
+        msg = s.msg
+        bad: Message | None = None
+        if isinstance(msg, State):
+            reg = VMRegistry()
+            reg.execute(encode_op("register", "vm0", "mallory"))
+            bad = State(msg.seq, reg.snapshot(), msg.proof)
+        elif isinstance(msg, Checkpoint):
+            bad = Checkpoint(msg.seq, self.rng.randbytes(32))
+        elif isinstance(msg, Status):
+            big = self.rng.random() < 0.5
+            bad = Status(msg.nonce, msg.view + (1000 if big else 0), 10**6 if big else 0, 0)
+        elif isinstance(msg, Reply):
+            bad = Reply(msg.view, msg.client, msg.timestamp, b"\x93\xa2ok\xa7mallory\x09")
+        if bad is None:
+            return [action]
+        self.sent += 1
+        raw = self.sign(bad)
+        return [Broadcast(raw)] if isinstance(action, Broadcast) else [replace(action, data=raw)]

@@ -222,3 +222,27 @@ def test_unauthenticated_future_view_votes_are_not_buffered() -> None:
     rep.receive(_forged(c, Prepare(rep.view + 1, 1, bytes(32)), 2), c.sim.now)
     # today: buffered, evicting replica 2's genuine future-view messages from its bounded queue
     assert rep.stats["buffered"] == before
+
+
+@pytest.mark.parametrize("amnesia", [False, True], ids=["wal", "amnesia"])
+@pytest.mark.parametrize("seed", seeds(4))
+def test_lying_state_checkpoint_status_and_replies(seed: int, amnesia: bool) -> None:
+    """A replica that lies in STATE/CHECKPOINT/STATUS/REPLY while another one restarts behind.
+
+    The restarted replica must state-transfer from honest replicas only. With amnesia the
+    lagging replica and the liar are two faults, so only safety is required there.
+    """
+    from adversary import Liar
+
+    liar = seed % 4
+    victim = (liar + 1 + seed % 3) % 4
+    c = _cluster(seed, "lying", byzantine=wrapper(Liar), byzantine_ids=(liar,))
+    c.workload.quota = 25
+    c.sim.at(0.01, lambda: c.sim.crash(f"r{victim}"))
+    c.sim.at(0.4, lambda: c.sim.restart(f"r{victim}", amnesia=amnesia))
+    c.start()
+    c.run(until=20.0)
+    assert not c.checker.violations
+    if not amnesia:
+        assert c.finished(), f"liveness: {c.describe()}"
+    assert sum(a.sent for a in c.adversaries) > 0
