@@ -365,3 +365,52 @@ class Liar(Wrapper):
         self.sent += 1
         raw = self.sign(bad)
         return [Broadcast(raw)] if isinstance(action, Broadcast) else [replace(action, data=raw)]
+
+
+class EvilClient:
+    """An authorised client that equivocates: one timestamp, different ops to different replicas.
+
+    It also replays its old requests and re-uses old timestamps with new ops. Runs as a
+    simulator node on its own schedule (``tick``); replies to it are ignored.
+    """
+
+    def __init__(self, config: ClusterConfig, index: int, key: NodeKey, rng: random.Random):
+        self.config = config
+        self.index = index
+        self.key = key
+        self.rng = rng
+        self.codec = Codec(config)
+        self.ts = 10
+        self.old: list[bytes] = []
+        self.at = 0.002
+        self.rounds = 0
+
+    def receive(self, data: bytes, now: float) -> list[Any]:
+        return []
+
+    def next_deadline(self) -> float | None:
+        return self.at if self.rounds < 40 else None
+
+    def tick(self, now: float) -> list[Any]:
+        from dwcp.consensus.messages import Request
+
+        if now < self.at:
+            return []
+        self.rounds += 1
+        self.at = now + self.rng.uniform(0.001, 0.02)
+        out: list[Any] = []
+        r = self.rng.random()
+        if r < 0.6:
+            self.ts += 1
+            for j in range(self.config.n):
+                op = encode_op("migrate", "vm0", "h0", f"h{j}", self.rng.randint(0, 3))
+                raw = self.codec.encode(Request(self.ts, op), self.index, self.key)
+                self.old.append(raw)
+                out.append(Send(j, raw))
+        elif r < 0.8 and self.old:
+            out.append(Send(self.rng.randrange(self.config.n), self.rng.choice(self.old)))
+        else:
+            stale = max(1, self.ts - self.rng.randint(0, 5))
+            op = encode_op("register", f"vm{self.rng.randrange(3)}", "evil")
+            out.append(Broadcast(self.codec.encode(Request(stale, op), self.index, self.key)))
+        return out

@@ -102,6 +102,7 @@ class Checker:
     commits: int = 0
     view_changes: int = 0
     completions: int = 0
+    state_checks: int = 0
     # apps touched in the current event, and the Executed slots they produced
     dirty: set[int] = field(default_factory=set)
     live_apps: dict[int, CheckedApp] = field(default_factory=dict)
@@ -141,6 +142,7 @@ class Checker:
             # when every execution of this event was reported.
             if len(slots) == len(app.post):
                 for slot, dg in zip(slots, app.post, strict=True):
+                    self.state_checks += 1
                     prev = self.states.get(slot)
                     if prev is None:
                         self.states[slot] = (dg, who[0])
@@ -273,4 +275,5 @@ class Checker:
             "commits": self.commits,
             "view_changes": self.view_changes,
             "completions": self.completions,
+            "state_checks": self.state_checks,
         }

@@ -246,3 +246,25 @@ def test_lying_state_checkpoint_status_and_replies(seed: int, amnesia: bool) -> 
     if not amnesia:
         assert c.finished(), f"liveness: {c.describe()}"
     assert sum(a.sent for a in c.adversaries) > 0
+
+
+@pytest.mark.parametrize("seed", seeds(8))
+def test_equivocating_and_replaying_client(seed: int) -> None:
+    """A faulty client: same timestamp with different ops per replica, replays, stale stamps."""
+    from adversary import EvilClient
+
+    c = _cluster(seed, "client", clients=3)
+    evil = c.ckeys[2]
+    rng = random.Random(seed)
+    node = EvilClient(c.config, 2, evil, rng)
+    # Replace the workload's third client by the adversary (same key, same address).
+    c.client_names.remove("c2")
+    inst = c.sim.instances["c2"]
+    inst.factory = lambda i, now: (node, [])
+    inst.byzantine = True
+    c.sim.restart("c2")
+    if seed % 2:
+        _isolate_primary(c, 0.05, 0.6)
+    _finish(c, 0.6)
+    executed = {k for k in c.checker.results if k[0] == evil.public.raw}
+    assert executed, "the faulty client's requests never executed"
