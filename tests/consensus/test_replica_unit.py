@@ -525,3 +525,16 @@ def test_view_change_timer_doubles_while_new_views_fail() -> None:
     assert len(gaps) >= 3
     for a, b in itertools.pairwise(gaps):
         assert b >= 1.9 * a  # each failed view change doubles the timeout (virtual time)
+
+
+def test_lost_commits_are_retransmitted_without_a_view_change() -> None:
+    net = Net.make(view_change_timeout=5.0, client_retry=0.2)
+    net.drop = lambda s, d, data: CODEC.decode(data).kind is Kind.COMMIT
+    net.request(0, encode_op("register", "vm1", "h"))
+    net.run()
+    assert not net.completed[0]
+    net.drop = None
+    net.advance(1.0)
+    assert len(net.completed[0]) == 1
+    assert all(net.replica(i).view == 0 for i in range(4))
+    assert net.replica(1).stats["retransmissions"] >= 1
