@@ -264,6 +264,10 @@ class Replica:
             out.append(Broadcast(self._own_vc))
             self._vc_resend = now + self._timeout()
         if self.recovering:
+            if not self._marker:
+                # Durable first: a crash before recovery ends must not restart as a fresh replica.
+                self._marker = self._sign(Status(_RECOVERING, 0, 0, 0))
+                out.insert(0, Persist(self._marker))
             self._status_deadline = now
         return out
 
@@ -896,8 +900,7 @@ class Replica:
 
     def _query_status(self, now: float, out: list[Action]) -> None:
         if not self._marker:
-            marker = Status(_RECOVERING, 0, 0, 0)
-            self._marker = self._sign(marker)
+            self._marker = self._sign(Status(_RECOVERING, 0, 0, 0))
             self._persist(out, self._marker)
         if self._safe_seq is None:
             self._nonce = digest(repr((self.id, now, self.stats["status_queries"])).encode())
