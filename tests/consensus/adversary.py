@@ -414,3 +414,64 @@ class EvilClient:
             op = encode_op("register", f"vm{self.rng.randrange(3)}", "evil")
             out.append(Broadcast(self.codec.encode(Request(stale, op), self.index, self.key)))
         return out
+
+
+class StaleCerts(Wrapper):
+    """Sends VIEW-CHANGEs whose prepared set is rebuilt from genuine certificates it has seen,
+    picking older views, omitting some sequence numbers, and sending different sets to
+    different replicas. Every certificate verifies; only the choice is adversarial.
+    """
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.pps: dict[tuple[int, int, bytes], bytes] = {}
+        self.prepares: dict[tuple[int, int, bytes], dict[int, bytes]] = {}
+        self.rewritten = 0
+
+    def receive(self, data: bytes, now: float) -> list[Any]:
+        self._capture(data)
+        return self.rewrite(self.inner.receive(data, now))
+
+    def _capture(self, data: bytes) -> None:
+        s = self.decode(data)
+        if s is None:
+            return
+        msg = s.msg
+        try:
+            if isinstance(msg, PrePrepare) and s.sender == self.config.primary(msg.view):
+                self.codec.verify(s)
+                self.pps[(msg.view, msg.seq, msg.digest)] = data
+            elif isinstance(msg, Prepare) and s.sender != self.config.primary(msg.view):
+                self.codec.verify(s)
+                self.prepares.setdefault((msg.view, msg.seq, msg.digest), {})[s.sender] = data
+        except Exception:
+            return
+
+    def certs(self, above: int) -> dict[int, list[PreparedProof]]:
+        need = 2 * self.config.f
+        out: dict[int, list[PreparedProof]] = {}
+        for key, pp in self.pps.items():
+            votes = self.prepares.get(key, {})
+            if key[1] > above and len(votes) >= need:
+                proof = PreparedProof(pp, tuple(sorted(votes.values()))[:need])
+                out.setdefault(key[1], []).append(proof)
+        return out
+
+    def outgoing(self, action: Any, s: Signed) -> list[Any]:
+        if isinstance(action, Send | Broadcast) and s.kind is Kind.PREPARE:
+            self._capture(action.data)
+        msg = s.msg
+        if not isinstance(msg, ViewChange):
+            return [action]
+        out: list[Any] = []
+        targets = [action.to] if isinstance(action, Send) else self.peers()
+        pool = self.certs(msg.stable_seq)
+        for j in targets:
+            chosen = []
+            for _seq, options in sorted(pool.items()):
+                if self.rng.random() < 0.8:
+                    chosen.append(self.rng.choice(options))
+            bad = replace(msg, prepared=tuple(chosen))
+            self.rewritten += 1
+            out.append(Send(j, self.sign(bad)))
+        return out

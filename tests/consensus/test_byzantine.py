@@ -268,3 +268,23 @@ def test_equivocating_and_replaying_client(seed: int) -> None:
     _finish(c, 0.6)
     executed = {k for k in c.checker.results if k[0] == evil.public.raw}
     assert executed, "the faulty client's requests never executed"
+
+
+@pytest.mark.parametrize("seed", seeds(6))
+def test_view_changes_with_stale_but_genuine_certificates(seed: int) -> None:
+    """One replica's VIEW-CHANGEs carry real but older (or missing) prepared certificates,
+    while the primary is cut off again and again: the highest-view certificate must win."""
+    from adversary import StaleCerts
+
+    rid = 1 + seed % 3
+    c = _cluster(seed, "stale_certs", byzantine=wrapper(StaleCerts), byzantine_ids=(rid,))
+    c.workload.quota = 15
+    rng = random.Random(seed)
+    t = 0.01
+    for k in range(3):  # cut off the primaries of views 0, 1, 2 in turn
+        victim = f"r{k}"
+        d = rng.uniform(0.3, 1.2)
+        c.sim.partition(t, t + d, {victim}, [n for n in c.sim.instances if n != victim])
+        t += d + rng.uniform(0.05, 0.4)
+    _finish(c, t)
+    assert sum(a.rewritten for a in c.adversaries) > 0
