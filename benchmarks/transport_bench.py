@@ -103,7 +103,9 @@ def run_dwcp(link: Link, seconds: float, keys: Path) -> dict[str, Any]:
     ka, kb = keys / "a.key", keys / "b.key"
     listen = [*dwcp, "perf", "--listen", f"{link.addr_b}:{PORT}"]
     server = link.popen_b(
-        [*listen, "--key", str(kb), "--trust", f"{ka}.pub"], stdout=subprocess.DEVNULL
+        [*listen, "--key", str(kb), "--trust", f"{ka}.pub"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     _wait_port(link, "udp", PORT, server)
     argv = [*dwcp, "perf", f"{link.addr_b}:{PORT}", "--key", str(ka), "--trust", f"{kb}.pub"]

@@ -26,13 +26,15 @@ REPORT_SIZE = ffi.sizeof("dwcp_emu_report")
 class Forwarder:
     """Parent-side handle of the forwarding process."""
 
-    def __init__(self, fd_a: int, fd_b: int, ab: Direction, ba: Direction, seed: int) -> None:
+    def __init__(
+        self, fd_a: int, fd_b: int, ab: Direction, ba: Direction, seed: int, realtime: bool
+    ) -> None:
         self._memfd = os.memfd_create("dwcp-netemu", os.MFD_CLOEXEC)
         os.ftruncate(self._memfd, REPORT_SIZE)
         self._mem = mmap.mmap(self._memfd, REPORT_SIZE)
         self.report: Any = ffi.from_buffer("dwcp_emu_report *", self._mem)
         stop_r, self._stop_w = os.pipe()
-        spec = {"ab": ab.to_json(), "ba": ba.to_json(), "seed": seed}
+        spec = {"ab": ab.to_json(), "ba": ba.to_json(), "seed": seed, "realtime": realtime}
         args = [str(fd_a), str(fd_b), str(stop_r), str(self._memfd), json.dumps(spec)]
         try:
             self.proc = subprocess.Popen(
@@ -68,15 +70,30 @@ class Forwarder:
         os.close(self._memfd)
 
 
+def _prioritise(realtime: bool) -> None:
+    """Run ahead of the endpoints so the link keeps its timing while they load the CPU.
+
+    SCHED_FIFO (lowest RT priority) cut the mean delivery lateness under load from
+    ~0.7 ms to ~25 us; the loop blocks in ppoll between packets and the kernel's RT
+    throttling caps it at 95% of a core. Falls back to nice -10 where RT is refused.
+    """
+    if realtime:
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+            return
+        except (OSError, AttributeError):
+            pass
+    with contextlib.suppress(OSError):
+        os.nice(-10)
+
+
 def _main(argv: list[str]) -> int:
     fd_a, fd_b, stop_fd, memfd = (int(x) for x in argv[:4])
     spec = json.loads(argv[4])
     seed = int(spec["seed"])
     ab = Direction(**spec["ab"]).to_c(direction_seed(seed, "ab"))
     ba = Direction(**spec["ba"]).to_c(direction_seed(seed, "ba"))
-    # The link should keep its timing while the endpoints load the CPU: run ahead of them.
-    with contextlib.suppress(OSError):
-        os.nice(-10)
+    _prioritise(bool(spec.get("realtime", True)))
     mem = mmap.mmap(memfd, REPORT_SIZE)
     report = ffi.from_buffer("dwcp_emu_report *", mem)
     rc = lib.dwcp_emu_run(fd_a, fd_b, stop_fd, ab, ba, report)

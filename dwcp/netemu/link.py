@@ -42,6 +42,7 @@ class Link:
     direction; pass ``a_to_b`` / ``b_to_a`` for asymmetric links. ``seed``
     makes the loss pattern reproducible (TUN backend; netem's is random).
     ``backend`` is "auto" (netem when the kernel has it), "tun" or "netem".
+    ``realtime`` runs the TUN forwarder at SCHED_FIFO priority 1 (else nice -10).
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class Link:
         a_to_b: Direction | None = None,
         b_to_a: Direction | None = None,
         backend: str = "auto",
+        realtime: bool = True,
     ) -> None:
         both = Direction(rate_bps, delay_ms, loss, queue_bytes, queue_ms)
         self.a_to_b = a_to_b or both
@@ -64,6 +66,7 @@ class Link:
         if backend not in ("auto", "tun", "netem"):
             raise UsageError(f"backend={backend!r}: use 'auto', 'tun' or 'netem'")
         self._backend_wanted = backend
+        self._realtime = realtime
         self.backend = ""
         n = next(_counter)
         self.ns_a = f"{netns.PREFIX}-{os.getpid()}-{n}-a"
@@ -136,7 +139,7 @@ class Link:
             )
             netns.ip("addr", "add", local, "peer", f"{peer}/32", "dev", ifname, ns=ns)
             netns.ip("link", "set", "dev", ifname, "up", ns=ns)
-        self._forwarder = Forwarder(fd_a, fd_b, self.a_to_b, self.b_to_a, self.seed)
+        self._forwarder = Forwarder(fd_a, fd_b, self.a_to_b, self.b_to_a, self.seed, self._realtime)
 
     def _open_netem(self) -> None:
         self.backend = "netem"
