@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import json
@@ -49,8 +50,10 @@ from typing import Any, cast
 from dwcp.consensus.actions import (
     Action,
     Broadcast,
+    Compact,
     Completed,
     Executed,
+    Persist,
     ReplyTo,
     Send,
     ViewChanged,
@@ -272,6 +275,7 @@ class ReplicaServer(_Endpoint):
         recovering: bool = False,
         create: bool = False,
         app: VMRegistry | None = None,
+        sync_in_thread: bool = True,
     ) -> None:
         self.net = net
         cfg = net.cluster
@@ -296,6 +300,10 @@ class ReplicaServer(_Endpoint):
         self.view = 0
         self._pending: list[Action] = []
         self._flush_scheduled = False
+        self.sync_in_thread = sync_in_thread
+        self._syncing = False
+        self.stopped: asyncio.Future[None] | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="wal")
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._server: asyncio.Server | None = None
@@ -303,6 +311,7 @@ class ReplicaServer(_Endpoint):
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self.stopped = loop.create_future()
         host, port = self.net.addresses[self.id]
         self._server = await loop.create_server(
             lambda: FrameProtocol(self.limit, self.on_frame, self._lost, self._hello),
@@ -346,10 +355,44 @@ class ReplicaServer(_Endpoint):
         self._rearm()
 
     def _flush(self) -> None:
-        """Group commit: make every queued record durable, then send this turn's messages."""
+        """Group commit: make every queued record durable, then send this turn's messages.
+
+        With ``sync_in_thread`` the write+fsync runs in a worker thread so the loop keeps
+        receiving and verifying meanwhile; everything queued during a sync waits for the
+        next one (a later action may depend on an earlier record, so nothing overtakes).
+        """
         self._flush_scheduled = False
+        if self._syncing or not self._pending:
+            return
         actions, self._pending = self._pending, []
-        rest = self.wal.perform(actions)
+        if self.sync_in_thread and any(isinstance(a, Persist | Compact) for a in actions):
+            self._syncing = True
+            loop = asyncio.get_running_loop()
+            fut = loop.run_in_executor(self._executor, self.wal.perform, actions)
+            fut.add_done_callback(self._synced)
+            return
+        self._send(self.wal.perform(actions))
+
+    def _synced(self, fut: asyncio.Future[list[Action]]) -> None:
+        self._syncing = False
+        try:
+            rest = fut.result()
+        except Exception as exc:
+            # It may not send what it could not persist: stop taking part at once.
+            self.fail(exc)
+            return
+        self._send(rest)
+        self._flush()
+
+    def fail(self, exc: BaseException) -> None:
+        """Stop this replica after a local failure (the WAL could not be written)."""
+        print(f"replica {self.id}: stopping: {exc!r}", file=sys.stderr, flush=True)
+        self._pending.clear()
+        self.close()
+        if self.stopped is not None and not self.stopped.done():
+            self.stopped.set_exception(exc)
+
+    def _send(self, rest: list[Action]) -> None:
         to_peer: dict[int, list[bytes]] = defaultdict(list)
         to_client: dict[bytes, list[bytes]] = defaultdict(list)
         for a in rest:
@@ -392,6 +435,7 @@ class ReplicaServer(_Endpoint):
             self._server.close()
         if self._timer is not None:
             self._timer.cancel()
+        self._executor.shutdown(wait=True)  # let an fsync in flight finish first
         self.wal.close()
 
 
@@ -535,6 +579,8 @@ class LocalCluster:
         self.net = NetConfig(self.net.cluster, tuple(("127.0.0.1", p) for p in ports))
         self.net.dump(self.dir / "cluster.json")
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.replica_args: list[str] = []
+        """Extra command-line flags for every replica (e.g. ``--sync-inline``)."""
 
     def client_keys(self) -> list[NodeKey]:
         return [
@@ -557,6 +603,7 @@ class LocalCluster:
             "--wal",
             str(wal),
         ]
+        cmd.extend(self.replica_args)
         if recovering:
             cmd.append("--recovering")
         elif not wal.exists():
@@ -605,14 +652,18 @@ async def _serve(args: argparse.Namespace) -> None:
         args.wal,
         recovering=args.recovering,
         create=args.new,
+        sync_in_thread=not args.sync_inline,
     )
     await server.start()
+    assert server.stopped is not None
     print(f"replica {args.id}: listening on {net.addresses[args.id][1]}", flush=True)
-    stop = asyncio.get_running_loop().create_future()
+    stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set_result, None)
     try:
-        await stop
+        await asyncio.wait([stop, server.stopped], return_when=asyncio.FIRST_COMPLETED)
+        if server.stopped.done():
+            server.stopped.result()  # re-raise the failure that stopped the replica
     finally:
         server.close()
 
@@ -643,6 +694,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_rep.add_argument("--wal", required=True)
     p_rep.add_argument("--new", action="store_true", help="first start: create the log")
     p_rep.add_argument(
+        "--sync-inline",
+        action="store_true",
+        help="fsync on the event loop instead of a worker thread (for comparison)",
+    )
+    p_rep.add_argument(
         "--recovering",
         action="store_true",
         help="this replica lost its log: rejoin without voting until it has caught up",
@@ -661,7 +717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {args.dir}/cluster.json and keys", flush=True)
         else:
             run(_serve(args))
-    except (ConfigError, ConsensusError, OSError) as exc:
+    except (ConfigError, ConsensusError, OSError) as exc:  # WalError is an OSError
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -323,4 +323,5 @@ class Sim:
                 return
         if budget <= 0:
             raise RuntimeError(f"seed {self.seed}: event budget exhausted at t={self.now:.3f}")
-        self.now = max(self.now, until) if not self._heap or self._heap[0][0] > until else self.now
+        if not self._heap or self._heap[0][0] > until:
+            self.now = max(self.now, until)
