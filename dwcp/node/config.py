@@ -54,6 +54,7 @@ class Limits:
     bwlimit: int = 0  # bytes per second for outgoing migrations; 0 = unlimited
     level: int = 3  # zstd level for outgoing data
     max_image_bytes: int = 4 * 1024**4  # largest incoming image accepted
+    idle_timeout: float = 30.0  # seconds of peer silence before a session is declared lost
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,9 @@ def load_config(path: str | Path) -> NodeConfig:
     data_dir = node.rel_path("data_dir", "data", base)
     metrics = node.address("metrics_listen") if "metrics_listen" in node.table else None
     lim = _Reader(p, _table(p, doc, "limits"), "limits")
-    lim.check_keys({"max_transfers", "drain_seconds", "bwlimit", "level", "max_image_bytes"})
+    lim.check_keys(
+        {"max_transfers", "drain_seconds", "bwlimit", "level", "max_image_bytes", "idle_timeout"}
+    )
     raw_bw = lim.table.get("bwlimit", 0)
     try:
         bwlimit = parse_rate(raw_bw)
@@ -218,6 +221,7 @@ def load_config(path: str | Path) -> NodeConfig:
         bwlimit=bwlimit,
         level=lim.integer("level", 3, -7, 19),
         max_image_bytes=lim.integer("max_image_bytes", 4 * 1024**4, 1, 2**62),
+        idle_timeout=lim.number("idle_timeout", 30.0, 1.0, 3600.0),
     )
     return NodeConfig(
         path=p,
@@ -279,6 +283,7 @@ max_transfers = 4      # concurrent migrations, in and out
 drain_seconds = 10     # SIGTERM: how long transfers get to stop cleanly
 bwlimit = 0            # outgoing bytes/s (0 = unlimited; 10M = 10 MiB/s, 100Mbit)
 level = 3              # zstd level of outgoing data
+idle_timeout = 30      # seconds of peer silence before a transfer counts as interrupted
 
 # Trusted peers: added with 'dwcp --config node.toml peers add NAME HOST:PORT PUBKEY'.
 """

@@ -124,7 +124,10 @@ class Node:
         self.key = NodeKey.load(self.config.key_path)
         await self.index.open(self.store.images_dir)
         await self.control.start()
-        self.link = NodeLink(self.key, self.config.listen)
+        from dwcp.transport import TransportConfig
+
+        tc = TransportConfig(idle_timeout=self.config.limits.idle_timeout)
+        self.link = NodeLink(self.key, self.config.listen, tc)
         self.stats.links = self.link.links
         await self.link.start(self._trusted(), self._on_incoming)
         if self.config.metrics_listen is not None:

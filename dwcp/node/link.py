@@ -165,7 +165,13 @@ class NodeLink:
         t0 = time.monotonic()
         try:
             session = await asyncio.wait_for(
-                connect(peer.address.host, peer.address.port, self.key, [peer.public_key]),
+                connect(
+                    peer.address.host,
+                    peer.address.port,
+                    self.key,
+                    [peer.public_key],
+                    config=self.config,
+                ),
                 timeout,
             )
         except (DwcpError, OSError, TimeoutError):

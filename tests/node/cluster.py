@@ -1,0 +1,167 @@
+"""Real ``dwcp-node`` daemons as subprocesses on loopback, driven through the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from dwcp.node import control
+from dwcp.node.config import load_config
+
+PY = sys.executable
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+STARTUP_POLLS = 400  # x 0.05 s: generous for a loaded 2-core machine
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dwcp(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(
+        [PY, "-m", "dwcp.cli", *args], capture_output=True, text=True, env=ENV, timeout=timeout
+    )
+    if check and r.returncode != 0:
+        raise AssertionError(f"dwcp {' '.join(args)} failed ({r.returncode}): {r.stderr}")
+    return r
+
+
+class NodeProc:
+    """One node directory and, while running, its daemon process."""
+
+    def __init__(
+        self,
+        root: Path,
+        name: str,
+        *,
+        drain_seconds: float | None = None,
+        idle_timeout: float | None = None,
+    ) -> None:
+        self.dir = root / name
+        self.name = name
+        self.port = free_udp_port()
+        out = dwcp("init", str(self.dir), "--listen", f"127.0.0.1:{self.port}", "--name", name)
+        self.pubkey = out.stdout.strip().splitlines()[-1]
+        self.config = self.dir / "node.toml"
+        if drain_seconds is not None:
+            text = self.config.read_text().replace(
+                "drain_seconds = 10", f"drain_seconds = {drain_seconds}"
+            )
+            self.config.write_text(text)
+        if idle_timeout is not None:
+            text = self.config.read_text().replace(
+                "idle_timeout = 30", f"idle_timeout = {idle_timeout}"
+            )
+            self.config.write_text(text)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = self.dir / "stderr.log"
+
+    @property
+    def images(self) -> Path:
+        return self.dir / "data" / "images"
+
+    @property
+    def partial(self) -> Path:
+        return self.dir / "data" / "partial"
+
+    def trust(self, other: NodeProc) -> None:
+        self.cli("peers", "add", other.name, f"127.0.0.1:{other.port}", other.pubkey)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return dwcp("--config", str(self.config), *args, check=check)
+
+    def migrate_json(self, *args: str) -> dict[str, Any]:
+        r = self.cli("migrate", *args, "--json")
+        return dict(json.loads(r.stdout.strip().splitlines()[-1]))
+
+    def popen_cli(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [PY, "-m", "dwcp.cli", "--config", str(self.config), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+
+    def start(self) -> None:
+        assert self.proc is None
+        with open(self.log, "ab") as err:
+            self.proc = subprocess.Popen(
+                [PY, "-m", "dwcp.node", "--config", str(self.config)],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env=ENV,
+            )
+        sock = load_config(self.config).control_path
+        for _ in range(STARTUP_POLLS):
+            if self.proc.poll() is not None:
+                raise AssertionError(f"node {self.name} exited: {self.log.read_text()}")
+            try:
+                control.call(sock, "status", timeout=10)
+                return
+            except (control.NodeNotRunningError, OSError):
+                time.sleep(0.05)
+        raise AssertionError(f"node {self.name} did not start")
+
+    def status(self) -> dict[str, Any]:
+        return dict(control.call(load_config(self.config).control_path, "status", timeout=10))
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=60)
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+def wait_until(predicate: Any, what: str, polls: int = 1200, interval: float = 0.05) -> None:
+    """Poll ``predicate`` (bounded count); fail naming ``what`` if it never holds."""
+    for _ in range(polls):
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def make_image(path: Path, mib: int, seed: int) -> None:
+    """Pseudo-random data with zero runs, like a sparse disk (deterministic per seed)."""
+    import random
+
+    rnd = random.Random(seed)
+    with open(path, "wb") as f:
+        for i in range(mib * 256):
+            if i % 7 == 0:
+                f.write(bytes(4096))
+            else:
+                f.write(rnd.randbytes(4096))
+
+
+def mutate(src: Path, dst: Path, blocks: list[int], seed: int) -> None:
+    import random
+
+    rnd = random.Random(seed)
+    data = bytearray(src.read_bytes())
+    for b in blocks:
+        data[b * 4096 : b * 4096 + 4096] = rnd.randbytes(4096)
+    dst.write_bytes(data)
