@@ -199,7 +199,10 @@ class Link:
 
     def _restore_sigterm(self) -> None:
         if self._old_sigterm is not None and threading.current_thread() is threading.main_thread():
-            if not any(link._old_sigterm is None and link._open for link in _open):
+            others = [link for link in _open if link._open]
+            if others:  # they still rely on the handler: the last one restores it
+                others[0]._old_sigterm = self._old_sigterm
+            else:
                 signal.signal(signal.SIGTERM, self._old_sigterm)
             self._old_sigterm = None
 
