@@ -83,3 +83,31 @@ def test_negative_control_two_twin_pairs_break_safety() -> None:
         if fired[-1]:
             assert "agreement" in c.checker.violations[0] or "accepted" in c.checker.violations[0]
     assert any(fired), "the checker never fired with f+1 Byzantine replicas: it cannot fail"
+
+
+@pytest.mark.parametrize("seed", seeds(6, "DWCP_TWINS_SEEDS"))
+def test_replica_restarted_without_its_log_and_without_recovery_is_one_fault(seed: int) -> None:
+    """An operator restarts a replica on an empty log *without* ``recovering``: it may vote
+    against its own earlier votes, which makes it Byzantine; one such replica is within f."""
+    rng = random.Random(seed)
+    victim = f"r{rng.randrange(4)}"
+    c = Cluster(
+        seed,
+        replay=f"DWCP_SEED={seed} {REPLAY} -k without_its_log",
+        quota=8,
+        link=LinkPolicy(drop=rng.choice([0.0, 0.05]), delay_max=0.01),
+    )
+    inst = c.sim.instances[victim]
+    inst.byzantine = True
+
+    def wipe_and_restart() -> None:
+        c.sim.crash(victim)
+        inst.store.clear()  # the log is gone, but the replica is not told
+        c.sim.restart(victim)
+
+    for k in range(3):
+        c.sim.at(0.01 + k * rng.uniform(0.05, 0.4), wipe_and_restart)
+    c.start()
+    c.run(until=40.0)
+    assert not c.checker.violations
+    assert c.finished(), c.describe()
