@@ -14,13 +14,14 @@ Model
   also reorders), and duplicates per link, and applies partitions that open
   and heal over virtual time.
 - Nodes are duck-typed: ``receive(data, now)``, ``tick(now)`` and
-  ``next_deadline()`` return/describe actions; actions are recognised by class
-  name (``Persist``, ``Send``, ``Broadcast``, ``ReplyTo``, ``Executed``), and
-  anything else a node returns is handed to the observers as an event.
-- ``Persist`` records are appended to the instance's durable store before the
+  ``next_deadline()``; the actions they return are recognised by class name
+  (``Persist``, ``Compact``, ``Send``, ``Broadcast``, ``ReplyTo``), and every
+  action or event (``Executed``, ``Completed``...) is also handed to the
+  observers (the checker, the workload driver).
+- ``Persist``/``Compact`` update the instance's durable store before the
   following actions of the same list run; a crash drops in-flight deliveries
-  and timers, a restart rebuilds the node from its store (or from nothing:
-  amnesia).
+  and timers (``crash_midway`` crashes part-way through an action list), a
+  restart rebuilds the node from its store (or from nothing: amnesia).
 """
 
 from __future__ import annotations
