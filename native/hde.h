@@ -30,13 +30,15 @@ int64_t hde_blocks(const uint8_t *buf, size_t len, uint32_t block_size,
  * fps[j*fanout .. min(n, (j+1)*fanout)). Returns the number of parents. */
 int64_t hde_tree_level(const uint8_t *fps, size_t n, uint32_t fanout, uint8_t *parents);
 
-/* FastCDC-style gear chunking with normalised chunk sizes (level 2) judged on
- * the hash's high bits. The gear hash at byte i is H(i) = sum over j < 64 of
- * GEAR[buf[i-j]] << j (mod 2^64), GEAR a fixed splitmix64 table: it depends on
- * the 64 bytes ending at i only. With avg_size = 2^b, a chunk of length L ends
- * at the least L >= min_size where the top b+2 bits of H(L-1) are zero
- * (L <= avg_size) or the top b-2 bits (L > avg_size), else at max_size; the
- * same on every machine and build. Cuts chunks from the start of buf; stops when cap chunks
+/* Gear content-defined chunking (FastCDC's gear hash, judged on its high bits;
+ * cut points below min_size skipped). The hash at byte i is H(i) = sum over
+ * j < 64 of GEAR[buf[i-j]] << j (mod 2^64), GEAR a fixed splitmix64 table: it
+ * depends on the 64 bytes ending at i only. With avg_size = 2^b, a chunk of
+ * length L ends at the least L >= min_size where the top b bits of H(L-1) are
+ * zero, or where the min_size + 64 bytes before L are zero and byte L is not;
+ * else at max_size. No normalisation (one mask at every length), so chunkers that start
+ * at different offsets fall into step at the next common cut; the same on
+ * every machine and build. Cuts chunks from the start of buf; stops when cap chunks
  * were written or when fewer than max_size bytes remain and final is 0 (the
  * caller passes the unconsumed tail again with more data). For chunk k:
  * lens[k], fps[16k..] = XXH3-128, flags[k] = HDE_FLAG_ZERO for an all-zero chunk.

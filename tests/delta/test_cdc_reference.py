@@ -2,8 +2,9 @@
 
 Cut points must be identical on every machine and build (both ends of a
 transfer chunk independently), so the definition is pinned here in Python: the
-gear table, the 64-byte window hash, the normalised masks and the zero-run skip
-(an optimisation that must not change any result).
+gear table, the 64-byte window hash, the one mask (no normalisation), the cut where a run
+of >= min_size + 64 zero bytes ends, and the C side's zero-run skipping and block-wise
+scan (optimisations that must not change any result).
 """
 
 from __future__ import annotations
@@ -53,11 +54,14 @@ def ref_cut(data: bytes, mn: int, avg: int, mx: int) -> int:
     if n <= mn:
         return n
     n = min(n, mx)
-    bits = avg.bit_length() - 1
-    strict, loose = _top(bits + 2), _top(bits - 2)
+    mask = _top(avg.bit_length() - 1)
+    run = mn + WINDOW
     for length in range(mn, n + 1):
-        h = window_hash(data[length - WINDOW : length])
-        if not h & (strict if length <= avg else loose):
+        if not window_hash(data[length - WINDOW : length]) & mask:
+            return length
+        # A run of >= min_size + 64 zero bytes followed by data ends a chunk.
+        zeros_before = length >= run and data[length - run : length] == bytes(run)
+        if length < n and data[length] and zeros_before:
             return length
     return n
 
@@ -68,13 +72,17 @@ def ref_cut_rolling(data: bytes, mn: int, avg: int, mx: int) -> int:
     if n <= mn:
         return n
     n = min(n, mx)
-    bits = avg.bit_length() - 1
-    strict, loose = _top(bits + 2), _top(bits - 2)
-    h = 0
-    for i in range(mn - WINDOW, n):
+    mask = _top(avg.bit_length() - 1)
+    h = zeros = 0
+    for i in range(n):
         h = ((h << 1) + GEAR[data[i]]) & M64
+        zeros = zeros + 1 if data[i] == 0 else 0
         length = i + 1
-        if length >= mn and not h & (strict if length <= avg else loose):
+        if length < mn:
+            continue
+        if not h & mask:
+            return length
+        if length < n and zeros >= mn + WINDOW and data[length]:
             return length
     return n
 
@@ -225,8 +233,30 @@ def test_insert_near_start_changes_few_chunks(seed: int, offset: int, insert: by
     before = set(_chunk_set(old, sizes))
     after = _chunk_set(new, sizes)
     changed = [c for c in after if c not in before]
-    # The chunk holding the insert and the few before the cut points re-align
-    # (1-2 chunks usually; 13 at worst in 1500 random trials, about 3.5 KiB).
-    assert len(changed) <= 16
-    assert sum(map(len, changed)) <= 8 * sizes[2]
+    # The chunk holding the insert and at most a few more before the cuts fall
+    # into step (1-2 usually; 5 at worst in 1500 random trials, about 2.7 KiB).
+    assert len(changed) <= 8
+    assert sum(map(len, changed)) <= 4 * sizes[2]
     assert len(after) >= 32768 // 1024
+
+
+def test_chunkers_fall_into_step_where_a_zero_run_ends() -> None:
+    """Chunking that starts anywhere (a window of a file, a shifted copy) cuts
+    like whole-file chunking from the first cuts after a zero run on."""
+    rng = random.Random(11)
+    data = rng.randbytes(30000) + bytes(70000) + rng.randbytes(200000)
+    sizes = (native.CDC_MIN, native.CDC_AVG, native.CDC_MAX)
+    start = 100000  # first byte after the zero run
+
+    def cuts(off: int) -> list[int]:
+        out, pos = [], off
+        for n in c_chunks(data[off:], *sizes)[0]:
+            pos += n
+            out.append(pos)
+        return [c for c in out if c >= start]
+
+    whole = cuts(0)
+    assert whole[0] == start  # the run's end is a cut
+    for off in (1, 7, 4095, 12345, 31000, 50000, 97000, 99000):
+        got = cuts(off)
+        assert got[-len(whole) + 1 :] == whole[1:] or got == whole
