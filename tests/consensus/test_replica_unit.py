@@ -27,7 +27,9 @@ from dwcp.consensus import (
     encode_op,
 )
 from dwcp.consensus.actions import Action, Recovered, StateTransferred
+from dwcp.consensus.log import encode_state
 from dwcp.consensus.messages import (
+    Checkpoint,
     Codec,
     Commit,
     Kind,
@@ -35,6 +37,8 @@ from dwcp.consensus.messages import (
     Prepare,
     PrePrepare,
     Request,
+    State,
+    digest,
 )
 from dwcp.identity import NodeKey
 
@@ -576,3 +580,30 @@ def test_fuzzed_input_never_raises() -> None:
         target.receive(bytes(data), net.now)
     assert (target.view, target.last_executed, target.stable_seq) == before
     assert target.stats["malformed"] + target.stats["bad_signature"] > 1000
+
+
+def test_forged_state_transfer_is_rejected() -> None:
+    net = Net.make(checkpoint_interval=2, watermark_window=4)
+    codec = Codec(net.config)
+    net.drop = lambda s, d, data: d == 3 or s == 3
+    for i in range(4):
+        net.request(0, encode_op("register", f"vm{i}", "h"))
+        net.run()
+    r0, r3 = net.replica(0), net.replica(3)
+    good = State(r0.stable_seq, r0._stable_blob, r0._stable_proof)
+    # Right proof, different state: the digest does not match.
+    evil = VMRegistry()
+    evil.execute(encode_op("register", "vm0", "mallory"))
+    bad_blob = State(good.seq, encode_state(evil.snapshot(), {}), good.proof)
+    assert r3.receive(codec.encode(bad_blob, 1, net.rkeys[1]), 0.0) == []
+    # A proof with only f + 1 signatures (a Byzantine pair cannot fake a checkpoint).
+    fake_d = digest(bad_blob.blob)
+    short = tuple(codec.encode(Checkpoint(good.seq, fake_d), i, net.rkeys[i]) for i in (1, 2))
+    forged = State(good.seq, bad_blob.blob, short)
+    assert r3.receive(codec.encode(forged, 1, net.rkeys[1]), 0.0) == []
+    assert r3.last_executed == 0 and r3.stats["invalid"] == 2
+    # The genuine one is accepted.
+    out = r3.receive(codec.encode(good, 1, net.rkeys[1]), 0.0)
+    assert any(isinstance(a, StateTransferred) for a in out)
+    assert r3.last_executed == good.seq
+    assert r3.app.digest() == r0.app.digest() or r0.last_executed > good.seq  # type: ignore[attr-defined]
