@@ -131,7 +131,7 @@ class Replica:
         self._fetch_seq = 0
         self._fetch_deadline: float | None = None
         self._pushed: dict[int, tuple[int, float]] = {}
-        self._served: dict[int, int] = {}
+        self._served: dict[int, tuple[int, float]] = {}
         self._ahead: dict[int, int] = {}
         self._replaying = False
         # Recovery after a lost log.
@@ -326,7 +326,7 @@ class Replica:
         elif isinstance(msg, NewView):
             self._on_new_view(s, msg, now, out)
         elif isinstance(msg, FetchState):
-            self._on_fetch(s, msg, out)
+            self._on_fetch(s, msg, now, out)
         elif isinstance(msg, State):
             self._on_state(s, msg, now, out)
         elif isinstance(msg, StatusQuery):
@@ -695,15 +695,16 @@ class Replica:
         self._fetch_deadline = now + self._timeout()
         self.stats["state_fetches"] += 1
 
-    def _on_fetch(self, s: Signed, msg: FetchState, out: list[Action]) -> None:
+    def _on_fetch(self, s: Signed, msg: FetchState, now: float, out: list[Action]) -> None:
         if self.stable_seq == 0 or self.stable_seq < msg.seq:
             self.stats["fetch_unavailable"] += 1
             return
-        if self._served.get(s.sender) == self.stable_seq:
-            self.stats["fetch_rate_limited"] += 1
+        served = self._served.get(s.sender, (-1, 0.0))
+        if served[0] == self.stable_seq and now - served[1] < self._timeout():
+            self.stats["fetch_rate_limited"] += 1  # one snapshot per requester per timeout
             return
         self.codec.verify(s)
-        self._served[s.sender] = self.stable_seq
+        self._served[s.sender] = (self.stable_seq, now)
         base = State(self.stable_seq, self._stable_blob, self._stable_proof)
         out.append(Send(s.sender, self._sign(base)))
 
