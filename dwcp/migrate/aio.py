@@ -447,7 +447,7 @@ async def receive_image(channel: Channel, peer_key: PublicKey, hooks: ReceiverHo
     claimed: str | None = None
     manifest: delta.Manifest | None = None
     frame_task: asyncio.Task[None] | None = None
-    events: asyncio.Queue[proto.Event] = asyncio.Queue()
+    events: asyncio.Queue[proto.Event] = asyncio.Queue(maxsize=8)  # bounds frames in memory
 
     async def pump_messages() -> None:
         while True:

@@ -1,0 +1,312 @@
+"""Migration benchmark: ``dwcp migrate`` against rsync over an emulated WAN link.
+
+Two network namespaces joined by ``dwcp.netemu.Link`` (default 100 Mbit/s,
+50 ms RTT, 0.5% loss, seeded). Side a is the source (dwcp node a, rsync
+client); side b the destination (dwcp node b, rsync daemon over TCP). Three
+cases, in one run, each tool starting from the same destination state:
+
+- cold:  the destination has nothing;
+- warm:  the destination has the previous version (``vm.img``) of the image;
+- cross: a different image (another ext4 file system sharing half its files
+  with the first) goes to a new name. rsync needs a basis file of the same name
+  to delta against, so it is given a copy of the stored image at the new name
+  (its best case; without it, it sends the whole image).
+
+rsync runs as ``rsync --no-whole-file -z`` (delta + zlib, as an operator would
+over a WAN). Wall time is the client command's; link bytes are what crossed the
+emulated link both ways (headers, acks and retransmissions included). The
+destination's SHA-256 is checked after every transfer.
+
+    python benchmarks/migrate_bench.py [--size MiB] [--data MiB] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from dwcp.demo import build_ext4, modify_ext4, sha256_file, stage_tree
+from dwcp.netemu import ADDR_A, ADDR_B, Link, unavailable_reason
+from dwcp.node import control
+from dwcp.node.config import load_config
+
+MiB = 1 << 20
+PY = sys.executable
+RSYNC_PORT = 8873
+TIMEOUT = 900
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def make_images(work: Path, size_mib: int, data_mib: int) -> dict[str, Path]:
+    tree, extra, other = work / "tree", work / "extra", work / "other"
+    stage_tree(tree, data_mib * MiB, seed=0)
+    stage_tree(
+        extra, max(1, data_mib // 16) * MiB, sources=("/usr/share/locale", "/usr/bin"), seed=7
+    )
+    # The cross image: every second file of the first tree, plus as much new data.
+    other.mkdir()
+    files = sorted(p for p in tree.rglob("*") if p.is_file())
+    for i, p in enumerate(files[::2]):
+        (other / f"{i:05d}-{p.name}").write_bytes(p.read_bytes())
+    stage_tree(
+        other / "new", data_mib // 2 * MiB, sources=("/usr/share/doc", "/usr/include"), seed=3
+    )
+    v1, v2, cross = work / "vm-v1.img", work / "vm-v2.img", work / "other.img"
+    build_ext4(v1, size_mib, tree)
+    modify_ext4(v1, v2, extra)
+    build_ext4(cross, size_mib, other)
+    for d in (tree, extra, other):
+        shutil.rmtree(d)
+    return {"v1": v1, "v2": v2, "cross": cross}
+
+
+def link_bytes(link: Link) -> int:
+    s = link.stats()
+    return int(s.ab.tx_bytes + s.ba.tx_bytes)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def dwcp(*args: str) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(
+        [PY, "-m", "dwcp.cli", *args], capture_output=True, text=True, timeout=TIMEOUT
+    )
+    if r.returncode:
+        raise SystemExit(f"dwcp {' '.join(args)} failed: {r.stderr}")
+    return r
+
+
+class Nodes:
+    """dwcp nodes a (in namespace a) and b (in namespace b)."""
+
+    def __init__(self, link: Link, work: Path) -> None:
+        self.link = link
+        self.cfg: dict[str, Path] = {}
+        keys: dict[str, str] = {}
+        ports = {"a": free_port(), "b": free_port()}
+        addrs = {"a": ADDR_A, "b": ADDR_B}
+        for side in ("a", "b"):
+            out = dwcp("init", str(work / side), "--listen", f"{addrs[side]}:{ports[side]}")
+            keys[side] = out.stdout.strip().splitlines()[-1]
+            self.cfg[side] = work / side / "node.toml"
+        for me, peer in (("a", "b"), ("b", "a")):
+            dwcp(
+                "--config",
+                str(self.cfg[me]),
+                "peers",
+                "add",
+                peer,
+                f"{addrs[peer]}:{ports[peer]}",
+                keys[peer],
+            )
+        self.procs = {}
+        for side in ("a", "b"):
+            errf = open(work / f"{side}.log", "ab")  # noqa: SIM115 - closed with the process
+            self.procs[side] = link.popen(
+                side,
+                [PY, "-m", "dwcp.node", "--config", str(self.cfg[side])],
+                stdout=subprocess.DEVNULL,
+                stderr=errf,
+            )
+            sock = load_config(self.cfg[side]).control_path
+            for _ in range(600):
+                try:
+                    control.call(sock, "status", timeout=10)
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            else:
+                raise SystemExit(f"node {side} did not start: {(work / f'{side}.log').read_text()}")
+        self.images_b = work / "b" / "data" / "images"
+
+    def migrate(self, image: Path, name: str) -> dict[str, Any]:
+        r = dwcp(
+            "--config",
+            str(self.cfg["a"]),
+            "migrate",
+            str(image),
+            "--to",
+            "b",
+            "--name",
+            name,
+            "--json",
+        )
+        return dict(json.loads(r.stdout.strip().splitlines()[-1]))
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            p.terminate()
+            p.wait(timeout=60)
+
+
+class Rsyncd:
+    def __init__(self, link: Link, work: Path) -> None:
+        self.dest = work / "rsync-dest"
+        self.dest.mkdir()
+        conf = work / "rsyncd.conf"
+        conf.write_text(
+            f"use chroot = no\nuid = root\ngid = root\npid file = {work}/rsyncd.pid\n"
+            f"[dst]\npath = {self.dest}\nread only = no\n"
+        )
+        self.proc = link.popen(
+            "b",
+            [
+                "rsync",
+                "--daemon",
+                "--no-detach",
+                f"--config={conf}",
+                f"--port={RSYNC_PORT}",
+                f"--address={ADDR_B}",
+            ],
+        )
+        for _ in range(100):
+            r = link.run_in_a(["rsync", f"rsync://{ADDR_B}:{RSYNC_PORT}/"], capture_output=True)
+            if r.returncode == 0:
+                return
+            time.sleep(0.1)
+        raise SystemExit("rsync daemon did not start")
+
+    def push(self, link: Link, image: Path, name: str) -> subprocess.CompletedProcess[str]:
+        r = link.run_in_a(
+            [
+                "rsync",
+                "--no-whole-file",
+                "-z",
+                "--stats",
+                str(image),
+                f"rsync://{ADDR_B}:{RSYNC_PORT}/dst/{name}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+        if r.returncode:
+            raise SystemExit(f"rsync failed: {r.stderr}")
+        return r
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def timed(fn: Any, link: Link) -> tuple[float, int, Any]:
+    b0 = link_bytes(link)
+    t0 = time.monotonic()
+    out = fn()
+    return time.monotonic() - t0, link_bytes(link) - b0, out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, default=256, help="image size, MiB (default 256)")
+    ap.add_argument("--data", type=int, default=110, help="MiB of files in it (default 110)")
+    ap.add_argument("--rate", type=float, default=100e6, help="link rate, bit/s")
+    ap.add_argument("--rtt", type=float, default=50.0, help="round-trip time, ms")
+    ap.add_argument("--loss", type=float, default=0.005, help="loss rate per direction")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--json", action="store_true", help="one JSON object on the last line")
+    args = ap.parse_args()
+    reason = unavailable_reason()
+    if reason:
+        log(f"migrate_bench: skipped: the link emulator is unavailable ({reason})")
+        if args.json:
+            print(json.dumps({"skipped": reason}))
+        return 0
+    work = Path(tempfile.mkdtemp(prefix="dwcp-migrate-bench-"))
+    os.chmod(work, 0o755)
+    rows: list[dict[str, Any]] = []
+    try:
+        log(f"building images ({args.size} MiB ext4, ~{args.data} MiB of files) in {work}")
+        imgs = make_images(work, args.size, args.data)
+        with Link(
+            rate_bps=args.rate, delay_ms=args.rtt / 2, loss=args.loss, seed=args.seed
+        ) as link:
+            nodes = Nodes(link, work)
+            rsyncd = Rsyncd(link, work)
+            try:
+                cases = [
+                    ("cold", imgs["v1"], "vm.img"),
+                    ("warm", imgs["v2"], "vm.img"),
+                    ("cross", imgs["cross"], "other.img"),
+                ]
+                for case, image, name in cases:
+                    want = sha256_file(image)
+                    log(f"{case}: dwcp migrate {image.name}")
+                    d_t, d_link, res = timed(lambda i=image, n=name: nodes.migrate(i, n), link)
+                    ok_d = sha256_file(nodes.images_b / name) == want == res["sha256"]
+                    if case == "cross":  # rsync's best case: a basis file under the new name
+                        shutil.copyfile(rsyncd.dest / "vm.img", rsyncd.dest / name)
+                    log(f"{case}: rsync {image.name}")
+                    r_t, r_link, _ = timed(lambda i=image, n=name: rsyncd.push(link, i, n), link)
+                    ok_r = sha256_file(rsyncd.dest / name) == want
+                    if not (ok_d and ok_r):
+                        raise SystemExit(f"{case}: SHA-256 mismatch (dwcp {ok_d}, rsync {ok_r})")
+                    rows.append(
+                        {
+                            "case": case,
+                            "image_bytes": image.stat().st_size,
+                            "missing_bytes": res["bytes_missing"],
+                            "dwcp_s": round(d_t, 2),
+                            "dwcp_link_bytes": d_link,
+                            "dwcp_app_bytes": res["bytes_wire"],
+                            "rsync_s": round(r_t, 2),
+                            "rsync_link_bytes": r_link,
+                            "time_ratio": round(d_t / r_t, 3),
+                            "bytes_ratio": round(d_link / r_link, 3) if r_link else None,
+                            "sha256_ok": True,
+                        }
+                    )
+            finally:
+                rsyncd.stop()
+                nodes.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(
+        f"link: {args.rate / 1e6:.0f} Mbit/s, {args.rtt:.0f} ms RTT, {args.loss:.1%} loss; "
+        f"image {args.size} MiB ext4 with ~{args.data} MiB of files"
+    )
+    print(
+        f"{'case':<6} {'missing':>9} {'dwcp s':>8} {'dwcp MB':>9} {'rsync s':>8} "
+        f"{'rsync MB':>9} {'time x':>7} {'bytes x':>8}"
+    )
+    for r in rows:
+        print(
+            f"{r['case']:<6} {r['missing_bytes'] / 1e6:>8.1f}M {r['dwcp_s']:>8.2f} "
+            f"{r['dwcp_link_bytes'] / 1e6:>9.2f} {r['rsync_s']:>8.2f} "
+            f"{r['rsync_link_bytes'] / 1e6:>9.2f} {r['time_ratio']:>7.3f} "
+            f"{r['bytes_ratio'] if r['bytes_ratio'] is not None else '-':>8}"
+        )
+    print("time x / bytes x: dwcp over rsync (lower is better); SHA-256 verified for every row")
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "link": {"rate_bps": args.rate, "rtt_ms": args.rtt, "loss": args.loss},
+                    "size_mib": args.size,
+                    "data_mib": args.data,
+                    "rows": rows,
+                }
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
