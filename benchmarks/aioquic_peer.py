@@ -36,7 +36,7 @@ from cryptography.x509.oid import NameOID
 ALPN = ["dwcp-bench-baseline"]
 WINDOW = 16 * 1024 * 1024
 SOCKBUF = 4 * 1024 * 1024
-UNACKED_LIMIT = 4 * 1024 * 1024  # keep this much unacknowledged data queued, no more
+UNACKED_LIMIT = 8 * 1024 * 1024  # keep this much unacknowledged data queued, no more
 CHUNK = b"\x5a" * 65536
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 
