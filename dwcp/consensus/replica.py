@@ -443,16 +443,19 @@ class Replica:
     def _on_normal(
         self, s: Signed, msg: PrePrepare | Prepare | Commit, now: float, out: list[Action]
     ) -> None:
+        # Nothing below reacts to a message (buffer, push, fetch) before its signature verified.
         if msg.view < self.view:
             self.stats["old_view"] += 1
-            self._push_new_view(s.sender, now, out)
+            self._push_new_view(s, now, out)
             return
         if msg.view > self.view or not self.active:
+            self.codec.verify(s)
             self._buffer_future(s)
             return
         if not self._window(msg.seq):
             self.stats["out_of_window"] += 1
-            if msg.seq > self.stable_seq:
+            if msg.seq > self.stable_seq and self._ahead.get(s.sender, -1) < msg.seq:
+                self.codec.verify(s)
                 self._note_ahead(s.sender, msg.seq, now, out)
             return
         e = self._log.get((msg.view, msg.seq))
@@ -767,20 +770,22 @@ class Replica:
         self._vc_resend = now + self._timeout()
         self._check_view_change_quorum(now, out)
 
-    def _push_new_view(self, sender: int, now: float, out: list[Action]) -> None:
+    def _push_new_view(self, s: Signed, now: float, out: list[Action]) -> None:
         """Help a replica stuck in an older view by forwarding our (self-certifying) NEW-VIEW."""
         if not (self.active and self._nv_raw) or self._replaying:
             return
+        sender = s.sender
         last = self._pushed.get(sender)
         if last is not None and last[0] == self.view and now - last[1] < self._timeout():
             return
+        self.codec.verify(s)  # a spoofed old message must not make us send a large NEW-VIEW
         self._pushed[sender] = (self.view, now)
         out.append(Send(sender, self._nv_raw))
 
     def _on_view_change(self, s: Signed, msg: ViewChange, now: float, out: list[Action]) -> None:
         if msg.view < self.view or (msg.view == self.view and self.active):
             self.stats["old_view"] += 1
-            self._push_new_view(s.sender, now, out)
+            self._push_new_view(s, now, out)
             return
         known = self._vcs.get(s.sender)
         if known is not None and known.msg.view >= msg.view:

@@ -168,7 +168,7 @@ def test_invalid_input_changes_nothing(seed: int) -> None:
         assert _state(rep) == before
 
 
-# --- unauthenticated input must not make a replica act (core bug, see consensus-bugs.md) ----
+# --- unauthenticated input must not make a replica act (fixed: see consensus-bugs.md) --------
 
 
 def _forged(c: Cluster, msg: Any, sender: int) -> bytes:
@@ -185,15 +185,6 @@ def _settled(seed: int = 3) -> Cluster:
     return c
 
 
-UNAUTH = pytest.mark.xfail(
-    strict=True,
-    reason="core bug: Replica._on_normal acts on PRE-PREPARE/PREPARE/COMMIT before verifying "
-    "the signature (out-of-window -> _note_ahead/state fetch, old view -> _push_new_view, "
-    "future view -> _buffer_future)",
-)
-
-
-@UNAUTH
 def test_unauthenticated_votes_ahead_start_no_state_fetch() -> None:
     c = _settled()
     rep: Any = c.sim.instances["r3"].node
@@ -205,7 +196,6 @@ def test_unauthenticated_votes_ahead_start_no_state_fetch() -> None:
     assert acts == [], acts  # today: Send(FETCH-STATE) to replicas 1 and 2
 
 
-@UNAUTH
 def test_unauthenticated_old_view_vote_gets_no_new_view_pushed() -> None:
     c = _settled()
     rep: Any = c.sim.instances["r3"].node
@@ -214,7 +204,6 @@ def test_unauthenticated_old_view_vote_gets_no_new_view_pushed() -> None:
     assert acts == [], acts  # today: Send(2, NEW-VIEW), a large message, to a spoofed sender
 
 
-@UNAUTH
 def test_unauthenticated_future_view_votes_are_not_buffered() -> None:
     c = _settled()
     rep: Any = c.sim.instances["r3"].node
