@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -192,6 +193,26 @@ def test_link_loss_follows_the_seeded_model() -> None:
     assert ab.rx_packets == n
     assert ab.lost == expected
     assert ab.queue_drops == ab.overflow_drops == 0
+
+
+@pytest.mark.netns
+@netns
+def test_one_process_can_hold_both_ends() -> None:
+    with Link(rate_bps=0, delay_ms=1, backend="tun") as link:
+        with link.enter("b"):
+            rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            rx.bind((link.addr_b, 9000))  # addr_b exists only inside namespace b
+        with link.enter("a"):
+            tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with rx, tx:
+            tx.sendto(b"across", (link.addr_b, 9000))
+            rx.settimeout(10)
+            data, (host, _) = rx.recvfrom(100)
+        assert (data, host) == (b"across", link.addr_a)
+        assert link.stats().ab.tx_packets == 1
+    # This thread is back home, where addr_b does not exist.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s, pytest.raises(OSError):
+        s.bind((link.addr_b, 0))
 
 
 @pytest.mark.netns

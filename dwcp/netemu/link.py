@@ -11,6 +11,7 @@ on SIGTERM; namespaces of runs that were SIGKILLed are removed by the next run.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import json
 import os
@@ -229,6 +230,10 @@ class Link:
         p = subprocess.Popen(self.cmd(side, argv), **kw)
         self._procs.append(p)
         return p
+
+    def enter(self, side: str) -> contextlib.AbstractContextManager[None]:
+        """Run the block (this thread only) inside one side's namespace; see ``netns.entered``."""
+        return netns.entered(self._ns(side))
 
     def run_in_a(self, argv: list[str], **kw: Any) -> subprocess.CompletedProcess[Any]:
         return self.run_in("a", argv, **kw)

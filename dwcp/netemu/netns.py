@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import functools
 import os
@@ -10,6 +11,7 @@ import re
 import shutil
 import struct
 import subprocess
+from collections.abc import Iterator
 
 from dwcp.errors import EmulatorError
 
@@ -39,6 +41,39 @@ def run(argv: list[str], check: bool = True) -> str:
 def ns_exec(ns: str, argv: list[str]) -> list[str]:
     """The command line that runs ``argv`` inside namespace ``ns``."""
     return ["ip", "netns", "exec", ns, *argv]
+
+
+CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def entered(ns: str) -> Iterator[None]:
+    """Move the calling thread into namespace ``ns`` for the block, then back.
+
+    Sockets made inside the block stay in ``ns`` for their whole life, so one
+    process can hold both ends of a link (e.g. an asyncio server bound in b and
+    a client connecting from a). Other threads are not affected.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        target = os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        os.close(home)
+        raise EmulatorError(f"namespace {ns} is gone: {e}") from e
+    try:
+        if libc.setns(target, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise EmulatorError(f"setns({ns}): {os.strerror(err)}")
+        try:
+            yield
+        finally:
+            if libc.setns(home, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise EmulatorError(f"cannot return to the original namespace: {os.strerror(err)}")
+    finally:
+        os.close(target)
+        os.close(home)
 
 
 def list_ns() -> list[str]:
