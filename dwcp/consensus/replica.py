@@ -73,7 +73,7 @@ from dwcp.consensus.viewchange import (
     check_view_change,
     plan_new_view,
 )
-from dwcp.errors import AuthenticationError, ConfigError, ProtocolError
+from dwcp.errors import AuthenticationError, ConfigError, ProtocolError, WalError
 from dwcp.identity import NodeKey
 
 _FUTURE_PER_SENDER = 256
@@ -216,7 +216,13 @@ class Replica:
         self._replaying = True
         try:
             for raw in records:
-                s = self.codec.decode(raw, limit=_WAL_LIMIT)
+                try:
+                    s = self.codec.decode(raw, limit=_WAL_LIMIT)
+                except ProtocolError as exc:
+                    raise WalError(
+                        f"write-ahead log record is not a message of this cluster ({exc}); "
+                        "restart the replica with recovering=True and without this log"
+                    ) from exc
                 msg = s.msg
                 if isinstance(msg, State):
                     self._install_state(msg, [])

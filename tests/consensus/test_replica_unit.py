@@ -607,3 +607,12 @@ def test_forged_state_transfer_is_rejected() -> None:
     assert any(isinstance(a, StateTransferred) for a in out)
     assert r3.last_executed == good.seq
     assert r3.app.digest() == r0.app.digest() or r0.last_executed > good.seq  # type: ignore[attr-defined]
+
+
+def test_unreadable_log_record_is_a_wal_error() -> None:
+    from dwcp.errors import WalError
+
+    net = Net.make()
+    r = Replica(net.config, 1, net.rkeys[1], VMRegistry())
+    with pytest.raises(WalError, match="recovering"):
+        r.recover([b"\x94garbage"], 0.0)
