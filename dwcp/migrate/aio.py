@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from dwcp import delta
+from dwcp.delta.summary import ManifestAssembler, leaves_bytes, summary_bytes
 from dwcp.errors import (
     ConnectionLostError,
     DiskFullError,
@@ -290,10 +291,10 @@ async def send_image(
         raise ImageError(f"{image} is not a regular file")
     on_progress(prog)
     manifest = await in_thread(delta.scan_image, image)
-    mbytes = manifest.to_bytes()
+    summary = summary_bytes(manifest)
     tid = proto.transfer_id_for(key.public.raw, name, manifest.sha256, manifest.size)
-    sig = key.sign(msg.offer_signing_payload(tid, name, manifest.size, manifest.sha256, mbytes))
-    sender = proto.Sender(msg.Offer(tid, name, manifest.size, manifest.sha256, mbytes, sig))
+    sig = key.sign(msg.offer_signing_payload(tid, name, manifest.size, manifest.sha256, summary))
+    sender = proto.Sender(msg.Offer(tid, name, manifest.size, manifest.sha256, summary, sig))
     prog.bytes_image, prog.phase = manifest.size, "planning"
     on_progress(prog)
     wire = 0
@@ -309,6 +310,13 @@ async def send_image(
         for a in actions:
             if isinstance(a, proto.SendMessage):
                 await send(a.message)
+            elif isinstance(a, proto.ProvideLeaves):
+                try:
+                    ev0: proto.Event = proto.LeavesReady(leaves_bytes(manifest, list(a.groups)))
+                except ManifestError as exc:
+                    ev0 = proto.LocalFailure("protocol", str(exc))
+                actions = sender.handle(ev0)
+                break
             elif isinstance(a, proto.StreamRanges):
                 prog.bytes_missing = sender.stats.bytes_missing
                 prog.bytes_to_send = sender.stats.bytes_pending
@@ -468,22 +476,40 @@ async def receive_image(channel: Channel, peer_key: PublicKey, hooks: ReceiverHo
         except ConnectionLostError as exc:
             await events.put(proto.ConnectionLost(str(exc)))
 
+    assembler: ManifestAssembler | None = None
+    offered: msg.Offer | None = None
+
     async def prepare(offer: msg.Offer) -> proto.Event:
-        nonlocal rebuilder, claimed, manifest
+        nonlocal claimed, assembler, offered
         try:
-            name = hooks.check_name(offer.name)
-            manifest = delta.Manifest.from_bytes(offer.manifest, max_image=hooks.max_image_bytes)
-            if manifest.size != offer.size or manifest.sha256 != offer.sha256:
-                raise ManifestError("the manifest does not match the offer's size and digest")
+            hooks.check_name(offer.name)
+            limit = hooks.max_image_bytes
+            assembler = await hooks.index.call(
+                lambda ix: ManifestAssembler(offer.summary, ix.local, max_image=limit)
+            )
+            if assembler.size != offer.size or assembler.sha256 != offer.sha256:
+                raise ManifestError("the manifest summary does not match the offer")
             await hooks.claim(offer.transfer_id)
             claimed = offer.transfer_id
-            m = manifest
+            offered = offer
+        except (DwcpError, OSError) as exc:
+            return _failure_for(exc)
+        return proto.LeavesNeeded(tuple(assembler.needed))
+
+    async def assemble(leaves: bytes) -> proto.Event:
+        nonlocal rebuilder, manifest
+        assert assembler is not None and offered is not None
+        asm, offer = assembler, offered
+        try:
+            m = manifest = await hooks.index.call(lambda ix: asm.complete(leaves))
             plan = await hooks.index.call(lambda ix: delta.plan(m, ix.local))
-            out = hooks.images_dir / name
+            out = hooks.images_dir / hooks.check_name(offer.name)
             state = hooks.partial_dir(offer.transfer_id)
             rebuilder = await in_thread(delta.Rebuilder.for_manifest, m, plan, out, state)
         except (DwcpError, OSError) as exc:
             return _failure_for(exc)
+        except (KeyError, IndexError) as exc:  # a local image left the index meanwhile
+            return proto.LocalFailure("io", f"the image index changed while planning ({exc!r})")
         hooks.on_plan(m.size, m.size - plan.bytes_missing)
         pending = tuple(rebuilder.pending())
         return proto.Prepared(pending, plan.bytes_missing, plan.bytes_local, plan.bytes_zero)
@@ -527,6 +553,8 @@ async def receive_image(channel: Channel, peer_key: PublicKey, hooks: ReceiverHo
                         frame_task = asyncio.create_task(pump_frames(channel))
                 elif isinstance(a, proto.PrepareTransfer):
                     follow = await prepare(a.offer)
+                elif isinstance(a, proto.AssembleManifest):
+                    follow = await assemble(a.leaves)
                 elif isinstance(a, proto.WriteFrame):
                     follow = await write(a.frame)
                 elif isinstance(a, proto.FinishTransfer):

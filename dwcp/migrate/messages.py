@@ -78,14 +78,18 @@ class Message:
 
 @dataclass(frozen=True)
 class Offer(Message):
-    """Source -> destination: the signed manifest of the image to move."""
+    """Source -> destination: the signed manifest summary (hash-tree parents) of the image.
+
+    The destination asks for the leaves of the regions it does not hold
+    (``NeedLeaves``/``Leaves``), so metadata costs grow with the change, not the size.
+    """
 
     TYPE: ClassVar[int] = 1
     transfer_id: str
     name: str
     size: int
     sha256: bytes
-    manifest: bytes
+    summary: bytes
     signature: bytes
 
     def __post_init__(self) -> None:
@@ -93,18 +97,18 @@ class Offer(Message):
         _check_text("name", self.name, 255)
         _check_int("size", self.size)
         _check_bytes("sha256", self.sha256, 32, 32)
-        _check_bytes("manifest", self.manifest, 1, MAX_MESSAGE - 4096)
+        _check_bytes("summary", self.summary, 1, MAX_MESSAGE - 4096)
         _check_bytes("signature", self.signature, 64, 64)
 
     def fields(self) -> list[Any]:
-        return [self.transfer_id, self.name, self.size, self.sha256, self.manifest, self.signature]
+        return [self.transfer_id, self.name, self.size, self.sha256, self.summary, self.signature]
 
 
 def offer_signing_payload(
-    transfer_id: str, name: str, size: int, sha256: bytes, manifest: bytes
+    transfer_id: str, name: str, size: int, sha256: bytes, summary: bytes
 ) -> bytes:
     """What the source signs: every field of the offer, unambiguously encoded."""
-    body = msgpack.packb([transfer_id, name, size, sha256, manifest], use_bin_type=True)
+    body = msgpack.packb([transfer_id, name, size, sha256, summary], use_bin_type=True)
     return SIGNING_CONTEXT + body
 
 
@@ -192,6 +196,45 @@ class Ack(Message):
         return [self.transfer_id, self.sha256, self.path_name]
 
 
+MAX_GROUPS = 1 << 24  # 1 MiB groups: 16 TiB
+
+
+@dataclass(frozen=True)
+class NeedLeaves(Message):
+    """Destination -> source: send the block fingerprints of these 1 MiB groups."""
+
+    TYPE: ClassVar[int] = 7
+    transfer_id: str
+    groups: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        _check_tid(self.transfer_id)
+        if len(self.groups) > MAX_GROUPS or any(
+            isinstance(g, bool) or not isinstance(g, int) or not 0 <= g < MAX_GROUPS
+            for g in self.groups
+        ):
+            raise ProtocolError("NeedLeaves: bad group list")
+
+    def fields(self) -> list[Any]:
+        return [self.transfer_id, struct.pack(f"<{len(self.groups)}I", *self.groups)]
+
+
+@dataclass(frozen=True)
+class Leaves(Message):
+    """Source -> destination: the leaves asked for (``dwcp.delta.summary.leaves_bytes``)."""
+
+    TYPE: ClassVar[int] = 8
+    transfer_id: str
+    data: bytes
+
+    def __post_init__(self) -> None:
+        _check_tid(self.transfer_id)
+        _check_bytes("data", self.data, 0, MAX_MESSAGE - 4096)
+
+    def fields(self) -> list[Any]:
+        return [self.transfer_id, self.data]
+
+
 ERROR_CODES = frozenset(
     {"busy", "integrity", "disk_full", "refused", "image_changed", "protocol", "too_large", "io"}
 )
@@ -216,7 +259,9 @@ class Error(Message):
         return [self.transfer_id, self.code, self.message]
 
 
-_TYPES: dict[int, type[Message]] = {m.TYPE: m for m in (Offer, Plan, Data, Done, Ack, Error)}
+_TYPES: dict[int, type[Message]] = {
+    m.TYPE: m for m in (Offer, Plan, Data, Done, Ack, Error, NeedLeaves, Leaves)
+}
 
 
 def encode(msg: Message) -> bytes:
@@ -255,6 +300,10 @@ def decode(data: bytes) -> Message:
         if len(fields) != 5 or not isinstance(fields[1], bytes):
             raise ProtocolError("Plan: wrong fields")
         fields[1] = tuple(unpack_ranges(fields[1]))
+    if cls is NeedLeaves:
+        if len(fields) != 2 or not isinstance(fields[1], bytes) or len(fields[1]) % 4:
+            raise ProtocolError("NeedLeaves: wrong fields")
+        fields[1] = tuple(g for (g,) in struct.iter_unpack("<I", fields[1]))
     try:
         return cls(*fields)
     except TypeError:

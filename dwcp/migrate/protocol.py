@@ -1,7 +1,9 @@
 """Sans-IO migration protocol: a ``Sender`` and a ``Receiver`` state machine.
 
-Flow: the source sends a signed ``Offer`` (manifest); the destination plans
-from its image index and answers ``Plan`` (the ranges it still lacks, which on
+Flow: the source sends a signed ``Offer`` (the manifest's summary: hash-tree
+parents); the destination matches it against its image index and asks for the
+leaves of the regions it lacks (``NeedLeaves``/``Leaves``), then plans from the
+index and answers ``Plan`` (the ranges it still lacks, which on
 a resumed transfer is only what is still pending); the source streams delta
 frames (``Data`` or the transport's bulk streams), then ``Done`` with counts; the
 destination rebuilds, verifies, fsyncs, renames, indexes and answers ``Ack``.
@@ -36,7 +38,9 @@ from dwcp.migrate.messages import (
     Data,
     Done,
     Error,
+    Leaves,
     Message,
+    NeedLeaves,
     Offer,
     Plan,
     offer_signing_payload,
@@ -85,6 +89,20 @@ class FrameReceived(Event):
     """Receiver: one delta frame arrived over the bulk streams."""
 
     frame: bytes
+
+
+@dataclass(frozen=True)
+class LeavesNeeded(Event):
+    """Receiver: the summary was matched locally; these groups' leaves are missing."""
+
+    groups: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LeavesReady(Event):
+    """Sender: the leaves the receiver asked for, encoded."""
+
+    data: bytes
 
 
 @dataclass(frozen=True)
@@ -156,6 +174,20 @@ class PrepareTransfer(Action):
 
 
 @dataclass(frozen=True)
+class AssembleManifest(Action):
+    """Receiver glue: complete the manifest from local fingerprints and these leaves, plan."""
+
+    leaves: bytes
+
+
+@dataclass(frozen=True)
+class ProvideLeaves(Action):
+    """Sender glue: encode the leaves of ``groups``, then report LeavesReady."""
+
+    groups: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class WriteFrame(Action):
     frame: bytes
 
@@ -192,6 +224,7 @@ class State(Enum):
     IDLE = "idle"
     OFFERED = "offered"  # sender: waiting for the plan
     PREPARING = "preparing"  # receiver: planning
+    LEAVES = "leaves"  # receiver: waiting for the leaves it asked for
     STREAMING = "streaming"  # sender: sending frames
     RECEIVING = "receiving"  # receiver: writing frames
     DRAINING = "draining"  # receiver: Done arrived before the last frames
@@ -290,6 +323,8 @@ class Sender(_Machine):
     TABLE: ClassVar[dict[tuple[State, str], str]] = {
         (State.IDLE, "Start"): "_on_start",
         (State.OFFERED, "Plan"): "_on_plan",
+        (State.OFFERED, "NeedLeaves"): "_on_need_leaves",
+        (State.OFFERED, "LeavesReady"): "_on_leaves_ready",
         (State.STREAMING, "StreamFinished"): "_on_stream_finished",
         (State.FINISHING, "Ack"): "_on_ack",
     }
@@ -298,10 +333,20 @@ class Sender(_Machine):
         super().__init__(offer.transfer_id)
         self.offer = offer
         self.stats = SenderStats()
+        self._leaves_asked = False
 
     def _on_start(self, _ev: Start) -> list[Action]:
         self.state = State.OFFERED
         return [SendMessage(self.offer)]
+
+    def _on_need_leaves(self, need: NeedLeaves) -> list[Action]:
+        if self._leaves_asked:
+            return self._protocol_error("leaves were already asked for")
+        self._leaves_asked = True
+        return [ProvideLeaves(need.groups)]
+
+    def _on_leaves_ready(self, ev: LeavesReady) -> list[Action]:
+        return [SendMessage(Leaves(self.transfer_id, ev.data))]
 
     def _on_plan(self, plan: Plan) -> list[Action]:
         if plan.missing and plan.missing[-1][0] + plan.missing[-1][1] > self.offer.size:
@@ -361,6 +406,8 @@ class Receiver(_Machine):
     TABLE: ClassVar[dict[tuple[State, str], str]] = {
         (State.IDLE, "Offer"): "_on_offer",
         (State.PREPARING, "Prepared"): "_on_prepared",
+        (State.PREPARING, "LeavesNeeded"): "_on_leaves_needed",
+        (State.LEAVES, "Leaves"): "_on_leaves",
         (State.RECEIVING, "Data"): "_on_data",
         (State.RECEIVING, "FrameReceived"): "_on_data",
         (State.DRAINING, "Data"): "_on_data",
@@ -391,7 +438,7 @@ class Receiver(_Machine):
 
     def _on_offer(self, offer: Offer) -> list[Action]:
         payload = offer_signing_payload(
-            offer.transfer_id, offer.name, offer.size, offer.sha256, offer.manifest
+            offer.transfer_id, offer.name, offer.size, offer.sha256, offer.summary
         )
         try:
             self.peer_key.verify(payload, offer.signature)
@@ -414,6 +461,14 @@ class Receiver(_Machine):
         self.offer = offer
         self.state = State.PREPARING
         return [PrepareTransfer(offer)]
+
+    def _on_leaves_needed(self, ev: LeavesNeeded) -> list[Action]:
+        self.state = State.LEAVES
+        return [SendMessage(NeedLeaves(self.transfer_id, ev.groups))]
+
+    def _on_leaves(self, leaves: Leaves) -> list[Action]:
+        self.state = State.PREPARING
+        return [AssembleManifest(leaves.data)]
 
     def _on_prepared(self, ev: Prepared) -> list[Action]:
         plan = Plan(self.transfer_id, ev.missing, ev.bytes_missing, ev.bytes_local, ev.bytes_zero)

@@ -43,6 +43,8 @@ EXIT_STARTUP = 3  # could not start (port in use, node already running, index un
 
 log = logging.getLogger("dwcp.node")
 PROGRESS_INTERVAL = 0.1  # seconds between progress lines to the CLI
+INITIAL_CONNECTIONS = 4
+INITIAL_STREAMS = 4
 
 
 class JsonFormatter(logging.Formatter):
@@ -126,7 +128,14 @@ class Node:
         await self.control.start()
         from dwcp.transport import TransportConfig
 
-        tc = TransportConfig(idle_timeout=self.config.limits.idle_timeout)
+        # Migrations are short bulk transfers: start with several connections (each its own
+        # congestion controller) rather than wait for the adaptive controller to probe up;
+        # on a lossy WAN one loss-based controller alone collapses.
+        tc = TransportConfig(
+            idle_timeout=self.config.limits.idle_timeout,
+            initial_connections=INITIAL_CONNECTIONS,
+            initial_streams=INITIAL_STREAMS,
+        )
         self.link = NodeLink(self.key, self.config.listen, tc)
         self.stats.links = self.link.links
         await self.link.start(self._trusted(), self._on_incoming)

@@ -23,6 +23,9 @@ TID = "ab" * 16
         m.Done(TID, 3, 1000),
         m.Ack(TID, b"h" * 32, "vm.qcow2"),
         m.Error(TID, "disk_full", "no space left"),
+        m.NeedLeaves(TID, (0, 5, 70000)),
+        m.NeedLeaves(TID, ()),
+        m.Leaves(TID, b"leaves"),
     ],
 )
 def test_roundtrip(msg: m.Message) -> None:

@@ -63,12 +63,16 @@ class Pair:
         self.cut_after: int | None = None
         self.tamper = False
         self.extra_frames = 0
+        self.offer = self.sender.offer
 
     # sender glue
     def run_sender(self, actions: list[p.Action]) -> None:
         for a in actions:
             if isinstance(a, p.SendMessage):
                 self.to_receiver.append(p.MessageReceived(m.decode(m.encode(a.message))))
+            elif isinstance(a, p.ProvideLeaves):
+                assert a.groups == (0,)
+                self.run_sender(self.sender.handle(p.LeavesReady(b"toy-leaves")))
             elif isinstance(a, p.StreamRanges):
                 frames, wire = 0, 0
                 for off, n in a.ranges:
@@ -98,11 +102,16 @@ class Pair:
             if isinstance(a, p.SendMessage):
                 self.to_sender.append(p.MessageReceived(m.decode(m.encode(a.message))))
             elif isinstance(a, p.PrepareTransfer):
-                tid = a.offer.transfer_id
+                self.offer = a.offer
+                self.run_receiver(self.receiver.handle(p.LeavesNeeded((0,))))
+            elif isinstance(a, p.AssembleManifest):
+                assert a.leaves == b"toy-leaves"
+                tid = self.offer.transfer_id
+                size = self.offer.size
                 if tid not in self.dest.partial:
-                    buf = bytearray(a.offer.size)
+                    buf = bytearray(size)
                     pending = set()
-                    for o in range(0, a.offer.size, BLOCK):
+                    for o in range(0, size, BLOCK):
                         have = self.dest.known[o : o + BLOCK]
                         if have == self.image[o : o + BLOCK]:
                             buf[o : o + len(have)] = have
@@ -110,9 +119,9 @@ class Pair:
                             pending.add(o)
                     self.dest.partial[tid] = (buf, pending)
                 buf, pending = self.dest.partial[tid]
-                missing = tuple((o, min(BLOCK, a.offer.size - o)) for o in sorted(pending))
+                missing = tuple((o, min(BLOCK, size - o)) for o in sorted(pending))
                 n = sum(x for _, x in missing)
-                self.run_receiver(self.receiver.handle(p.Prepared(missing, n, a.offer.size - n, 0)))
+                self.run_receiver(self.receiver.handle(p.Prepared(missing, n, size - n, 0)))
             elif isinstance(a, p.WriteFrame):
                 (off,) = struct.unpack_from("<Q", a.frame)
                 data = a.frame[8:]
@@ -254,6 +263,15 @@ def test_unexpected_message_names_state() -> None:
     assert "Ack not allowed in state offered" in str(actions[-1].error)
 
 
+def test_leaves_asked_twice_is_a_protocol_error() -> None:
+    s = p.Sender(make_offer(NodeKey.generate(), b"x" * 10))
+    s.handle(p.Start())
+    assert s.handle(p.MessageReceived(m.NeedLeaves(s.transfer_id, (0,)))) == [p.ProvideLeaves((0,))]
+    s.handle(p.LeavesReady(b"l"))
+    actions = s.handle(p.MessageReceived(m.NeedLeaves(s.transfer_id, (0,))))
+    assert isinstance(actions[-1], p.Failed) and isinstance(actions[-1].error, ProtocolError)
+
+
 def test_plan_beyond_image_is_refused() -> None:
     s = p.Sender(make_offer(NodeKey.generate(), b"x" * 10))
     s.handle(p.Start())
@@ -267,6 +285,9 @@ def test_done_before_last_frame_waits() -> None:
     offer = make_offer(key, b"y" * 8192)
     r = p.Receiver(key.public, max_image_bytes=1 << 30)
     assert isinstance(r.handle(p.MessageReceived(offer))[0], p.PrepareTransfer)
+    need = r.handle(p.LeavesNeeded(()))
+    assert isinstance(need[0], p.SendMessage) and isinstance(need[0].message, m.NeedLeaves)
+    assert r.handle(p.MessageReceived(m.Leaves(r.transfer_id, b""))) == [p.AssembleManifest(b"")]
     r.handle(p.Prepared(((0, 8192),), 8192, 0, 0))
     assert r.handle(p.FrameReceived(b"a" * 100)) == [p.WriteFrame(b"a" * 100)]
     assert r.handle(p.MessageReceived(m.Done(r.transfer_id, 2, 200))) == []
