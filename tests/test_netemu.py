@@ -158,12 +158,12 @@ def test_teardown_on_sigterm() -> None:
             time.sleep(60)
         """
     )
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert p.stdout is not None
-    names = p.stdout.readline().split()
-    assert len(names) == 2 and set(names) <= set(list_ns())
-    p.send_signal(signal.SIGTERM)
-    p.wait(timeout=30)
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as p:
+        assert p.stdout is not None
+        names = p.stdout.readline().split()
+        assert len(names) == 2 and set(names) <= set(list_ns())
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=30)
     assert not set(names) & set(list_ns())
 
 
