@@ -197,7 +197,7 @@ def bench_zstd(case: Case, base: Path, tmp: Path, level: int) -> dict[str, Any]:
 def best_rate(
     nbytes: int,
     fn: Callable[[], object],
-    repeat: int = 3,
+    repeat: int = 5,
     clock: Callable[[], float] = time.thread_time,
 ) -> float:
     """Best-of-``repeat`` throughput of ``fn`` over ``nbytes``, in bytes per second of
