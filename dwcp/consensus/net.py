@@ -298,6 +298,7 @@ class ReplicaServer(_Endpoint):
         self.clients: dict[bytes, FrameProtocol] = {}
         self.executed = 0
         self.view = 0
+        self.core_errors = 0
         self._pending: list[Action] = []
         self._flush_scheduled = False
         self.sync_in_thread = sync_in_thread
@@ -329,8 +330,11 @@ class ReplicaServer(_Endpoint):
 
     def _hello(self, proto: FrameProtocol, data: bytes) -> None:
         if data[:1] == b"C" and (len(data) - 1) % 32 == 0:
+            cfg = self.net.cluster
             for i in range(1, len(data), 32):
-                self.clients[data[i : i + 32]] = proto
+                key = data[i : i + 32]
+                if cfg.client_index(key) is not None:  # bounded by the configured clients
+                    self.clients[key] = proto
         elif not (data[:1] == b"R" and len(data) == 3):
             proto.close()
 
@@ -339,7 +343,14 @@ class ReplicaServer(_Endpoint):
             del self.clients[k]
 
     def on_frame(self, proto: FrameProtocol, data: bytes) -> None:
-        self._queue(self.replica.receive(data, asyncio.get_running_loop().time()))
+        try:
+            actions = self.replica.receive(data, asyncio.get_running_loop().time())
+        except Exception as exc:  # the core must not raise on input; never let a peer crash us
+            self.core_errors += 1
+            if self.core_errors == 1:
+                print(f"replica {self.id}: input raised {exc!r} (dropped)", file=sys.stderr)
+            return
+        self._queue(actions)
 
     def _on_timer(self) -> None:
         self._timer = None

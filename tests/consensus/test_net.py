@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,24 @@ async def _op(pool: ClientPool, *items: str | int) -> tuple[bool, str, int]:
     return r.ok, r.owner, r.epoch
 
 
+async def _junk(lc: LocalCluster) -> None:
+    """Hostile connections: bogus hellos, random frames, a huge length prefix."""
+    rng = random.Random(5)
+    for host, port in lc.net.addresses:
+        for first in (b"C" + rng.randbytes(64), b"Rxx", b"", b"R\x00\x01"):
+            _, w = await asyncio.open_connection(host, port)
+            try:
+                w.write(frame(first))
+                for _ in range(20):
+                    w.write(frame(rng.randbytes(rng.randrange(0, 300))))
+                w.write(b"\xff\xff\xff\xf0" + rng.randbytes(100))
+                await w.drain()
+            except ConnectionError:
+                pass  # the replica hung up on us: that is an acceptable answer
+            finally:
+                w.close()
+
+
 def test_four_processes_commit_then_a_new_view_commits(tmp_path: Path) -> None:
     with LocalCluster(tmp_path, clients=1, view_change_timeout=0.5, client_retry=0.25) as lc:
         lc.start_all()
@@ -27,6 +46,7 @@ def test_four_processes_commit_then_a_new_view_commits(tmp_path: Path) -> None:
         async def scenario() -> None:
             pool = ClientPool(lc.net, lc.client_keys())
             await pool.start(timeout=HANG_GUARD)
+            await _junk(lc)
             try:
                 assert await _op(pool, "register", "vm1", "h0") == (True, "h0", 1)
                 assert await _op(pool, "migrate", "vm1", "h0", "h1", 1) == (True, "h1", 2)
