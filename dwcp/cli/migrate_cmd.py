@@ -41,6 +41,9 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+_PLANNED = ("sending", "verifying")  # phases where the dedup ratio is known
+
+
 class _Bar:
     """A rich progress bar fed by the node's progress lines (only on a terminal)."""
 
@@ -75,7 +78,7 @@ class _Bar:
             if data.get("phase") not in (None, "connecting", "scanning", "planning")
             else None,
             completed=data.get("bytes_sent", 0),
-            dedup=float(data.get("dedup_ratio", 0.0)),
+            dedup=float(data.get("dedup_ratio", 0.0)) if data.get("phase") in _PLANNED else 0.0,
             phase=str(data.get("phase", "")),
         )
 

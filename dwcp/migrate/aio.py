@@ -432,6 +432,9 @@ class ReceiverHooks:
     release: Callable[[str], None] = lambda tid: None
     on_bytes: Callable[[int, int], None] = lambda wire, raw: None
     on_plan: Callable[[int, int], None] = lambda image, dedup: None
+    # Called once the image is stored and indexed, before the source gets its Ack: the
+    # seam where a cluster commits "image NAME = SHA256 is at this node" (consensus).
+    commit: Callable[[str, bytes, PublicKey], Awaitable[None]] = lambda n, h, k: asyncio.sleep(0)
 
 
 def _failure_for(exc: BaseException) -> proto.LocalFailure:
@@ -528,6 +531,7 @@ async def receive_image(channel: Channel, peer_key: PublicKey, hooks: ReceiverHo
         try:
             path = await in_thread(rebuilder.finish)
             await hooks.index.call(lambda ix: ix.update(path))
+            await hooks.commit(path.name, manifest.sha256, peer_key)
         except (DwcpError, OSError) as exc:
             return _failure_for(exc)
         return proto.Finished(manifest.sha256, path.name)

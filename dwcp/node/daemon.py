@@ -269,6 +269,7 @@ class Node:
             release=self._release,
             on_bytes=self._on_bytes_in,
             on_plan=self._on_plan_in,
+            commit=self.commit_migration,
         )
         self.stats.active_in += 1
         t0 = time.monotonic()
@@ -291,6 +292,17 @@ class Node:
                 time.monotonic() - t0,
                 extra={"event": "in_ok", "image": name, "peer": peer_name},
             )
+
+    async def commit_migration(self, name: str, sha256: bytes, source: PublicKey) -> None:
+        """Record a received image. Without a cluster this is the log line; with consensus
+        (dwcp.consensus) this is where the record is proposed and awaited before the Ack."""
+        log.info(
+            "stored image %s sha256 %s from %s",
+            name,
+            sha256.hex(),
+            source.node_id,
+            extra={"event": "commit", "image": name, "sha256": sha256.hex()},
+        )
 
     async def _claim(self, transfer_id: str) -> None:
         """One task per transfer id: a newer session for it replaces a stale one."""
