@@ -14,11 +14,10 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
 
-from dwcp.errors import UsageError
+from dwcp.errors import TransportError, UsageError
 from dwcp.identity import NodeKey, PublicKey
 
 BLOCK = 1 << 20
@@ -62,7 +61,11 @@ def register(sub: Any) -> None:
     p.add_argument("--max-streams", type=int, default=8)
     p.add_argument("--rate", type=float, default=1e9, help="link rate hint in bit/s (BDP sizing)")
     p.add_argument("--rtt", type=float, default=0.05, help="RTT hint in seconds (BDP sizing)")
-    p.add_argument("--congestion", default="cubic", help="QUIC congestion controller")
+    p.add_argument(
+        "--congestion",
+        default="dwcp-bbr",
+        help="QUIC congestion controller (reno, cubic, dwcp-bbr)",
+    )
     p.add_argument("--interval", type=float, default=0.5, help="adaptation interval, seconds")
     p.add_argument("--idle-timeout", type=float, default=30.0)
     p.add_argument(
@@ -119,8 +122,12 @@ async def _server(args: argparse.Namespace, key: NodeKey, trusted: list[PublicKe
             recv = await session.accept_bulk()
             total = 0
             t0, cpu0 = time.perf_counter(), time.process_time()
-            async for chunk in recv:
-                total += len(chunk)
+            try:
+                async for chunk in recv:
+                    total += len(chunk)
+            except TransportError as exc:
+                # A timed client closes the session at its deadline.
+                print(f"session ended ({exc})", file=sys.stderr, flush=True)
             dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
             print(
                 f"received {total} bytes in {dt:.2f} s ({total * 8 / max(dt, 1e-9) / 1e6:.1f} "
@@ -152,22 +159,28 @@ async def _client(args: argparse.Namespace, key: NodeKey, trusted: list[PublicKe
     await session.request(b"ping")
     handshake_rtt = (time.perf_counter() - t_ping) * 1000
     t0, cpu0 = time.perf_counter(), time.process_time()
+    sender = session.open_bulk()
 
-    async def produce() -> AsyncIterator[memoryview]:
+    async def pump() -> None:
+        while True:
+            await sender.write(block)
+
+    try:
         if args.bytes is not None:
             left = args.bytes
             while left > 0:
                 n = min(BLOCK, left)
-                yield block[:n]
+                await sender.write(block[:n])
                 left -= n
+            total = await sender.finish()
         else:
-            assert seconds is not None
-            deadline = t0 + seconds
-            while time.perf_counter() < deadline:
-                yield block
-
-    try:
-        total = await session.send(produce())
+            # Like iperf3 -t: count what the receiver consumed by the deadline.
+            task = asyncio.ensure_future(pump())
+            await asyncio.wait([task], timeout=seconds)
+            total = sender.acked
+            if task.done():
+                task.result()  # the session failed: raise its error
+            task.cancel()
         elapsed = time.perf_counter() - t0
         cpu = time.process_time() - cpu0
         stats = session.stats()

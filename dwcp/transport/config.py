@@ -35,7 +35,7 @@ class TransportConfig:
     max_connections: int = 8
     max_streams: int = 8
     interval: float = 0.5
-    congestion: str = "cubic"
+    congestion: str = "dwcp-bbr"
     alpn: str = ALPN
 
     def __post_init__(self) -> None:

@@ -25,7 +25,10 @@ from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream
 
 from dwcp.identity import PublicKey
+from dwcp.transport import bbr
 from dwcp.transport.tls import install_trust_check
+
+CONGESTION_CONTROLLERS = ("reno", "cubic", bbr.NAME)
 
 
 @dataclass

@@ -187,7 +187,8 @@ class BulkReceiver:
         self._ready: collections.deque[bytes] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self._acked = 0
-        self._ack_every = max(1, limit // 4)
+        # Fine-grained enough for progress and resume offsets, coarse enough to be cheap.
+        self._ack_every = max(1, min(limit // 8, 1 << 20))
 
     @property
     def start(self) -> int | None:

@@ -74,7 +74,7 @@ def make_configuration(
     idle_timeout: float = 30.0,
     max_stream_data: int = 1 << 20,
     max_data: int = 1 << 40,
-    congestion: str = "cubic",
+    congestion: str = "dwcp-bbr",
 ) -> QuicConfiguration:
     """A QUIC configuration presenting ``key``'s certificate (both roles)."""
     cert, private = make_certificate(key)
