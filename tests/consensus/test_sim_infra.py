@@ -149,7 +149,7 @@ def test_checker_catches_an_equivocating_twin_primary() -> None:
 _REPLAY_SCRIPT = """
 import sys
 from test_sim_random import build, liveness_bound
-for seed in (4, 7, 10):  # crashed primary, isolated primary, torn crash
+for seed in (4, 10):  # crashed primary, torn crash
     c, heal, span, fault = build(seed)
     c.start()
     c.run(until=liveness_bound(heal, span, c.config.view_change_timeout))
@@ -175,7 +175,7 @@ def test_replay_is_exact_across_processes_and_hash_seeds() -> None:
         )
         outs.append(proc.stdout)
     assert outs[0] == outs[1]
-    assert len(outs[0].splitlines()) == 3
+    assert len(outs[0].splitlines()) == 2
 
 
 def test_partition_blocks_and_heals() -> None:

@@ -34,7 +34,7 @@ class _Recovered:
 
 
 @pytest.mark.parametrize("amnesia", [False, True], ids=["wal", "amnesia"])
-@pytest.mark.parametrize("seed", seeds(10))
+@pytest.mark.parametrize("seed", seeds(5))
 def test_restarted_replica_votes_again(seed: int, amnesia: bool) -> None:
     rng = random.Random(seed)
     victim = rng.randrange(4)
