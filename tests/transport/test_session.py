@@ -257,3 +257,51 @@ def test_closed_session_raises_typed_errors_on_both_sides() -> None:
     run(main())
     assert isinstance(ended[0], ConnectionLostError)
     assert "done" in str(ended[0])
+
+
+def test_bulk_resumes_from_the_receivers_offset_after_the_session_is_lost() -> None:
+    data = os.urandom(6 * MiB)
+    config = TransportConfig(idle_timeout=10.0, window=1 * MiB, chunk=64 * 1024)
+    kept = bytearray()
+
+    async def main() -> None:
+        got_half = asyncio.Event()
+        finished = asyncio.Event()
+        offsets: list[int | None] = []
+
+        async def handler(session: Session) -> None:
+            recv = await session.accept_bulk()
+            offsets.append(recv.start)
+            try:
+                async for chunk in recv:
+                    kept.extend(chunk)  # "durably stored" by the application
+                    if len(kept) >= 2 * MiB and not got_half.is_set():
+                        got_half.set()
+                        await asyncio.sleep(3600)  # stall until the session dies
+            except TransportError:
+                return
+            finished.set()
+
+        a, b = two_keys()
+        server = await serve("127.0.0.1", 0, a, [b.public], handler, config=config)
+        try:
+            first = await connect(*server.address, b, [a.public], config=config)
+            sender = first.open_bulk()
+            writer = asyncio.ensure_future(sender.write(data))
+            await got_half.wait()
+            await first.close("network went away")
+            with pytest.raises(TransportError):
+                await writer
+            # The caller learns the receiver's offset (here: what it kept) and resumes.
+            resume_at = len(kept)
+            second = await connect(*server.address, b, [a.public], config=config)
+            assert await second.send([data[resume_at:]], offset=resume_at) == len(data)
+            await finished.wait()
+            assert offsets == [0, resume_at]
+            await second.close()
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(main(), timeout=120)
+    assert bytes(kept) == data
