@@ -38,6 +38,10 @@ class ImageError(LocalError, OSError):
     """An image file is missing, unreadable, or changed while it was being read."""
 
 
+class LocalImageChangedError(ImageError):
+    """A local image used as a source changed since it was indexed; re-plan and resume."""
+
+
 class BaseImageError(LocalError, ValueError):
     """The base image(s) given do not hold the data a delta was made against."""
 

@@ -7,14 +7,13 @@ on content. Files are chunked in windows, one C call per window.
 
 from __future__ import annotations
 
-import mmap
 import os
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from dwcp.delta import native
-from dwcp.errors import ImageError
+from dwcp.delta.reader import ImageReader
 
 WINDOW = 8 << 20
 
@@ -31,15 +30,17 @@ class ChunkList:
     def __len__(self) -> int:
         return len(self.lens)
 
-    def extend_from(self, view: memoryview, start: int, end: int) -> None:
-        """Chunk ``view[start:end]`` (offsets are relative to ``view``)."""
+    def extend_from(self, reader: ImageReader, start: int, end: int) -> None:
+        """Chunk bytes ``start..end`` of ``reader``'s file (one C call per window)."""
+        buf = memoryview(bytearray(min(WINDOW, max(0, end - start))))
         pos = start
         while pos < end:
             stop = min(end, pos + WINDOW)
-            final = stop == end
-            ch = native.cdc_chunks(view[pos:stop], final=final)
-            if ch.consumed == 0:  # the window is shorter than one max chunk: take it all
-                ch = native.cdc_chunks(view[pos:end], final=True)
+            view = buf[: stop - pos]
+            reader.read_into(view, pos)
+            ch = native.cdc_chunks(view, final=stop == end)
+            if ch.consumed == 0:  # unreachable while WINDOW > CDC_MAX: take it all
+                ch = native.cdc_chunks(view, final=True)
             off = pos
             for n in ch.lens:
                 self.offsets.append(off)
@@ -55,19 +56,8 @@ def chunk_file(
 ) -> ChunkList:
     """CDC chunks of a whole file, or of the given (start, end) windows of it."""
     out = ChunkList()
-    try:
-        f = open(path, "rb")  # noqa: SIM115
-    except OSError as exc:
-        raise ImageError(f"cannot read {path}: {exc.strerror}") from exc
-    with f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return out
-        with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mm:
-            view = memoryview(mm)
-            try:
-                for start, end in windows if windows is not None else [(0, size)]:
-                    out.extend_from(view, max(0, start), min(size, end))
-            finally:
-                view.release()
+    with ImageReader(path) as reader:
+        size = reader.size
+        for start, end in windows if windows is not None else [(0, size)]:
+            out.extend_from(reader, max(0, start), min(size, end))
     return out

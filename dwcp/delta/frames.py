@@ -9,7 +9,6 @@ the decoder nor make it allocate more than ``MAX_FRAME_RAW`` bytes.
 
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 import threading
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 import xxhash
 import zstandard
 
+from dwcp.delta.reader import ImageReader
 from dwcp.errors import FrameError, ImageError
 
 MAGIC = b"DF"
@@ -61,9 +61,9 @@ def _batches(ranges: Iterable[tuple[int, int]], batch: int) -> Iterator[list[tup
 
 
 def _frame(
-    view: memoryview, ranges: list[tuple[int, int]], cctx: zstandard.ZstdCompressor, level: int
+    reader: ImageReader, ranges: list[tuple[int, int]], cctx: zstandard.ZstdCompressor, level: int
 ) -> bytes:
-    raw = b"".join(view[o : o + n] for o, n in ranges)
+    raw = b"".join(reader.read(o, n) for o, n in ranges)
     comp = cctx.compress(raw)
     table = b"".join(_RANGE.pack(o, n) for o, n in ranges)
     checksum = xxhash.xxh3_64_intdigest(table + comp)
@@ -83,33 +83,23 @@ def encode(
 
     ``threads > 1`` compresses several batches at once (zstd releases the GIL),
     keeping at most ``2 * threads`` batches in flight so memory stays bounded.
+    A file that shrinks meanwhile raises ``ImageError`` (never SIGBUS).
     """
     if not 0 < batch_bytes <= MAX_FRAME_RAW:
         raise ValueError(f"batch_bytes must be in 1..{MAX_FRAME_RAW}")
-    try:
-        f = open(image, "rb")  # noqa: SIM115 - kept open while the generator runs
-    except OSError as exc:
-        raise ImageError(f"cannot read image {image}: {exc.strerror}") from exc
-    with f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return
-        with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mm:
-            view = memoryview(mm)
-            try:
-                yield from _encode_view(view, ranges, level, threads, batch_bytes, size)
-            finally:
-                view.release()
+    with ImageReader(image) as reader:
+        yield from _encode(reader, ranges, level, threads, batch_bytes)
 
 
-def _encode_view(
-    view: memoryview,
+def _encode(
+    reader: ImageReader,
     ranges: Iterable[tuple[int, int]],
     level: int,
     threads: int,
     batch_bytes: int,
-    size: int,
 ) -> Iterator[bytes]:
+    size = reader.size
+
     def checked() -> Iterator[tuple[int, int]]:
         for off, length in ranges:
             if off < 0 or length < 0 or off + length > size:
@@ -122,7 +112,7 @@ def _encode_view(
     if threads <= 1:
         cctx = zstandard.ZstdCompressor(level=level)
         for batch in _batches(checked(), batch_bytes):
-            yield _frame(view, batch, cctx, level)
+            yield _frame(reader, batch, cctx, level)
         return
     # A compressor is not thread-safe: one per worker thread, reused across batches.
     local = threading.local()
@@ -131,7 +121,7 @@ def _encode_view(
         cctx = getattr(local, "cctx", None)
         if cctx is None:
             cctx = local.cctx = zstandard.ZstdCompressor(level=level)
-        return _frame(view, batch, cctx, level)
+        return _frame(reader, batch, cctx, level)
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         pending = []

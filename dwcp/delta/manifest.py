@@ -10,18 +10,17 @@ collision can never silently produce a wrong image.
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 import re
 import struct
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import zstandard
 
 from dwcp.delta import native
-from dwcp.errors import ImageError, ManifestError
+from dwcp.delta.reader import ImageReader, StatKey
+from dwcp.errors import ManifestError
 
 BLOCK_SIZE = 4096
 TREE_FANOUT = 256
@@ -59,6 +58,8 @@ class Manifest:
     fps: bytes = field(repr=False)
     flags: bytes = field(repr=False)
     levels: tuple[bytes, ...] = field(repr=False, default=())
+    # The file state (size, mtime, inode, device) a scan saw; None when decoded.
+    stat_key: StatKey | None = field(repr=False, default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -146,8 +147,12 @@ class Manifest:
                 f"({n} blocks, {count} fingerprints)"
             )
         try:
+            packed = data[_HEADER.size : body]
+            # zstd allocates what a frame declares, whatever max_output_size says.
+            if n and zstandard.frame_content_size(packed) != n:
+                raise ManifestError("manifest block map declares the wrong size")
             dctx = zstandard.ZstdDecompressor()
-            flags = dctx.decompress(data[_HEADER.size : body], max_output_size=n) if n else b""
+            flags = dctx.decompress(packed, max_output_size=n) if n else b""
         except zstandard.ZstdError as exc:
             raise ManifestError(f"manifest block map is corrupt: {exc}") from exc
         if len(flags) != n or flags.translate(None, b"\x00\x01"):
@@ -171,60 +176,34 @@ def _nonzero_runs(flags: bytes) -> list[tuple[int, int]]:
     return [m.span() for m in _NONZERO_RUN.finditer(flags)]
 
 
-def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
-    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
-
-
 def scan_image(
     path: str | os.PathLike[str], *, block_size: int = BLOCK_SIZE, digest: bool = True
 ) -> Manifest:
     """Fingerprint an image, reading it once; refuse it if it changes meanwhile.
 
-    SHA-256 runs in a second thread over the same mapping while C fingerprints
-    the blocks (both release the GIL), so the scan costs about one SHA-256 pass.
-    ``digest=False`` skips it (all-zero ``sha256``) where only the blocks matter.
+    SHA-256 of each window runs in a second thread while C fingerprints the
+    same window (both release the GIL), so the scan costs about one SHA-256
+    pass. ``digest=False`` skips it (all-zero ``sha256``) where only the blocks
+    matter. The returned manifest's ``stat_key`` is the file state it describes.
     """
-    p = Path(path)
-    try:
-        f = open(p, "rb")  # noqa: SIM115 - closed below, after the second stat
-    except FileNotFoundError as exc:
-        raise ImageError(f"image {p} not found") from exc
-    except OSError as exc:
-        raise ImageError(f"cannot read image {p}: {exc.strerror}") from exc
-    with f:
-        before = _stat_key(os.fstat(f.fileno()))
-        size = before[0]
+    with ImageReader(path) as r:
+        size = r.size
         sha = hashlib.sha256()
-        if size == 0:
-            return Manifest(0, block_size, sha.digest(), b"", b"")
-        with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mm:
-            mm.madvise(mmap.MADV_SEQUENTIAL)
-            view = memoryview(mm)
-            try:
-                hasher = threading.Thread(target=_sha256_into, args=(sha, view), daemon=True)
-                if digest:
-                    hasher.start()
-                fps = bytearray()
-                flags = bytearray()
-                for off in range(0, size, SCAN_WINDOW):
-                    f_, fl, _ = native.block_fingerprints(view[off : off + SCAN_WINDOW], block_size)
-                    fps += f_
-                    flags += fl
-                if digest:
-                    hasher.join()
-            finally:
-                view.release()
-        after = _stat_key(os.fstat(f.fileno()))
-    if after != before:
-        raise ImageError(
-            f"image {p} changed while it was read; stop the VM or snapshot the image, then retry"
-        )
-    return Manifest(
-        size, block_size, sha.digest() if digest else bytes(32), bytes(fps), bytes(flags)
-    )
-
-
-def _sha256_into(digest: hashlib._Hash, view: memoryview) -> None:
-    step = 4 << 20
-    for off in range(0, len(view), step):
-        digest.update(view[off : off + step])
+        fps = bytearray()
+        flags = bytearray()
+        buf = memoryview(bytearray(min(SCAN_WINDOW, size)))
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            for off in range(0, size, SCAN_WINDOW):
+                view = buf[: min(SCAN_WINDOW, size - off)]
+                r.read_into(view, off)
+                hashing = pool.submit(sha.update, view) if digest else None
+                f_, fl, _ = native.block_fingerprints(view, block_size)
+                fps += f_
+                flags += fl
+                if hashing is not None:
+                    hashing.result()
+        r.check_unchanged()
+        key = r.key
+    m = Manifest(size, block_size, sha.digest() if digest else bytes(32), bytes(fps), bytes(flags))
+    object.__setattr__(m, "stat_key", key)
+    return m

@@ -18,14 +18,22 @@ import mmap
 import os
 import shutil
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import xxhash
 
 from dwcp.delta import frames, native
 from dwcp.delta.manifest import Manifest
-from dwcp.delta.planner import COPY, MISSING, Plan
-from dwcp.errors import DiskFullError, ImageError, IntegrityError, ProtocolError, StorageError
+from dwcp.delta.planner import COPY, Plan
+from dwcp.errors import (
+    DiskFullError,
+    ImageError,
+    IntegrityError,
+    LocalImageChangedError,
+    ProtocolError,
+    StorageError,
+)
 
 FLUSH_BYTES = 64 << 20  # make received data durable (and journal it) at least this often
 _REC = struct.Struct("<QQQ")  # offset, length, xxh3-64 of the two
@@ -103,6 +111,7 @@ class Rebuilder:
         self._unjournaled: list[tuple[int, int]] = []
         self._dirty = 0
         self.received = 0
+        self._fd = self._jfd = -1
         self._done = self._open_state()
 
     @classmethod
@@ -144,7 +153,7 @@ class Rebuilder:
                 os.replace(tmp, meta_path)
                 done = []
             self._fd = os.open(self._part, os.O_RDWR)
-            self._jfd = os.open(self._journal, os.O_WRONLY | os.O_APPEND)
+            self._jfd = os.open(self._journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         except StorageError:
             raise
         except OSError as exc:
@@ -163,13 +172,22 @@ class Rebuilder:
             )
 
     def _read_journal(self) -> list[tuple[int, int]]:
-        data = self._journal.read_bytes()
+        """Records before the first torn one; the journal is cut there so appends stay valid."""
+        data = self._journal.read_bytes() if self._journal.exists() else b""
         done = []
+        valid = 0
         for i in range(0, len(data) - len(data) % _REC.size, _REC.size):
             off, length, check = _REC.unpack_from(data, i)
             if xxhash.xxh3_64_intdigest(struct.pack("<QQ", off, length)) != check:
-                break  # a torn tail: everything before it is good
+                break
+            if off + length > self.size:
+                break
             done.append((off, length))
+            valid = i + _REC.size
+        if valid != len(data):
+            with open(self._journal, "ab") as f:
+                f.truncate(valid)
+                os.fsync(f.fileno())
         return done
 
     def _flush(self) -> None:
@@ -181,7 +199,9 @@ class Rebuilder:
                 _REC.pack(o, n, xxhash.xxh3_64_intdigest(struct.pack("<QQ", o, n)))
                 for o, n in self._unjournaled
             )
-            os.write(self._jfd, recs)
+            view = memoryview(recs)
+            while view:
+                view = view[os.write(self._jfd, view) :]
             os.fsync(self._jfd)
         except OSError as exc:
             raise _disk_error(exc, self.state_dir) from exc
@@ -226,6 +246,8 @@ class Rebuilder:
 
     def feed(self, frame: bytes | memoryview) -> int:
         """Apply one data frame; returns the bytes it carried."""
+        if self._fd < 0:
+            raise ValueError("this Rebuilder is closed; open a new one to resume")
         pieces = frames.decode(frame)
         n = 0
         for piece in pieces:
@@ -288,9 +310,14 @@ class Rebuilder:
             with mmap.mmap(self._fd, self.size, access=mmap.ACCESS_READ) as mm:
                 view = memoryview(mm)
                 try:
-                    if self.manifest is not None:
-                        self._verify_blocks(view)
-                    digest = hashlib.sha256(view).digest()
+                    # Both release the GIL: SHA-256 runs beside the block check.
+                    with ThreadPoolExecutor(max_workers=1) as pool:
+                        hashing = pool.submit(lambda: hashlib.sha256(view).digest())
+                        try:
+                            if self.manifest is not None:
+                                self._verify_blocks(view)
+                        finally:
+                            digest = hashing.result()
                 finally:
                     view.release()
         if digest != self.sha256:
@@ -312,12 +339,17 @@ class Rebuilder:
         )
         where = bad * self.manifest.block_size
         local = [e for e in self.plan.extents if e.offset <= where < e.offset + e.length]
-        culprit = "a local image changed since it was indexed"
-        if local and local[0].kind == MISSING:
-            culprit = "the sender's data does not match its manifest"
+        if local and local[0].kind == COPY:
+            path = self.plan.paths.get(local[0].source)
+            # What was received is still good: keep it, re-plan and resume.
+            raise LocalImageChangedError(
+                f"local image {path} changed since it was indexed (block at offset {where}); "
+                "re-index it and re-run: the data received so far is kept"
+            )
         self.abort()
         raise IntegrityError(
-            f"block at offset {where} of the rebuilt image is wrong: {culprit}; re-run"
+            f"block at offset {where} of the rebuilt image does not match the manifest: "
+            "the sender's data is wrong; nothing was written, re-run"
         )
 
     def finish(self) -> Path:
@@ -333,8 +365,7 @@ class Rebuilder:
         self._verify()
         try:
             os.fsync(self._fd)
-            os.close(self._fd)
-            os.close(self._jfd)
+            self._close_fds()
             self.out_path.parent.mkdir(parents=True, exist_ok=True)
             os.replace(self._part, self.out_path)
             dfd = os.open(self.out_path.parent, os.O_RDONLY)
@@ -347,18 +378,23 @@ class Rebuilder:
         shutil.rmtree(self.state_dir, ignore_errors=True)
         return self.out_path
 
-    def close(self) -> None:
-        """Stop without finishing, keeping what was received for a later resume."""
-        try:
-            self._flush()
-        finally:
-            for fd in (self._fd, self._jfd):
+    def _close_fds(self) -> None:
+        """Close once: a number closed twice may by then belong to another file."""
+        fds, self._fd, self._jfd = (self._fd, self._jfd), -1, -1
+        for fd in fds:
+            if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
 
+    def close(self) -> None:
+        """Stop without finishing, keeping what was received for a later resume."""
+        try:
+            if self._fd >= 0:
+                self._flush()
+        finally:
+            self._close_fds()
+
     def abort(self) -> None:
         """Stop and delete every partial state (the next attempt starts over)."""
-        for fd in (self._fd, self._jfd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        self._close_fds()
         shutil.rmtree(self.state_dir, ignore_errors=True)

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from dwcp.delta import ImageIndex, Rebuilder, encode, plan, scan_image
-from dwcp.errors import DiskFullError, ImageError, IntegrityError, ProtocolError
+from dwcp.errors import (
+    DiskFullError,
+    ImageError,
+    IntegrityError,
+    LocalImageChangedError,
+    ProtocolError,
+)
 from tests.delta.conftest import BS, make_image
 
 
@@ -90,9 +96,19 @@ def test_base_changed_after_indexing_is_caught(tmp_path: Path) -> None:
     rb = Rebuilder.for_manifest(m, p, out)
     for f_ in encode(src, p.missing):
         rb.feed(f_)
-    with pytest.raises(IntegrityError, match="local image changed"):
+    with pytest.raises(LocalImageChangedError, match="changed since it was indexed"):
         rb.finish()
     assert not out.exists()
+    rb.close()
+    # Re-index, re-plan and resume: only what the changed base no longer holds is sent.
+    index.update(base)
+    p2 = plan(m, index.local)
+    rb2 = Rebuilder.for_manifest(m, p2, out)
+    assert 0 < rb2.bytes_pending <= 4096
+    for f_ in encode(src, rb2.pending()):
+        rb2.feed(f_)
+    rb2.finish()
+    assert out.read_bytes() == src.read_bytes()
 
 
 def test_index_is_persistent_and_incremental(tmp_path: Path) -> None:
@@ -154,3 +170,38 @@ def test_chunk_lists_are_cached_in_the_index(tmp_path: Path) -> None:
             assert len(again.local.chunks) == n  # read back, not recomputed
         finally:
             index_mod.chunk_file = real
+
+
+def test_torn_journal_tail_is_cut_and_later_records_count(tmp_path: Path) -> None:
+    src, out, index = _setup(tmp_path)
+    m = scan_image(src)
+    p = plan(m, index.local)
+    frames = list(encode(src, p.missing, batch_bytes=64 * 1024))
+    rb = Rebuilder.for_manifest(m, p, out)
+    rb.feed(frames[0])
+    rb.close()
+    with open(rb.state_dir / "journal", "ab") as f:
+        f.write(b"torn-tail")  # a crash in the middle of a journal write
+    rb2 = Rebuilder.for_manifest(m, p, out)
+    before = rb2.bytes_pending
+    rb2.feed(frames[1])
+    rb2.close()
+    rb3 = Rebuilder.for_manifest(m, p, out)
+    assert rb3.bytes_pending < before
+    rb3.abort()
+
+
+def test_close_and_abort_are_idempotent(tmp_path: Path) -> None:
+    src, out, index = _setup(tmp_path)
+    m = scan_image(src)
+    rb = Rebuilder.for_manifest(m, plan(m, index.local), out)
+    rb.close()
+    other = os.open(src, os.O_RDONLY)  # may reuse a number the Rebuilder had
+    try:
+        rb.close()
+        rb.abort()
+        os.fstat(other)  # still open: nobody closed it behind our back
+    finally:
+        os.close(other)
+    with pytest.raises(ValueError, match="closed"):
+        rb.feed(b"")
