@@ -330,6 +330,13 @@ class Server:
                 del by_cid[cid]
 
         conn.on_gone = gone
+
+        def hello_deadline() -> None:
+            if isinstance(conn.listener, _Greeter):
+                conn.close("no Hello in time")
+
+        # The server's keepalive would otherwise hold a silent connection open forever.
+        conn.loop.call_later(self.config.connect_timeout, hello_deadline)
         return conn
 
     def _on_hello(self, conn: Conn, hello: wire.Hello, decoder: wire.FrameDecoder) -> None:

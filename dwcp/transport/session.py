@@ -42,6 +42,9 @@ log = logging.getLogger("dwcp.transport")
 _T = TypeVar("_T")
 RequestHandler = Callable[["Session", bytes], Awaitable[bytes]]
 CONTROL_STREAM = 0  # the client's first bidirectional stream on every connection
+# Caps on what a peer can make this node hold (each also bounded in bytes by its window).
+MAX_CONCURRENT_REQUESTS = 256
+MAX_PENDING = 64
 
 
 class _Stream:
@@ -219,6 +222,7 @@ class BulkReceiver:
         """The next chunk in order, or b"" once the transfer is complete."""
         while not self._ready:
             if self.reasm.complete:
+                self._session._receivers.pop(self.transfer_id, None)
                 return b""
             self._session._check()
             self._waiter = asyncio.get_running_loop().create_future()
@@ -524,6 +528,10 @@ class Session:
             self._on_control(frame)
         elif isinstance(frame, wire.Request) and not st.kind:
             st.kind = "request"
+            if len(self._tasks) >= MAX_CONCURRENT_REQUESTS:
+                raise FrameError(
+                    f"the peer has more than {MAX_CONCURRENT_REQUESTS} requests in progress"
+                )
             self._spawn(self._answer(conn, sid, frame.body))
         elif isinstance(frame, wire.Response) and st.kind == "awaiting":
             st.kind = "done"
@@ -539,6 +547,8 @@ class Session:
             conn.quic.pace_stream(sid, self.config.stream_window)
             chan = self._make_channel(conn, sid, frame.name)
             st.target = chan
+            if self._channels.qsize() >= MAX_PENDING:
+                raise FrameError(f"the peer opened more than {MAX_PENDING} unaccepted channels")
             self._channels.put_nowait(chan)
         else:
             raise FrameError(f"unexpected {type(frame).__name__} frame on stream {sid}")
@@ -569,8 +579,10 @@ class Session:
     def _receiver(self, transfer_id: int) -> BulkReceiver:
         recv = self._receivers.get(transfer_id)
         if recv is None:
-            if len(self._receivers) >= 64:
-                raise FrameError("the peer opened more than 64 concurrent bulk transfers")
+            if len(self._receivers) >= MAX_PENDING:
+                raise FrameError(
+                    f"the peer opened more than {MAX_PENDING} concurrent bulk transfers"
+                )
             recv = self._receivers[transfer_id] = BulkReceiver(
                 self, transfer_id, self.config.bulk_window
             )

@@ -305,3 +305,23 @@ def test_bulk_resumes_from_the_receivers_offset_after_the_session_is_lost() -> N
 
     run(main(), timeout=120)
     assert bytes(kept) == data
+
+
+def test_many_transfers_on_one_session_in_both_directions() -> None:
+    got: list[bytes] = []
+
+    async def handler(session: Session) -> None:
+        for _ in range(70):  # more than the cap on concurrent receivers: finished ones go
+            recv = await session.accept_bulk()
+            got.append(b"".join([c async for c in recv]))
+        await session.send([b"back" * 1000])
+
+    async def main() -> None:
+        async with pair(handler) as (session, _server):
+            for i in range(70):
+                await session.send([b"%d" % i, b"-" * i])
+            recv = await session.accept_bulk()
+            assert b"".join([c async for c in recv]) == b"back" * 1000
+
+    run(main())
+    assert got == [b"%d" % i + b"-" * i for i in range(70)]
