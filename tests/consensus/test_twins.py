@@ -46,6 +46,17 @@ def test_one_twin_pair_is_safe_and_live(seed: int) -> None:
         link=LinkPolicy(delay_max=rng.choice([0.002, 0.02])),
     )
     end = _random_rounds(c, rng, rng.randint(2, 6), rng.choice([0.05, 0.3, 0.8]))
+    split = random.Random(seed + 1)
+
+    def route(src: str, targets: list[str], data: bytes) -> list[str]:
+        # Both twins reachable: the network hands each message to one of them, or to both.
+        live = [t for t in targets if c.sim.reachable(src, t)]
+        if len(live) < 2:
+            return live
+        r = split.random()
+        return live if r < 0.3 else [live[0] if r < 0.65 else live[-1]]
+
+    c.sim.route_filter = route
     # After the rounds one twin is cut off for good: the cluster is 3 honest + 1 twin.
     silent = f"r{twin}'" if rng.random() < 0.5 else f"r{twin}"
     c.sim.partition(end, 1e9, [n for n in c.sim.instances if n != silent], {silent})
