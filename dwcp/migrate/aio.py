@@ -322,17 +322,26 @@ async def send_image(
                 prog.bytes_to_send = sender.stats.bytes_pending
                 prog.phase = "sending"
                 on_progress(prog)
-                n_frames, frame_wire = await _stream(
-                    channel, sender, image, a.ranges, level, bwlimit, prog, on_progress, send
-                )
+                try:
+                    n_frames, frame_wire = await _stream(
+                        channel,
+                        sender,
+                        image,
+                        before,
+                        a.ranges,
+                        level,
+                        bwlimit,
+                        prog,
+                        on_progress,
+                        send,
+                    )
+                    changed = _stat_key(image) != before
+                except ImageError:
+                    changed, n_frames, frame_wire = True, 0, 0
                 if isinstance(channel, BulkChannel):
                     wire += frame_wire
-                if _stat_key(image) != before:
-                    ev: proto.Event = proto.LocalFailure(
-                        "image_changed",
-                        f"image {image} changed while it was being sent; stop the VM or "
-                        "snapshot the image, then retry",
-                    )
+                if changed:
+                    ev: proto.Event = proto.LocalFailure("image_changed", _changed(image))
                 else:
                     ev = proto.StreamFinished(n_frames, frame_wire)
                     prog.phase = "verifying"
@@ -360,10 +369,7 @@ async def send_image(
                 if isinstance(err, IntegrityError | RemoteError):
                     with contextlib.suppress(OSError):
                         if _stat_key(image) != before:
-                            raise ImageError(
-                                f"image {image} changed while it was being sent; stop the VM "
-                                "or snapshot the image, then retry"
-                            ) from err
+                            raise ImageError(_changed(image)) from err
                 raise err
         else:
             try:
@@ -377,10 +383,18 @@ async def send_image(
             actions = sender.handle(proto.MessageReceived(m))
 
 
+def _changed(image: Path) -> str:
+    return (
+        f"image {image} changed while it was being sent; stop the VM or snapshot the "
+        "image, then retry"
+    )
+
+
 async def _stream(
     channel: Channel,
     sender: proto.Sender,
     image: Path,
+    before: tuple[int, int, int],
     ranges: tuple[tuple[int, int], ...],
     level: int,
     bwlimit: int,
@@ -388,7 +402,11 @@ async def _stream(
     on_progress: Callable[[Progress], None],
     send: Callable[[msg.Message], Awaitable[None]],
 ) -> tuple[int, int]:
-    """Encode and send every frame of ``ranges``; returns (frames, frame bytes)."""
+    """Encode and send every frame of ``ranges``; returns (frames, frame bytes).
+
+    The image's size, mtime and inode are re-checked after every frame (>= 1 MiB),
+    so a VM writing to it stops the transfer early with ``ImageError``.
+    """
     pacer = _Pacer(bwlimit)
     count, total = 0, 0
 
@@ -401,6 +419,8 @@ async def _stream(
             prog.bytes_wire += len(frame)
             on_progress(prog)
             yield frame
+            if _stat_key(image) != before:
+                raise ImageError(_changed(image))
             await pacer.pace(len(frame))
 
     if isinstance(channel, BulkChannel):

@@ -263,7 +263,9 @@ class _Machine:
         if isinstance(event, MessageReceived) and event.message.transfer_id != self.transfer_id:
             return self._protocol_error(f"message for transfer {event.message.transfer_id}")
         if isinstance(event, MessageReceived) and isinstance(event.message, Error):
-            return self._fail(_remote_error(event.message))
+            # A changed source image is never offered again under this id: drop its data.
+            discard = event.message.code == "image_changed"
+            return self._fail(_remote_error(event.message), discard=discard)
         if isinstance(event, ConnectionLost):
             return self._fail(ConnectionLostError(f"connection lost: {event.reason}"))
         if isinstance(event, LocalFailure):

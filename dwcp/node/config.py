@@ -55,6 +55,7 @@ class Limits:
     level: int = 3  # zstd level for outgoing data
     max_image_bytes: int = 4 * 1024**4  # largest incoming image accepted
     idle_timeout: float = 30.0  # seconds of peer silence before a session is declared lost
+    partial_max_age_days: float = 7.0  # unfinished incoming transfers idle longer are removed
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,15 @@ def load_config(path: str | Path) -> NodeConfig:
     metrics = node.address("metrics_listen") if "metrics_listen" in node.table else None
     lim = _Reader(p, _table(p, doc, "limits"), "limits")
     lim.check_keys(
-        {"max_transfers", "drain_seconds", "bwlimit", "level", "max_image_bytes", "idle_timeout"}
+        {
+            "max_transfers",
+            "drain_seconds",
+            "bwlimit",
+            "level",
+            "max_image_bytes",
+            "idle_timeout",
+            "partial_max_age_days",
+        }
     )
     raw_bw = lim.table.get("bwlimit", 0)
     try:
@@ -222,6 +231,7 @@ def load_config(path: str | Path) -> NodeConfig:
         level=lim.integer("level", 3, -7, 19),
         max_image_bytes=lim.integer("max_image_bytes", 4 * 1024**4, 1, 2**62),
         idle_timeout=lim.number("idle_timeout", 30.0, 1.0, 3600.0),
+        partial_max_age_days=lim.number("partial_max_age_days", 7.0, 0.0, 3650.0),
     )
     return NodeConfig(
         path=p,

@@ -124,6 +124,9 @@ class Node:
     async def startup(self) -> None:
         self.store.check()
         self.key = NodeKey.load(self.config.key_path)
+        max_age = self.config.limits.partial_max_age_days * 86400
+        for tid in self.store.drop_stale_transfers(max_age, time.time()):
+            log.info("removed stale partial transfer %s", tid, extra={"event": "partial_gc"})
         await self.index.open(self.store.images_dir)
         await self.control.start()
         from dwcp.transport import TransportConfig

@@ -96,3 +96,17 @@ class Store:
 
     def drop_transfer(self, transfer_id: str) -> None:
         shutil.rmtree(self.transfer_dir(transfer_id), ignore_errors=True)
+
+    def drop_stale_transfers(self, max_age_seconds: float, now: float) -> list[str]:
+        """Remove partial transfers untouched for ``max_age_seconds`` (their sender gave up)."""
+        dropped = []
+        for tid in self.partial_transfers():
+            d = self.transfer_dir(tid)
+            try:
+                newest = max([d.stat().st_mtime] + [e.stat().st_mtime for e in os.scandir(d)])
+            except OSError:
+                continue
+            if now - newest > max_age_seconds:
+                self.drop_transfer(tid)
+                dropped.append(tid)
+        return dropped

@@ -21,8 +21,8 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 STARTUP_POLLS = 400  # x 0.05 s: generous for a loaded 2-core machine
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+def free_udp_port(kind: int = socket.SOCK_DGRAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
@@ -54,6 +54,7 @@ class NodeProc:
         *,
         drain_seconds: float | None = None,
         idle_timeout: float | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         self.dir = root / name
         self.name = name
@@ -69,6 +70,12 @@ class NodeProc:
         if idle_timeout is not None:
             text = self.config.read_text().replace(
                 "idle_timeout = 30", f"idle_timeout = {idle_timeout}"
+            )
+            self.config.write_text(text)
+        if metrics_port is not None:
+            text = self.config.read_text().replace(
+                '# metrics_listen = "127.0.0.1:9400"',
+                f'metrics_listen = "127.0.0.1:{metrics_port}"',
             )
             self.config.write_text(text)
         self.proc: subprocess.Popen[bytes] | None = None

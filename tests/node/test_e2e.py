@@ -5,13 +5,22 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from node.cluster import NodeProc, make_image, mutate, sha256_file, wait_until
+from node.cluster import (
+    NodeProc,
+    free_udp_port,
+    make_image,
+    mutate,
+    sha256_file,
+    wait_until,
+)
 
 MiB = 1 << 20
 
@@ -106,6 +115,30 @@ def test_image_changing_while_sent_is_refused(pair: tuple[NodeProc, NodeProc, Pa
     _, err = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "changed" in err
     assert not (b.images / "changing.img").exists()
+    wait_until(lambda: not list(b.partial.iterdir()), "the destination to drop the data")
+
+
+def test_peers_added_while_running_and_metrics(
+    tmp_path: Path, pair: tuple[NodeProc, NodeProc, Path]
+) -> None:
+    a, _b, _root = pair
+    port = free_udp_port(socket.SOCK_STREAM)
+    d = NodeProc(tmp_path, "d", metrics_port=port)
+    d.start()  # no peers yet: nothing to serve
+    try:
+        d.trust(a)  # the running node reloads its peers and starts serving
+        a.trust(d)
+        img = tmp_path / "live.img"
+        make_image(img, 2, seed=41)
+        res = a.migrate_json(str(img), "--to", "d")
+        assert sha256_file(d.images / "live.img") == sha256_file(img) == res["sha256"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+            text = r.read().decode()
+        received = [ln for ln in text.splitlines() if ln.startswith("dwcp_bytes_received_total")]
+        assert received and float(received[0].split()[-1]) > 0
+        assert 'dwcp_migrations_total{direction="in",result="ok"} 1.0' in text
+    finally:
+        d.stop()
 
 
 def test_untrusted_node_is_refused(tmp_path: Path, pair: tuple[NodeProc, NodeProc, Path]) -> None:
