@@ -182,9 +182,12 @@ def apply_delta(
                 )
             paths[i] = Path(b)
         try:
-            raw = zstandard.ZstdDecompressor().decompress(
-                _read_exact(f, plan_len, "the plan"), max_output_size=MAX_PLAN
-            )
+            packed = _read_exact(f, plan_len, "the plan")
+            declared = zstandard.frame_content_size(packed)
+            # A plan has at most one 21-byte extent per image byte (checked again on decode).
+            if declared < 0 or declared > min(MAX_PLAN, 12 + 21 * size):
+                raise FrameError("delta file plan declares an impossible size (corrupted?)")
+            raw = zstandard.ZstdDecompressor().decompress(packed, max_output_size=declared)
         except zstandard.ZstdError as exc:
             raise FrameError(f"delta file plan is corrupt: {exc}") from exc
         p: Plan = plan_from_bytes(raw, paths)

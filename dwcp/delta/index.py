@@ -10,6 +10,7 @@ leaves the previous, consistent state.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 from array import array
@@ -21,6 +22,8 @@ from dwcp.delta import native
 from dwcp.delta.chunking import ChunkList, chunk_file
 from dwcp.delta.manifest import TREE_FANOUT, Manifest, scan_image
 from dwcp.errors import ImageError, StorageError
+
+log = logging.getLogger(__name__)
 
 
 class LocalIndex:
@@ -42,6 +45,9 @@ class LocalIndex:
             self.remove(source)
         self.paths[source] = path
         self.manifests[source] = manifest
+        self._add_blocks(source, manifest)
+
+    def _add_blocks(self, source: int, manifest: Manifest) -> None:
         self.blocks.add_blocks(manifest.fps, manifest.flags, source, manifest.block_size)
         if manifest.n_blocks:
             group = manifest.block_size * TREE_FANOUT
@@ -54,11 +60,16 @@ class LocalIndex:
             return
         del self.paths[source]
         del self.manifests[source]
+        # The table keeps one location per fingerprint: blocks that this source held first
+        # and others hold too must come back from the others (adding is idempotent).
         self.blocks.remove_source(source)
         self.parents.remove_source(source)
+        for other, m in self.manifests.items():
+            self._add_blocks(other, m)
         if self._chunks is not None and source in self._chunked:
             self._chunks.remove_source(source)
             self._chunked.discard(source)
+            self._chunked.clear()  # re-add the others' chunks on next use, for the same reason
 
     def path_of(self, source: int) -> Path:
         return self.paths[source]
@@ -121,6 +132,7 @@ class ImageIndex:
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open the image index {self.db_path}: {exc}") from exc
         self.local = LocalIndex(self._load_chunks)
+        self.skipped: dict[Path, str] = {}  # files sync_dir could not index, and why
         for row_id, path, blob in self._db.execute("SELECT id, path, manifest FROM images"):
             self.local.add(int(row_id), Path(path), Manifest.from_bytes(blob))
 
@@ -146,7 +158,8 @@ class ImageIndex:
         if row is not None and tuple(row[1:]) == (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev):
             return self.local.manifests[int(row[0])]
         manifest = scan_image(p)
-        st = p.stat()
+        assert manifest.stat_key is not None
+        size, mtime_ns, ino, dev = manifest.stat_key  # the state the scan saw, not a later one
         try:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("DELETE FROM images WHERE path = ?", (str(p),))
@@ -155,10 +168,10 @@ class ImageIndex:
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     str(p),
-                    st.st_size,
-                    st.st_mtime_ns,
-                    st.st_ino,
-                    st.st_dev,
+                    size,
+                    mtime_ns,
+                    ino,
+                    dev,
                     manifest.sha256,
                     manifest.to_bytes(),
                 ),
@@ -207,7 +220,13 @@ class ImageIndex:
             if rec.path.parent == d and rec.path not in present:
                 self.remove(rec.path)
         for p in sorted(present):
-            self.update(p)
+            try:
+                self.update(p)
+            except ImageError as exc:  # one busy or unreadable file must not stop the node
+                log.warning("not indexing %s: %s", p, exc)
+                self.skipped[p] = str(exc)
+            else:
+                self.skipped.pop(p, None)
 
     def images(self) -> list[ImageRecord]:
         rows = self._db.execute("SELECT path, size, sha256, mtime_ns FROM images ORDER BY path")

@@ -139,7 +139,7 @@ class FingerprintIndex:
 
     def add_blocks(self, fps: bytes, flags: bytes, source: int, block_size: int) -> int:
         """Index aligned blocks of one image (block i at i * block_size)."""
-        n = len(flags)
+        n = self._sized(fps, flags)
         added = lib.hde_index_add(
             self._ptr, fps, flags, n, source, ffi.NULL, 0, block_size, ffi.NULL
         )
@@ -149,11 +149,14 @@ class FingerprintIndex:
         self, fps: bytes, flags: bytes, offsets: array[int], lens: array[int], source: int
     ) -> int:
         """Index CDC chunks of one image at the given offsets and lengths."""
+        n = self._sized(fps, flags)
+        if len(offsets) < n or len(lens) < n:
+            raise ValueError("offsets and lens must list every chunk")
         added = lib.hde_index_add(
             self._ptr,
             fps,
             flags,
-            len(flags),
+            n,
             source,
             _array_ptr("uint64_t *", offsets),
             0,
@@ -166,7 +169,7 @@ class FingerprintIndex:
         return self._checked(lib.hde_index_remove_source(self._ptr, source))
 
     def lookup(self, fps: bytes, flags: bytes) -> Lookup:
-        n = len(flags)
+        n = self._sized(fps, flags)
         sources = array("i", bytes(4 * n))
         offsets = array("Q", bytes(8 * n))
         lens = array("I", bytes(4 * n))
@@ -182,6 +185,14 @@ class FingerprintIndex:
         return Lookup(sources, offsets, lens, int(hits))
 
     @staticmethod
+    def _sized(fps: bytes, flags: bytes) -> int:
+        """Entry count, refusing arrays C would read past the end of."""
+        n = len(flags)
+        if len(fps) < n * FP_BYTES:
+            raise ValueError(f"{len(fps)} fingerprint bytes for {n} entries")
+        return n
+
+    @staticmethod
     def _checked(rc: int) -> int:
         if rc < 0:
             raise MemoryError("out of memory while growing the fingerprint index")
@@ -191,6 +202,8 @@ class FingerprintIndex:
 def extents(flags: bytes, found: Lookup, block_size: int) -> Extents:
     """Merge per-block lookup results into zero / copy / literal runs of blocks."""
     n = len(flags)
+    if len(found.sources) < n or len(found.offsets) < n:
+        raise ValueError("lookup results must cover every block")
     cap = max(n, 1)
     start = array("Q", bytes(8 * cap))
     count = array("Q", bytes(8 * cap))

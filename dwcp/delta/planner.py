@@ -8,6 +8,7 @@ fingerprints around them lets ``refine`` find that data locally too.
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 from array import array
@@ -167,6 +168,34 @@ def refine(p: Plan, chunks: bytes, index: LocalIndex) -> Plan:
     return out
 
 
+def coalesce(p: Plan, max_ranges: int) -> Plan:
+    """Merge the missing ranges separated by the shortest gaps until at most ``max_ranges``.
+
+    A plan for a huge image with scattered changes can list more ranges than a
+    message may carry; sending a few more local bytes is the cheaper fix.
+    """
+    gaps = []  # (gap bytes, index of the extent before the gap)
+    ext = p.extents
+    missing_at = [i for i, e in enumerate(ext) if e.kind == MISSING]
+    excess = len(missing_at) - max_ranges
+    if excess <= 0:
+        return p
+    for a, b in itertools.pairwise(missing_at):
+        gaps.append((ext[b].offset - (ext[a].offset + ext[a].length), a, b))
+    merge = sorted(gaps)[:excess]
+    absorbed: set[int] = set()
+    for _gap, a, b in merge:
+        absorbed.update(range(a + 1, b + 1))
+    out = Plan(p.size, paths=dict(p.paths))
+    for i, e in enumerate(ext):
+        if i in absorbed:
+            last = out.extents[-1]
+            out.extents[-1] = Extent(last.offset, e.offset + e.length - last.offset, MISSING)
+        else:
+            out.extents.append(e)
+    return out
+
+
 # --- compact serialisation (delta files) ---------------------------------------
 
 _PLAN_HEAD = struct.Struct("<QI")
@@ -193,7 +222,7 @@ def plan_from_bytes(data: bytes, paths: dict[int, Path]) -> Plan:
     if len(data) < _PLAN_HEAD.size:
         raise ManifestError("plan truncated")
     size, n = _PLAN_HEAD.unpack_from(data)
-    if len(data) != _PLAN_HEAD.size + n * (1 + 8 + 4 + 8):
+    if n > size or len(data) != _PLAN_HEAD.size + n * (1 + 8 + 4 + 8):
         raise ManifestError("plan length does not match its extent count")
     pos = _PLAN_HEAD.size
     kinds = data[pos : pos + n]
@@ -210,6 +239,8 @@ def plan_from_bytes(data: bytes, paths: dict[int, Path]) -> Plan:
         if kinds[i] > 2:
             raise ManifestError(f"plan extent {i} has an unknown kind {kinds[i]}")
         kind = names[kinds[i]]
+        if lengths[i] == 0 or off + lengths[i] > size:
+            raise ManifestError(f"plan extent {i} is empty or runs past the image end")
         if kind == COPY and (sources[i] not in paths or off + rel[i] < 0):
             raise ManifestError(f"plan extent {i} copies from an unknown source")
         out.extents.append(

@@ -95,6 +95,9 @@ class ManifestAssembler:
         if body > len(leaves):
             raise ManifestError("leaf answer truncated")
         try:
+            packed = leaves[_LEAF_HEAD.size : body]
+            if want_blocks and zstandard.frame_content_size(packed) != want_blocks:
+                raise ManifestError("leaf answer's block map declares the wrong size")
             flags = (
                 zstandard.ZstdDecompressor().decompress(
                     leaves[_LEAF_HEAD.size : body], max_output_size=want_blocks

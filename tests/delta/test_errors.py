@@ -170,3 +170,29 @@ def test_cli_json_last_line(
     )
     fig = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert fig["verified"] is True and (tmp_path / "y").read_bytes() == new.read_bytes()
+
+
+def test_hostile_plans_are_refused_quickly() -> None:
+    from dwcp.delta.planner import plan_from_bytes
+
+    # 1,000 zero-length extents for a 10-byte image.
+    n = 1000
+    blob = struct.pack("<QI", 10, n) + bytes(n) + bytes(8 * n) + bytes(4 * n) + bytes(8 * n)
+    with pytest.raises(ManifestError):
+        plan_from_bytes(blob, {})
+    one = struct.pack("<QI", 10, 1) + b"\x00" + struct.pack("<Q", 11) + bytes(12)
+    with pytest.raises(ManifestError, match="past the image end"):
+        plan_from_bytes(one, {})
+
+
+def test_zstd_bomb_in_a_manifest_is_refused(sample: tuple[Path, bytes, bytes]) -> None:
+    import zstandard
+
+    blob = bytearray(sample[1])
+    flags_len = struct.unpack_from("<I", blob, 8 + 2 + 2 + 4 + 8 + 8 + 32 + 16)[0]
+    head = 8 + 2 + 2 + 4 + 8 + 8 + 32 + 16 + 4
+    bomb = zstandard.ZstdCompressor().compress(bytes(64 << 20))
+    forged = blob[:head] + bomb + blob[head + flags_len :]
+    struct.pack_into("<I", forged, head - 4, len(bomb))
+    with pytest.raises(ManifestError):
+        Manifest.from_bytes(bytes(forged))

@@ -205,3 +205,65 @@ def test_close_and_abort_are_idempotent(tmp_path: Path) -> None:
         os.close(other)
     with pytest.raises(ValueError, match="closed"):
         rb.feed(b"")
+
+
+def test_removing_an_image_keeps_blocks_its_clones_hold(tmp_path: Path) -> None:
+    data = make_image(random.Random(9), 300)
+    (tmp_path / "images").mkdir()
+    for name in ("golden.img", "clone.img"):
+        (tmp_path / "images" / name).write_bytes(data)
+    (tmp_path / "new.img").write_bytes(data)
+    with ImageIndex(tmp_path / "index.db") as index:
+        index.sync_dir(tmp_path / "images")
+        m = scan_image(tmp_path / "new.img")
+        assert plan(m, index.local).bytes_missing == 0
+        (tmp_path / "images" / "golden.img").unlink()
+        index.sync_dir(tmp_path / "images")
+        assert plan(m, index.local).bytes_missing == 0  # the clone still has every block
+
+
+def test_sync_dir_skips_unreadable_files(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "ok.img").write_bytes(b"x" * 5000)
+    bad = tmp_path / "images" / "bad.img"
+    bad.write_bytes(b"y" * 5000)
+    bad.chmod(0)
+    with ImageIndex(tmp_path / "index.db") as index:
+        if os.access(bad, os.R_OK):  # root reads anything: make it vanish instead
+            import dwcp.delta.index as index_mod
+
+            real = index_mod.scan_image
+
+            def flaky(p: Path, **kw: object) -> object:
+                if Path(p).name == "bad.img":
+                    raise ImageError("busy")
+                return real(p)
+
+            index_mod.scan_image = flaky  # type: ignore[assignment]
+            try:
+                index.sync_dir(tmp_path / "images")
+            finally:
+                index_mod.scan_image = real
+        else:
+            index.sync_dir(tmp_path / "images")
+        assert [r.path.name for r in index.images()] == ["ok.img"]
+        assert bad.resolve() in index.skipped
+
+
+def test_coalesce_bounds_the_number_of_ranges(tmp_path: Path) -> None:
+    from dwcp.delta.planner import coalesce
+
+    src, out, index = _setup(tmp_path)
+    m = scan_image(src)
+    p = plan(m, index.local)
+    n = len(p.missing)
+    assert n > 10
+    c = coalesce(p, 10)
+    assert len(c.missing) == 10
+    assert c.bytes_missing >= p.bytes_missing
+    assert sum(e.length for e in c.extents) == p.size
+    rb = Rebuilder.for_manifest(m, c, out)
+    for f in encode(src, rb.pending()):
+        rb.feed(f)
+    rb.finish()
+    assert out.read_bytes() == src.read_bytes()
