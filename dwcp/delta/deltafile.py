@@ -94,6 +94,11 @@ def make_delta(
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out_path)
+        dfd = os.open(out_path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)  # the rename itself is durable
+        finally:
+            os.close(dfd)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise _disk_error(exc, out_path) from exc
