@@ -475,3 +475,41 @@ class StaleCerts(Wrapper):
             self.rewritten += 1
             out.append(Send(j, self.sign(bad)))
         return out
+
+
+class SlowPrimary(Wrapper):
+    """Aardvark's slow primary: holds each PRE-PREPARE for ``delay`` seconds, just under the
+    backups' patience, so it is never replaced but throughput collapses."""
+
+    def __init__(self, *a: Any, delay: float = 0.4, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.delay = delay
+        self.held: list[tuple[float, Any]] = []
+        self.now = 0.0
+
+    def receive(self, data: bytes, now: float) -> list[Any]:
+        self.now = now
+        return self.rewrite(self.inner.receive(data, now)) + self._release(now)
+
+    def tick(self, now: float) -> list[Any]:
+        self.now = now
+        return self.rewrite(self.inner.tick(now)) + self._release(now)
+
+    def next_deadline(self) -> float | None:
+        times = [t for t, _ in self.held]
+        inner = self.inner.next_deadline()
+        if inner is not None:
+            times.append(inner)
+        return min(times) if times else None
+
+    def _release(self, now: float) -> list[Any]:
+        due = [a for t, a in self.held if t <= now]
+        self.held = [(t, a) for t, a in self.held if t > now]
+        return due
+
+    def outgoing(self, action: Any, s: Signed) -> list[Any]:
+        if isinstance(s.msg, PrePrepare):
+            self.held.append((self.now + self.delay, action))
+            self.sent += 1
+            return []
+        return [action]

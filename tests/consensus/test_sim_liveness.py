@@ -68,3 +68,37 @@ def test_window_opening_proposes_pending_requests() -> None:
             assert c.finished(), c.describe()
             retries[(clients, seed)] = _retries(c)
     assert not any(retries.values()), f"client retries per (clients, seed): {retries}"
+
+
+def _completions_in(c: Cluster, seconds: float) -> int:
+    c.start()
+    c.sim.run(seconds)
+    return sum(c.workload.done.values())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="PBFT design limit (Aardvark, NSDI'09), research goal P5: a primary that delays "
+    "every PRE-PREPARE just under the backups' timeout is never replaced and throughput "
+    "collapses; needs Aardvark-style throughput monitoring of the primary",
+)
+def test_slow_primary_keeps_half_the_throughput_or_is_replaced() -> None:
+    from adversary import SlowPrimary, wrapper
+
+    def cluster(slow: bool) -> Cluster:
+        return Cluster(
+            7,
+            replay=f"{REPLAY} -k slow_primary",
+            link=LinkPolicy(delay_max=0.003),
+            quota=10_000,
+            clients=2,
+            byzantine=wrapper(SlowPrimary, delay=0.4) if slow else None,
+            byzantine_ids=(0,) if slow else (),
+        )
+
+    window = 1.5  # virtual seconds = 3 view-change timeouts (goal P5)
+    honest = _completions_in(cluster(False), window)
+    slow = cluster(True)
+    got = _completions_in(slow, window)
+    replaced = slow.checker.view_changes > 0
+    assert replaced or got >= 0.5 * honest, f"{got} vs {honest} completions; {slow.describe()}"
