@@ -120,6 +120,13 @@ class DwcpQuicConnection(QuicConnection):
             return 0
         return len(stream.sender._buffer)
 
+    def send_unsent(self, stream_id: int) -> int:
+        """Bytes written to ``stream_id`` and never sent yet (retransmissions excluded)."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        return int(stream.sender._buffer_stop - stream.sender.highest_offset)
+
     def send_acked(self, stream_id: int) -> int:
         """Contiguous bytes of ``stream_id`` the peer has acknowledged."""
         stream = self._streams.get(stream_id)

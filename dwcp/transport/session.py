@@ -362,10 +362,8 @@ class Session:
         self._transfer_ids = itertools.count(1 if is_client else 2, 2)
         self._lanes: list[tuple[Conn, int]] = []
         self._out_lanes: dict[tuple[int, int], int] = {}
-        self._lane_rr = 0
         # The sender may have at most this many unconsumed bytes at the receiver.
         self.send_window = min(config.bulk_window, peer_window or config.bulk_window)
-        self._lane_high = self.send_window
         self._progress: asyncio.Future[None] | None = None
         self._failed: asyncio.Future[None] = self._loop.create_future()
         self.error: DwcpError | None = None
@@ -731,18 +729,40 @@ class Session:
         return conn, sid
 
     async def _pick_lane(self) -> tuple[Conn, int]:
-        """The next lane with room in its send buffer (waits for acknowledgements if none)."""
+        """The lane whose connection will send a new chunk soonest (waits if all are full).
+
+        Each connection may have about one congestion window of data waiting to be
+        sent; the chunk goes to the connection with the least waiting data relative to
+        its window, on its least-loaded stream. Striping in proportion to each
+        connection's speed keeps the receiver's reassembly gaps near one RTT of data;
+        equal shares would let a slow connection hold the whole window hostage.
+        """
+        floor = 2 * self.config.chunk
         while True:
             lanes = self._lanes
             if not lanes:
                 lanes = self._lanes = self._active_lanes()
-                self._lane_high = max(2 * self.config.chunk, self.send_window // len(lanes))
-            n = len(lanes)
-            for k in range(n):
-                conn, sid = lanes[(self._lane_rr + k) % n]
-                if not conn.closed and conn.quic.send_buffered(sid) < self._lane_high:
-                    self._lane_rr = (self._lane_rr + k + 1) % n
-                    return conn, sid
+            best: tuple[Conn, int] | None = None
+            best_score = 0.0
+            by_conn: dict[int, list[int]] = {}
+            conns: dict[int, Conn] = {}
+            for conn, sid in lanes:
+                if not conn.closed:
+                    by_conn.setdefault(conn.index, []).append(sid)
+                    conns[conn.index] = conn
+            for index, sids in by_conn.items():
+                quic = conns[index].quic
+                waiting = [quic.send_unsent(sid) for sid in sids]
+                allowed = max(quic.congestion_window, floor)
+                total = sum(waiting)
+                if total >= allowed:
+                    continue
+                score = total / allowed
+                if best is None or score < best_score:
+                    best = (conns[index], sids[waiting.index(min(waiting))])
+                    best_score = score
+            if best is not None:
+                return best
             await self._wait_progress()
 
     # --- adaptation -------------------------------------------------------------
