@@ -460,6 +460,8 @@ class ReceiverHooks:
 def _failure_for(exc: BaseException) -> proto.LocalFailure:
     """Map a local exception to the error code sent to the peer (and whether to discard)."""
     text = str(exc)[:4000]
+    if isinstance(exc, RemoteError) and exc.code in msg.ERROR_CODES:
+        return proto.LocalFailure(exc.code, text)
     if isinstance(exc, DiskFullError):
         return proto.LocalFailure("disk_full", text, discard=True)
     if isinstance(exc, IntegrityError):

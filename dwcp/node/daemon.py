@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from dwcp import __version__
-from dwcp.errors import ConfigError, DwcpError, ImageError, LocalError, UsageError
+from dwcp.errors import (
+    ConfigError,
+    DwcpError,
+    ImageError,
+    LocalError,
+    RemoteError,
+    UsageError,
+)
 from dwcp.identity import NodeKey, PublicKey
 from dwcp.migrate import aio
 from dwcp.node import metrics
@@ -316,6 +323,13 @@ class Node:
             with contextlib.suppress(BaseException):
                 await old
         assert me is not None
+        busy = sum(1 for t in self.incoming.values() if not t.done())
+        if busy >= self.config.limits.max_transfers:
+            raise RemoteError(
+                "busy",
+                f"the destination already runs {busy} incoming transfers "
+                "([limits] max_transfers); retry later",
+            )
         self.incoming[transfer_id] = me
 
     def _release(self, transfer_id: str) -> None:

@@ -160,8 +160,9 @@ class NodeLink:
 
     async def probe(self, peer: Peer, timeout: float = 3.0) -> float | None:
         """Seconds to establish an authenticated session with ``peer``, or None."""
-        from dwcp.transport import connect
+        from dwcp.transport import TransportConfig, connect
 
+        light = TransportConfig(initial_connections=1, initial_streams=1, max_connections=1)
         t0 = time.monotonic()
         try:
             session = await asyncio.wait_for(
@@ -170,7 +171,7 @@ class NodeLink:
                     peer.address.port,
                     self.key,
                     [peer.public_key],
-                    config=self.config,
+                    config=light,
                 ),
                 timeout,
             )
