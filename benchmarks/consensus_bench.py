@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -53,6 +56,18 @@ def verify_us(seconds: float = 0.3) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
+def cpu_seconds(lc: LocalCluster) -> float:
+    """User+system CPU of the replica processes and of this (client) process so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in lc.procs.values():
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    return total + me.ru_utime + me.ru_stime
+
+
 def pct(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
@@ -68,8 +83,10 @@ async def _closed_loop(pool: ClientPool, clients: int, seconds: float, tag: str)
     t_first: float | None = None
     t_last = time.perf_counter()
 
+    total = 0
+
     async def worker(c: int) -> None:
-        nonlocal counted, t_first, t_last
+        nonlocal counted, t_first, t_last, total
         k = 0
         while time.perf_counter() < stop_at:
             t0 = time.perf_counter()
@@ -78,6 +95,7 @@ async def _closed_loop(pool: ClientPool, clients: int, seconds: float, tag: str)
             )
             t1 = time.perf_counter()
             k += 1
+            total += 1
             if t0 >= warm_until:
                 if t_first is None:
                     t_first = t0
@@ -89,6 +107,7 @@ async def _closed_loop(pool: ClientPool, clients: int, seconds: float, tag: str)
     span = t_last - (t_first or t_last)
     return {
         "commits": counted,
+        "total": total,
         "rate": counted / span if span > 0 else 0.0,
         "p50": pct(lat, 0.50),
         "p95": pct(lat, 0.95),
@@ -102,7 +121,14 @@ async def _throughput(lc: LocalCluster, clients: int, seconds: float, tag: str) 
     try:
         # Warm-up request: connections, verification caches, first checkpoint.
         await asyncio.wait_for(pool.request(encode_op("register", f"{tag}-warm", "h0"), 0), HANG)
-        return await _closed_loop(pool, clients, seconds, tag)
+        cpu0 = cpu_seconds(lc)
+        res = await _closed_loop(pool, clients, seconds, tag)
+        cpu = cpu_seconds(lc) - cpu0
+        # CPU per commit barely depends on how busy the machine is, unlike the rates:
+        # it gives the ceiling this code would reach on 2 idle cores.
+        res["cpu_ms_per_commit"] = cpu * 1000 / max(res["total"], 1)
+        res["ceiling_2_idle_cores"] = 2000 / res["cpu_ms_per_commit"]
+        return res
     finally:
         pool.close()
 
@@ -191,6 +217,10 @@ def main() -> int:
                 f"{name:<42}{row['rate']:>10.0f}{row['p50']:>9.2f}{row['p95']:>9.2f}"
                 f"{row['p99']:>9.2f}{ratio:>10}"
             )
+        print(
+            f"  CPU {r['cpu_ms_per_commit']:.2f} ms per commit (5 processes): ceiling "
+            f"{r['ceiling_2_idle_cores']:.0f} commits/s on 2 idle cores"
+        )
         rate_t, p95_t = TARGETS[key]
         r["meets_target"] = r["rate"] >= rate_t and r["p95"] <= p95_t
         verdict = "met" if r["meets_target"] else "MISSED"

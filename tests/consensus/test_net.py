@@ -121,3 +121,22 @@ def test_partial_or_huge_length_does_not_deliver(junk: bytes) -> None:
         assert len(proto.buf) <= len(junk)
 
     asyncio.run(scenario())
+
+
+def test_fsync_in_a_worker_thread_commits(tmp_path: Path) -> None:
+    with LocalCluster(tmp_path, clients=1, view_change_timeout=0.5, client_retry=0.25) as lc:
+        lc.replica_args.append("--sync-thread")
+        lc.start_all()
+
+        async def scenario() -> None:
+            pool = ClientPool(lc.net, lc.client_keys())
+            await pool.start(timeout=HANG_GUARD)
+            try:
+                for k in range(5):
+                    assert (await _op(pool, "register", f"vm{k}", "h1"))[0]
+                assert await _op(pool, "migrate", "vm0", "h1", "h2", 1) == (True, "h2", 2)
+            finally:
+                pool.close()
+
+        asyncio.run(scenario())
+    assert all((tmp_path / f"replica-{i}.wal").stat().st_size > 100 for i in range(4))
