@@ -43,8 +43,10 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from dwcp.transport.api import Server, connect, run, serve
+    from dwcp.transport.bulk import BulkReceiver, BulkSender
+    from dwcp.transport.channel import Channel
     from dwcp.transport.config import TransportConfig
-    from dwcp.transport.session import BulkReceiver, BulkSender, Channel, Session
+    from dwcp.transport.session import Session
 
 __all__ = [
     "BulkReceiver",
@@ -64,9 +66,9 @@ _WHERE = {
     "run": "api",
     "serve": "api",
     "TransportConfig": "config",
-    "BulkReceiver": "session",
-    "BulkSender": "session",
-    "Channel": "session",
+    "BulkReceiver": "bulk",
+    "BulkSender": "bulk",
+    "Channel": "channel",
     "Session": "session",
 }
 
