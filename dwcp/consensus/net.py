@@ -358,12 +358,11 @@ class ReplicaServer(_Endpoint):
         self._queue(self.replica.tick(asyncio.get_running_loop().time()))
 
     def _queue(self, actions: list[Action]) -> None:
-        if actions:
-            self._pending.extend(actions)
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush)
-        self._rearm()
+        """Collect this loop turn's actions; ``_flush`` runs once per turn and re-arms timers."""
+        self._pending.extend(actions)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         """Group commit: make every queued record durable, then send this turn's messages.
@@ -373,6 +372,7 @@ class ReplicaServer(_Endpoint):
         next one (a later action may depend on an earlier record, so nothing overtakes).
         """
         self._flush_scheduled = False
+        self._rearm()
         if self._syncing or not self._pending:
             return
         actions, self._pending = self._pending, []
