@@ -23,6 +23,13 @@ Public API (stable; other components build on it)::
     run(main())                                           # uvloop.run when installed
 
 ``key`` is a ``dwcp.identity.NodeKey``; ``trusted`` an iterable of ``PublicKey``.
+``TransportConfig`` (frozen): ``idle_timeout``, ``connect_timeout``, the link
+hints ``bandwidth_bps`` / ``rtt`` (flow-control windows, the bulk window and
+UDP buffers are sized from their product), ``chunk``, ``window``, ``policy``
+("probe" or "fixed", or any name given to ``adapt.register_policy``),
+``initial_connections`` / ``initial_streams``, ``max_connections`` /
+``max_streams``, ``interval`` (adaptation period), ``congestion`` ("dwcp-bbr"
+by default; "cubic", "reno"), ``alpn``.
 Errors: ``AuthenticationError`` (peer key not trusted / refused ours / wrong
 ALPN), ``IdleTimeoutError`` (peer silent past ``config.idle_timeout``),
 ``ConnectionLostError`` (peer closed, network or protocol failure),
@@ -32,9 +39,11 @@ failure: reconnect and ``send`` the rest with ``offset=`` the receiver's
 
 Layers: ``dwcp.wire`` (sans-IO frames), ``stripe`` (sans-IO striping and
 reassembly), ``adapt`` (sans-IO parallelism controller, policies by name),
-``tls`` (certificates from Ed25519 keys, trust check), ``quic`` (aioquic
-connection with paced streams), ``aio`` (sockets and timers), ``session``,
-``api``.
+``bbr`` (rate-based congestion controller for aioquic), ``tls`` (certificates
+from Ed25519 keys, trust check), ``quic`` (aioquic connection with paced
+streams and link counters), ``aio`` (sockets, batched reads, timers),
+``channel`` and ``bulk`` (application end-points), ``session`` (streams,
+lanes, adaptation loop), ``api`` (serve, connect, Hello exchange).
 """
 
 from __future__ import annotations
