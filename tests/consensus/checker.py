@@ -86,6 +86,11 @@ class Checker:
 
     replay: str
     raise_on_violation: bool = True
+    # Authorised client keys and a codec of the cluster (both optional): executed
+    # requests must come from these clients, and a client's proof must be f+1 valid,
+    # distinct, matching signed replies.
+    clients: frozenset[bytes] = frozenset()
+    codec: Any = None
     violations: list[str] = field(default_factory=list)
     # seq -> (batch digest, instance that committed it first)
     batches: dict[int, tuple[bytes, str]] = field(default_factory=dict)
@@ -180,6 +185,8 @@ class Checker:
         slot = (seq, prev_idx + 1 if seq == prev_seq else 0)
         self.last_slot[who] = slot
         key = (bytes(ex.client), int(ex.timestamp))
+        if self.clients and key[0] not in self.clients:
+            self.fail(sim, f"{inst.name} executed a request of an unauthorised client")
         seen = self.once.setdefault(who, set())
         if key in seen:
             self.fail(sim, f"{inst.name} executed request ts={key[1]} of a client twice")
@@ -261,6 +268,8 @@ class Checker:
         if prev is not None and prev != ev.result:
             self.fail(sim, f"client {inst.name} accepted two results for ts {key[1]}")
         self.accepted[key] = bytes(ev.result)
+        if self.codec is not None:
+            self._check_proof(sim, inst, ev)
         executed = self.results.get(key)
         if executed is not None and executed != ev.result:
             self.fail(
@@ -268,6 +277,23 @@ class Checker:
                 f"client {inst.name} accepted {ev.result!r:.60} for ts {key[1]}; honest "
                 f"replicas executed {executed!r:.60}",
             )
+
+    def _check_proof(self, sim: Sim, inst: Instance, ev: Any) -> None:
+        """The f+1 replies a client accepted: valid signatures, distinct replicas, same result."""
+        cfg = self.codec.config
+        senders = set()
+        for raw in ev.proof:
+            try:
+                s = self.codec.open(raw)
+            except Exception as exc:
+                self.fail(sim, f"client {inst.name} accepted an invalid reply ({exc})")
+                return
+            m = s.msg
+            if type(m).__name__ != "Reply" or m.result != ev.result or m.timestamp != ev.timestamp:
+                self.fail(sim, f"client {inst.name} accepted a non-matching reply as proof")
+            senders.add(s.sender)
+        if len(senders) < cfg.weak_quorum:
+            self.fail(sim, f"client {inst.name} accepted {len(senders)} distinct replies < f+1")
 
     def summary(self) -> dict[str, Hashable]:
         return {

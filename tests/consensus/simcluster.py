@@ -21,6 +21,7 @@ from checker import CheckedApp, Checker
 from simnet import Instance, LinkPolicy, Sim, SimNode
 
 from dwcp.consensus import Client, ClusterConfig, Replica
+from dwcp.consensus.messages import Codec
 from dwcp.consensus.registry import decode_result, encode_op
 from dwcp.identity import NodeKey
 
@@ -126,7 +127,12 @@ class Cluster:
         self.sim = Sim(seed, link=link)
         self.rng = random.Random(seed * 7919 + 1)
         self.config, self.rkeys, self.ckeys = make_config(n, clients, **tuning)
-        self.checker = Checker(replay=replay, raise_on_violation=raise_on_violation)
+        self.checker = Checker(
+            replay=replay,
+            raise_on_violation=raise_on_violation,
+            clients=frozenset(k.public.raw for k in self.ckeys),
+            codec=Codec(self.config),
+        )
         self.sim.observers.append(self.checker)
         self.sim.observers.append(_WorkloadDriver(self))
         self.workload = Workload(random.Random(seed * 31 + 7), quota)

@@ -230,3 +230,24 @@ def test_checker_flags_each_violation_kind() -> None:
             {"vm": ("a", 1)},
             {"vm": ("b", 3)},
         )
+
+
+def test_checker_verifies_client_proofs() -> None:
+    from dwcp.consensus.actions import Completed
+
+    c = Cluster(0, replay="x", replica_cls=Sequencer)
+    chk, sim = c.checker, c.sim
+    client = sim.instances["c0"]
+    codec = Codec(c.config)
+
+    def reply(ts: int, i: int, key: int | None = None) -> bytes:
+        return codec.encode(Reply(0, 0, ts, b"r"), i, c.rkeys[i if key is None else key])
+
+    chk.on_action(sim, client, Completed(7, b"op", b"r", (reply(7, 1), reply(7, 2))))
+    with pytest.raises(SafetyViolation, match="distinct"):
+        chk.on_action(sim, client, Completed(8, b"op", b"r", (reply(8, 1), reply(8, 1))))
+    forged = reply(9, 2, key=1)  # replica 1's key, claiming to be replica 2
+    with pytest.raises(SafetyViolation, match="invalid reply"):
+        chk.on_action(sim, client, Completed(9, b"op", b"r", (reply(9, 1), forged)))
+    with pytest.raises(SafetyViolation, match="non-matching"):
+        chk.on_action(sim, client, Completed(10, b"op", b"r", (reply(10, 1), reply(7, 2))))
