@@ -102,3 +102,66 @@ def test_slow_primary_keeps_half_the_throughput_or_is_replaced() -> None:
     got = _completions_in(slow, window)
     replaced = slow.checker.view_changes > 0
     assert replaced or got >= 0.5 * honest, f"{got} vs {honest} completions; {slow.describe()}"
+
+
+@pytest.mark.parametrize("seed", seeds(4))
+def test_two_two_split_commits_nothing_then_heals(seed: int) -> None:
+    """No side of a 2-2 split has 2f+1 replicas: nothing may commit until it heals."""
+    commits: list[float] = []
+
+    class _Commits:
+        def on_action(self, sim: Any, inst: Any, action: Any) -> None:
+            if type(action).__name__ == "Committed":
+                commits.append(sim.now)
+
+        def after_event(self, sim: Any) -> None:
+            return
+
+    c = Cluster(seed, replay=f"DWCP_SEED={seed} {REPLAY} -k two_two", quota=3)
+    c.sim.observers.append(_Commits())
+    c.sim.partition(0.0, 2.0, {"r0", "r1", "c0"}, {"r2", "r3", "c1"})
+    c.start()
+    c.run(until=40.0)
+    assert commits and min(commits) >= 2.0, commits[:5]
+    assert c.finished(), c.describe()
+
+
+@pytest.mark.parametrize("seed", seeds(6))
+def test_concurrent_migrations_of_one_vm(seed: int) -> None:
+    """Two hosts race to take vm0 at the same epoch, with the primary crashing mid-race:
+    exactly one MIGRATE wins, the other sees stale-epoch, everyone agrees on the winner."""
+    from dwcp.consensus.registry import decode_result, encode_op
+
+    c = Cluster(seed, replay=f"DWCP_SEED={seed} {REPLAY} -k concurrent", quota=1, clients=3)
+    results: dict[str, bytes] = {}
+
+    class _Results:
+        def on_action(self, sim: Any, inst: Any, action: Any) -> None:
+            if type(action).__name__ == "Completed":
+                results[inst.name] = action.result
+
+        def after_event(self, sim: Any) -> None:
+            return
+
+    c.sim.observers.append(_Results())
+
+    def op(name: str, data: bytes) -> None:
+        node: Any = c.sim.instances[name].node
+        c.workload.sent[name] += 1
+        c.sim.call_node(name, lambda n: node.client.request(data, c.sim.now))
+
+    c.sim.at(0.001, lambda: op("c0", encode_op("register", "vm0", "hA")))
+    c.sim.at(0.05, lambda: op("c1", encode_op("migrate", "vm0", "hA", "hB", 1)))
+    c.sim.at(0.05, lambda: op("c2", encode_op("migrate", "vm0", "hA", "hC", 1)))
+    if seed % 2:
+        c.sim.at(0.0505, lambda: c.sim.crash("r0"))
+    c.run(until=30.0)
+    assert c.finished(), c.describe()
+    r1, r2 = decode_result(results["c1"]), decode_result(results["c2"])
+    assert r1.ok != r2.ok, (r1, r2)
+    winner = "hB" if r1.ok else "hC"
+    loser = r2 if r1.ok else r1
+    assert loser.reason == "stale-epoch" and (loser.owner, loser.epoch) == (winner, 2)
+    for inst in c.sim.honest_replicas():
+        if inst.up:
+            assert inst.node.app.inner.lookup("vm0") == (winner, 2)  # type: ignore[union-attr]
