@@ -149,7 +149,8 @@ static size_t cdc_scan(const uint8_t *p, size_t s, size_t e, size_t n, uint64_t 
                     GEAR_STEP(h, p[s]);
                     if (!(h & mask)) return s + 1;
                 }
-                if (full < e && !(zero_h & mask)) return full + 1; /* not with these tables */
+                /* -GEAR[0] has its top bit set, so no mask accepts it; kept exact anyway. */
+                if (s == full && full < e && !(zero_h & mask)) return full + 1;
                 if (back + fwd >= run && end > s0 && end <= e && end < n) return end;
                 if (end >= e) {
                     *ph = full < e ? zero_h : h;
