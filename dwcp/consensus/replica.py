@@ -358,23 +358,27 @@ class Replica:
             return
         self.codec.verify(s)
         rd = digest(s.raw)
+        top = self.stable_seq + self.config.watermark_window
         if last is not None and ts == last[0]:
             # Executed here; the client still waits, so others may lack our votes.
             self.stats["resent_reply"] += 1
             self._reply(c, ts, last[1], out)
-            seq = self._inflight.get(rd)
-            if seq is not None:
-                self._retransmit(seq, now, out)
+            self._retransmit(top, now, out)
             return
         known = self._pending.get(c)
+        repeat = known is not None and known[0] == ts
         if known is None or known[0] < ts:
             self._pending[c] = (ts, rd, s.raw)
         elif known[0] > ts:
             self.stats["stale_request"] += 1
             return
-        seq = self._inflight.get(rd)
-        if seq is not None:
-            self._retransmit(seq, now, out)
+        if repeat or not self.is_primary:
+            # Clients send to the primary first, so this is a re-sent request: someone is
+            # missing messages. Re-send ours for the whole window (each at most once per
+            # half client retry): a replica missing any earlier COMMIT cannot execute it.
+            self._retransmit(top, now, out)
+        if rd in self._inflight:
+            pass
         elif self.is_primary:
             self._propose(now, out)
         elif self.active:
@@ -385,8 +389,7 @@ class Replica:
             self._vc_deadline = now + self._timeout()
 
     def _retransmit(self, seq: int, now: float, out: list[Action]) -> None:
-        """A client re-sent a request: re-send our messages for it and the sequence numbers
-        before it (a replica missing an earlier COMMIT cannot execute this one either)."""
+        """Re-send our PRE-PREPARE/PREPARE/COMMIT of the current view up to ``seq``."""
         if not self.active:
             return
         for n in range(self.stable_seq + 1, seq + 1):
@@ -460,6 +463,13 @@ class Replica:
             return
         if not self._window(msg.seq):
             self.stats["out_of_window"] += 1
+            high = self.stable_seq + self.config.watermark_window
+            if high < msg.seq <= high + self.config.checkpoint_interval:
+                # Just past our high watermark: the others saw the checkpoint stable before
+                # us. Keep it for when ours is (replayed by _make_stable's callers).
+                self.codec.verify(s)
+                self._buffer_future(s)
+                return
             if msg.seq > self.stable_seq and self._ahead.get(s.sender, -1) < msg.seq:
                 self.codec.verify(s)
                 self._note_ahead(s.sender, msg.seq, now, out)
@@ -641,6 +651,7 @@ class Replica:
                 self.stats["checkpoint_mismatch"] += 1
                 return
             self._make_stable(seq, proof, blob, out)
+            self._window_moved(now, out)
         else:
             signers = [s for s, (dg, _) in sorted(votes.items()) if dg == d and s != self.id]
             self._start_fetch(seq, signers, now, out)
@@ -664,6 +675,13 @@ class Replica:
         if not self._replaying:
             self._lazy.clear()
             out.append(Compact(tuple(self._live_records())))
+
+    def _window_moved(self, now: float, out: list[Action]) -> None:
+        """After the low watermark moved: propose what waited for room, replay what was early."""
+        if self._replaying:
+            return
+        self._replay_future(now, out)
+        self._propose(now, out)
 
     def _live_records(self) -> list[bytes]:
         """Everything recovery needs, as signed messages (the log after compaction)."""
@@ -727,6 +745,7 @@ class Replica:
             raise ProtocolError("state does not match its checkpoint proof")
         decode_state(msg.blob, len(self.config.clients))
         self._install_state(msg, out)
+        self._window_moved(now, out)
         if not self._replaying:
             out.append(StateTransferred(msg.seq))
         self.stats["state_transfers"] += 1

@@ -42,17 +42,11 @@ def test_fault_free_needs_no_retry_or_view_change(seed: int) -> None:
     assert _retries(c) == 0, c.describe()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: Replica._make_stable (a checkpoint made stable by others' CHECKPOINTs) "
-    "moves the watermarks but does not call _propose, so a primary whose window was full "
-    "leaves pending requests until a client re-sends them",
-)
 def test_window_opening_proposes_pending_requests() -> None:
     """Window = one checkpoint interval: every K-th request may wait for the checkpoint.
 
-    Seeds where the request reaches the primary before the checkpoint is stable need a
-    client retry today (e.g. seeds 1 with one client, 1 and 4 with three clients).
+    Seeds where the request reaches the primary before the checkpoint is stable needed a
+    client retry before the fix (e.g. seeds 1 with one client, 1 and 4 with three clients).
     """
     retries = {}
     for clients in (1, 3):
