@@ -6,11 +6,12 @@ controllers, returns the next ``Decision``. ``Controller.snapshot()`` exposes
 inputs and decision so the bandwidth predictor (PBA) can watch or replace it.
 
 The default "probe" policy climbs while goodput grows: more connections first
-when the link loses packets (each connection has its own congestion
-controller, so one random loss halves only its share), more streams per
-connection otherwise; after a step that gained less than ``gain`` it steps
-back to the best level seen and holds there for ``hold`` intervals before
-probing again.
+(each has its own congestion controller and pacer, so one random loss cuts
+only its share, and measured on the emulated WAN they add capacity where
+streams inside one connection do not), then more streams per connection
+(which only shorten head-of-line blocking after a loss); after a step that
+gained less than ``gain`` it steps back to the best level seen and holds
+there for ``hold`` intervals before probing again.
 """
 
 from __future__ import annotations
@@ -105,12 +106,11 @@ class ProbePolicy:
             self._holding = self.hold
             return Decision(best[1], best[2], f"step gained < {self.gain:.0%}: back and hold")
         conns, streams = level
-        if sample.loss > self.loss_threshold and conns < limits.max_connections:
-            return Decision(conns + 1, streams, f"loss {sample.loss:.2%}: probe +1 connection")
+        if conns < limits.max_connections:
+            why = f"loss {sample.loss:.2%}" if sample.loss > self.loss_threshold else "goodput grew"
+            return Decision(conns + 1, streams, f"{why}: probe +1 connection")
         if streams < limits.max_streams:
             return Decision(conns, streams * 2 if streams < 4 else streams + 2, "probe streams")
-        if conns < limits.max_connections:
-            return Decision(conns + 1, streams, "probe +1 connection")
         return Decision(conns, streams, "at the limits")
 
 

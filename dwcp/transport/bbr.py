@@ -9,8 +9,10 @@ the window is ``CWND_GAIN`` x their product, but never less than the estimated
 rate x the smoothed RTT: when the RTT is inflated by delay the sender did not
 cause (a CPU-bound receiver acking late, loopback), a window of rate x min-RTT
 would shrink the delivery rate round after round and collapse; keeping
-rate x current RTT in flight sustains the rate without adding a queue. A
-growing standing queue ends in drops, which the heavy-loss rule below handles.
+rate x current RTT in flight sustains the rate without adding a queue. That
+term is capped at 2 x min-RTT (min-RTT + 10 ms on sub-5 ms paths) so a standing
+queue cannot feed its own growth; queue overflow shows as a round losing more
+than ``HEAVY_LOSS`` of its packets, which cuts the bandwidth estimate.
 aioquic's pacer then spreads
 ``cwnd`` over one smoothed RTT. Isolated losses do not shrink the window; only
 a round that loses more than ``HEAVY_LOSS`` of its packets (real congestion,
@@ -38,7 +40,9 @@ NAME = "dwcp-bbr"
 CWND_GAIN = 1.25
 STARTUP_GROWTH = 1.25  # startup ends after 3 rounds growing less than this
 BW_ROUNDS = 10
-HEAVY_LOSS = 0.2
+HEAVY_LOSS = 0.05  # of a round's packets, and at least HEAVY_LOSS_MIN of them
+HEAVY_LOSS_MIN = 4
+SRTT_CAP = 2.0  # the srtt term counts at most 2 x min-RTT (or min-RTT + 10 ms)
 
 
 class BbrCongestionControl(QuicCongestionControl):
@@ -70,7 +74,8 @@ class BbrCongestionControl(QuicCongestionControl):
         bw = self.bandwidth
         if bw <= 0 or self._min_rtt == float("inf"):
             return
-        target = int(max(CWND_GAIN * self._min_rtt, self._srtt) * bw)
+        rtt = min(self._srtt, max(SRTT_CAP * self._min_rtt, self._min_rtt + 0.01))
+        target = int(max(CWND_GAIN * self._min_rtt, rtt) * bw)
         if self._startup:
             # Never shrink during startup; the ack-driven growth below leads.
             self.congestion_window = max(self.congestion_window, target)
@@ -81,7 +86,9 @@ class BbrCongestionControl(QuicCongestionControl):
         elapsed = now - self._round_start
         if self._round_delivered and elapsed > 0:
             self._bw_samples.append(self._round_delivered / elapsed)
-        heavy = self._round_sent and self._round_lost > HEAVY_LOSS * self._round_sent
+        heavy = (
+            self._round_lost >= HEAVY_LOSS_MIN and self._round_lost > HEAVY_LOSS * self._round_sent
+        )
         if heavy:
             # Congestive loss: forget the optimistic samples, keep the latest.
             latest = self._bw_samples[-1] if self._bw_samples else 0.0
