@@ -159,3 +159,43 @@ def test_concurrent_migrations_of_one_vm(seed: int) -> None:
     for inst in c.sim.honest_replicas():
         if inst.up:
             assert inst.node.app.inner.lookup("vm0") == (winner, 2)  # type: ignore[union-attr]
+
+
+def test_log_and_wal_stay_bounded_over_a_long_run() -> None:
+    """Checkpoints must garbage-collect: the in-memory log stays inside the watermark window
+    and the WAL (records since the last compaction) does not grow with the run's length."""
+    c = Cluster(
+        11,
+        replay=f"{REPLAY} -k bounded",
+        link=LinkPolicy(drop=0.02, dup=0.05, delay_max=0.004),
+        quota=120,
+        clients=2,
+    )
+    peaks: list[int] = []
+
+    class _Store:
+        def on_action(self, sim: Any, inst: Any, action: Any) -> None:
+            if inst.kind == "replica" and type(action).__name__ in ("Persist", "Compact"):
+                peaks.append(len(inst.store))
+
+        def after_event(self, sim: Any) -> None:
+            if sim.events % 16:
+                return
+            for inst in sim.honest_replicas():
+                rep = inst.node
+                if rep is None:
+                    continue
+                seqs = [k[1] for k in rep._log]
+                lo, hi = rep.stable_seq, rep.stable_seq + c.config.watermark_window
+                assert all(lo < s <= hi for s in seqs), (inst.name, lo, sorted(seqs))
+
+    c.sim.observers.append(_Store())
+    c.start()
+    c.run(until=120.0)
+    assert c.finished(), c.describe()
+    assert c.checker.commits > 100 * c.config.checkpoint_interval // 4
+    half = len(peaks) // 2
+    assert max(peaks[half:]) <= max(peaks[:half]) + 8 * c.config.watermark_window, (
+        max(peaks[:half]),
+        max(peaks[half:]),
+    )
