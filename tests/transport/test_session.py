@@ -325,3 +325,26 @@ def test_many_transfers_on_one_session_in_both_directions() -> None:
 
     run(main())
     assert got == [b"%d" % i + b"-" * i for i in range(70)]
+
+
+def test_malformed_frames_close_the_session_with_a_typed_error() -> None:
+    ended: list[BaseException] = []
+
+    async def handler(session: Session) -> None:
+        ended.append(await session.wait_closed())
+
+    async def main() -> None:
+        async with pair(handler) as (session, _server):
+            conn = session.conns[0]
+            sid = conn.quic.get_next_available_stream_id()
+            conn.quic.send_stream_data(sid, b"GET / HTTP/1.1\r\n\r\n")
+            conn.transmit()
+            with pytest.raises(ConnectionLostError):
+                await session.wait_closed()
+                session._check()
+            while not ended:
+                await asyncio.sleep(0.01)
+
+    run(main())
+    assert isinstance(ended[0], ConnectionLostError)
+    assert "malformed frame" in str(ended[0])
