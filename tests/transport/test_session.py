@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -348,3 +349,13 @@ def test_malformed_frames_close_the_session_with_a_typed_error() -> None:
     run(main())
     assert isinstance(ended[0], ConnectionLostError)
     assert "malformed frame" in str(ended[0])
+
+
+def test_connect_to_nobody_times_out_with_a_clear_error() -> None:
+    a, b = two_keys()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound and silent: nobody answers
+        config = TransportConfig(connect_timeout=0.5)
+        with pytest.raises(ConnectionLostError, match="no dwcp answer"):
+            run(connect("127.0.0.1", port, b, [a.public], config=config))
