@@ -12,6 +12,7 @@ If any connection of the session fails, the whole session fails with a typed
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
@@ -45,6 +46,7 @@ CONTROL_STREAM = 0  # the client's first bidirectional stream on every connectio
 # Caps on what a peer can make this node hold (each also bounded in bytes by its window).
 MAX_CONCURRENT_REQUESTS = 256
 MAX_PENDING = 64
+TIMELINE_POINTS = 4096
 
 
 class _Stream:
@@ -128,7 +130,8 @@ class Session:
             ),
             initial=(config.initial_connections, config.initial_streams),
         )
-        self.timeline: list[TimelinePoint] = []
+        # Bounded: a long-lived session keeps the last TIMELINE_POINTS intervals.
+        self.timeline: collections.deque[TimelinePoint] = collections.deque(maxlen=TIMELINE_POINTS)
         self._adapt_task: asyncio.Task[None] | None = None
         self._opening = 0
         self._t0 = now()
@@ -547,6 +550,8 @@ class Session:
             loss = (lost - last_lost) / dsent if dsent > 0 else 0.0
             last_t, last_acked, last_sent, last_lost = t, acked, sent, lost
             ctl = self.controller
+            if not self._senders and not goodput:
+                continue  # idle: nothing to record or learn from
             self.timeline.append(
                 TimelinePoint(
                     round(t - self._t0, 3),
