@@ -24,6 +24,7 @@ from dwcp.errors import (
     ConnectionLostError,
     DwcpError,
     FrameError,
+    IdleTimeoutError,
     TransportError,
     UsageError,
 )
@@ -167,10 +168,11 @@ async def _open_conn(
             quic.send_stream_data(CONTROL_STREAM, wire.encode(hello))
             conn.transmit()
             decoder, echo = await echoed
-    except TimeoutError:
+    except (TimeoutError, IdleTimeoutError):
+        # Before the Hello echo, the QUIC idle timer firing also means "nobody answered".
         conn.close("connect timeout")
         raise ConnectionLostError(
-            f"no dwcp answer from {host}:{port} within {config.connect_timeout:g} s; "
+            f"no dwcp answer from {host}:{port}; "
             "check the address, that the server runs, and the firewall"
         ) from None
     except DwcpError:
