@@ -513,3 +513,21 @@ class SlowPrimary(Wrapper):
             self.sent += 1
             return []
         return [action]
+
+
+class RequestForger(Wrapper):
+    """As primary, slips requests "from" authorised clients, signed with its own key, into
+    its batches (and sends a batch of only forged requests now and then)."""
+
+    def outgoing(self, action: Any, s: Signed) -> list[Any]:
+        from dwcp.consensus.messages import Request
+
+        msg = s.msg
+        if not isinstance(msg, PrePrepare) or not isinstance(action, Broadcast):
+            return [action]
+        victim = self.rng.randrange(len(self.config.clients))
+        op = encode_op("migrate", "vm0", "h0", "mallory", self.rng.randint(0, 4))
+        forged = self.codec.encode(Request(10**15 + self.sent, op), victim, self.key)
+        reqs = (*msg.requests, forged) if self.rng.random() < 0.7 else (forged,)
+        self.sent += 1
+        return [Broadcast(self.sign(PrePrepare(msg.view, msg.seq, reqs)))]

@@ -91,6 +91,9 @@ class Checker:
     # distinct, matching signed replies.
     clients: frozenset[bytes] = frozenset()
     codec: Any = None
+    # (client key, timestamp) of every request honest clients signed (filled by a tap);
+    # None disables the check.
+    issued: set[tuple[bytes, int]] | None = None
     violations: list[str] = field(default_factory=list)
     # seq -> (batch digest, instance that committed it first)
     batches: dict[int, tuple[bytes, str]] = field(default_factory=dict)
@@ -187,6 +190,8 @@ class Checker:
         key = (bytes(ex.client), int(ex.timestamp))
         if self.clients and key[0] not in self.clients:
             self.fail(sim, f"{inst.name} executed a request of an unauthorised client")
+        if self.issued is not None and key not in self.issued:
+            self.fail(sim, f"{inst.name} executed ts={key[1]} that its client never signed")
         seen = self.once.setdefault(who, set())
         if key in seen:
             self.fail(sim, f"{inst.name} executed request ts={key[1]} of a client twice")
@@ -294,6 +299,24 @@ class Checker:
             senders.add(s.sender)
         if len(senders) < cfg.weak_quorum:
             self.fail(sim, f"client {inst.name} accepted {len(senders)} distinct replies < f+1")
+
+    def tap(self, sim: Sim) -> Any:
+        """A ``Sim.taps`` hook recording the requests honest clients send."""
+        self.issued = set()
+        issued = self.issued
+
+        def record(src: str, dst: str, data: bytes) -> None:
+            inst = sim.instances.get(src)
+            if inst is None or inst.kind != "client" or inst.byzantine or self.codec is None:
+                return
+            try:
+                s = self.codec.decode(data)
+            except Exception:
+                return
+            if type(s.msg).__name__ == "Request":
+                issued.add((self.codec.config.clients[s.sender].raw, s.msg.timestamp))
+
+        return record
 
     def summary(self) -> dict[str, Hashable]:
         return {

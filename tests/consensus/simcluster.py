@@ -134,6 +134,7 @@ class Cluster:
             codec=Codec(self.config),
         )
         self.sim.observers.append(self.checker)
+        self.sim.taps.append(self.checker.tap(self.sim))
         self.sim.observers.append(_WorkloadDriver(self))
         self.workload = Workload(random.Random(seed * 31 + 7), quota)
         self.byzantine_ids = set(byzantine_ids) | set(twins)

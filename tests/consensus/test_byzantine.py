@@ -277,3 +277,14 @@ def test_view_changes_with_stale_but_genuine_certificates(seed: int) -> None:
         t += d + rng.uniform(0.05, 0.4)
     _finish(c, t)
     assert sum(a.rewritten for a in c.adversaries) > 0
+
+
+@pytest.mark.parametrize("seed", seeds(8))
+def test_primary_forging_client_requests(seed: int) -> None:
+    """A primary batches requests it signed itself in an authorised client's name: backups
+    must not prepare them, nobody executes them, and the primary is replaced."""
+    from adversary import RequestForger
+
+    c = _cluster(seed, "forging_client", byzantine=wrapper(RequestForger), byzantine_ids=(0,))
+    _finish(c)
+    assert sum(a.sent for a in c.adversaries) > 0

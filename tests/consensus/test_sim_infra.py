@@ -251,3 +251,20 @@ def test_checker_verifies_client_proofs() -> None:
         chk.on_action(sim, client, Completed(9, b"op", b"r", (reply(9, 1), forged)))
     with pytest.raises(SafetyViolation, match="non-matching"):
         chk.on_action(sim, client, Completed(10, b"op", b"r", (reply(10, 1), reply(7, 2))))
+
+
+def test_checker_catches_execution_of_forged_client_requests() -> None:
+    """The sequencer's backups trust the primary's batch: a forging primary must be caught."""
+    from adversary import RequestForger, wrapper
+
+    c = Cluster(
+        2,
+        replay=REPLAY,
+        replica_cls=Sequencer,
+        byzantine=wrapper(RequestForger),
+        byzantine_ids=(0,),
+        raise_on_violation=False,
+    )
+    c.start()
+    c.run(until=2.0)
+    assert any("never signed" in v for v in c.checker.violations), c.checker.violations[:3]
