@@ -15,7 +15,7 @@ import contextlib
 import os
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -237,7 +237,7 @@ class _Pacer:
                 await asyncio.sleep(ahead)
 
 
-async def _iterate_in_thread(it: Iterator[bytes], depth: int = 2) -> AsyncIterator[bytes]:
+async def _iterate_in_thread(it: Iterator[bytes], depth: int = 2) -> AsyncGenerator[bytes, None]:
     """Iterate a blocking generator in a thread, ``depth`` items ahead (bounded memory)."""
     queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(maxsize=depth)
 
@@ -249,6 +249,8 @@ async def _iterate_in_thread(it: Iterator[bytes], depth: int = 2) -> AsyncIterat
             while (item := await in_thread(_next)) is not None:
                 await queue.put(item)
             await queue.put(None)
+        except asyncio.CancelledError:
+            raise  # the consumer is gone: nobody would read the queue
         except BaseException as exc:  # forwarded to the consumer
             await queue.put(exc)
 
@@ -306,10 +308,12 @@ async def send_image(
         await channel.send(data)
 
     actions = sender.handle(proto.Start())
+    sent_error = False
     while True:
         for a in actions:
             if isinstance(a, proto.SendMessage):
                 await send(a.message)
+                sent_error = sent_error or isinstance(a.message, msg.Error)
             elif isinstance(a, proto.ProvideLeaves):
                 try:
                     ev0: proto.Event = proto.LeavesReady(leaves_bytes(manifest, list(a.groups)))
@@ -366,6 +370,8 @@ async def send_image(
                 )
             elif isinstance(a, proto.Failed):
                 err = a.error
+                if sent_error:
+                    await _linger(channel)
                 if isinstance(err, IntegrityError | RemoteError):
                     with contextlib.suppress(OSError):
                         if _stat_key(image) != before:
@@ -376,6 +382,7 @@ async def send_image(
                 m = msg.decode(await channel.recv())
             except ProtocolError as exc:
                 await _best_effort(send(msg.Error(tid, "protocol", str(exc)[:4000])))
+                await _linger(channel)
                 raise
             except ConnectionLostError as exc:
                 actions = sender.handle(proto.ConnectionLost(str(exc)))
@@ -410,25 +417,44 @@ async def _stream(
     pacer = _Pacer(bwlimit)
     count, total = 0, 0
 
-    async def frames() -> AsyncIterator[bytes]:
+    async def frames() -> AsyncGenerator[bytes, None]:
         nonlocal count, total
-        async for frame in _iterate_in_thread(delta.encode(image, list(ranges), level=level)):
-            count += 1
-            total += len(frame)
-            prog.bytes_sent += _frame_raw_bytes(frame)
-            prog.bytes_wire += len(frame)
-            on_progress(prog)
-            yield frame
-            if _stat_key(image) != before:
-                raise ImageError(_changed(image))
-            await pacer.pace(len(frame))
+        encoded = _iterate_in_thread(delta.encode(image, list(ranges), level=level))
+        async with contextlib.aclosing(encoded):
+            async for frame in encoded:
+                count += 1
+                total += len(frame)
+                prog.bytes_sent += _frame_raw_bytes(frame)
+                prog.bytes_wire += len(frame)
+                on_progress(prog)
+                yield frame
+                if _stat_key(image) != before:
+                    raise ImageError(_changed(image))
+                await pacer.pace(len(frame))
 
-    if isinstance(channel, BulkChannel):
-        await channel.send_frames(frames())
-    else:
-        async for frame in frames():
-            await send(msg.Data(sender.transfer_id, frame))
+    stream = frames()
+    async with contextlib.aclosing(stream):
+        if isinstance(channel, BulkChannel):
+            await channel.send_frames(stream)
+        else:
+            async for frame in stream:
+                await send(msg.Data(sender.transfer_id, frame))
     return count, total
+
+
+LINGER_SECONDS = 5.0
+
+
+async def _linger(channel: Channel) -> None:
+    """After sending a final Error, wait (bounded) for the peer to close the channel.
+
+    Closing a QUIC session drops data still queued, so the side that sends the last
+    message lets the side that receives it close; this waits for that close.
+    """
+    with contextlib.suppress(DwcpError, OSError, TimeoutError):
+        async with asyncio.timeout(LINGER_SECONDS):
+            while True:
+                await channel.recv()
 
 
 async def _best_effort(aw: Awaitable[None]) -> None:
@@ -560,9 +586,14 @@ async def receive_image(channel: Channel, peer_key: PublicKey, hooks: ReceiverHo
 
     msg_task = asyncio.create_task(pump_messages())
     result: str | None = None
+    peer_ended = False  # the peer sent the final Error: we close (see _linger)
     try:
         while receiver.state not in proto.TERMINAL:
-            actions = receiver.handle(await events.get())
+            event = await events.get()
+            peer_ended = isinstance(event, proto.MessageReceived) and isinstance(
+                event.message, msg.Error
+            )
+            actions = receiver.handle(event)
             while actions:
                 a = actions.pop(0)
                 follow: proto.Event | None = None
@@ -603,3 +634,5 @@ async def receive_image(channel: Channel, peer_key: PublicKey, hooks: ReceiverHo
             await in_thread(rebuilder.close)
         if claimed is not None:
             hooks.release(claimed)
+        if peer_ended:
+            await channel.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import json
 import logging
 import signal
@@ -127,6 +128,23 @@ class Node:
             await self.should_exit.wait()
         finally:
             await self.shutdown()
+            await self._reap_tasks()
+
+    async def _reap_tasks(self) -> None:
+        """Cancel what is left (library tasks included) so the loop can close, bounded."""
+        me = asyncio.current_task()
+        left = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+        for t in left:
+            t.cancel()
+        if left:
+            log.debug("cancelling %d leftover task(s): %s", len(left), [t.get_coro() for t in left])
+            _, stuck = await asyncio.wait(left, timeout=5)
+            for t in stuck:
+                log.warning(
+                    "task did not stop: %r",
+                    t,
+                    extra={"event": "stuck_task", "stack": repr(t.get_stack())},
+                )
 
     async def startup(self) -> None:
         self.store.check()
@@ -526,6 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, UsageError) as exc:
         print(f"dwcp-node: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` dumps every thread's stack
     node = Node(config)
     try:
         from dwcp.transport import run

@@ -112,7 +112,7 @@ class NodeProc:
         assert self.proc is None
         with open(self.log, "ab") as err:
             self.proc = subprocess.Popen(
-                [PY, "-m", "dwcp.node", "--config", str(self.config)],
+                [PY, "-m", "dwcp.node", "--config", str(self.config), "--log-level", "debug"],
                 stdout=subprocess.DEVNULL,
                 stderr=err,
                 env=ENV,
@@ -133,10 +133,18 @@ class NodeProc:
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.proc is not None
-        self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=60)
-        self.proc = None
-        return code
+        proc, self.proc = self.proc, None
+        proc.send_signal(sig)
+        try:
+            return proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # the node dumps its stacks to its log
+            time.sleep(2)
+            proc.kill()
+            proc.wait()
+            raise AssertionError(
+                f"node {self.name} did not stop; its log ends with:\n{self.log.read_text()[-8000:]}"
+            ) from None
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)

@@ -106,8 +106,8 @@ def test_clear_errors(pair: tuple[NodeProc, NodeProc, Path]) -> None:
 def test_image_changing_while_sent_is_refused(pair: tuple[NodeProc, NodeProc, Path]) -> None:
     a, b, root = pair
     img = root / "changing.img"
-    make_image(img, 8, seed=11)
-    proc = a.popen_cli("migrate", str(img), "--to", "b", "--bwlimit", "2M")
+    make_image(img, 16, seed=11)  # ~14 MiB of data at 1 MiB/s: the write lands mid-transfer
+    proc = a.popen_cli("migrate", str(img), "--to", "b", "--bwlimit", "1M")
     wait_until(lambda: a.status()["stats"]["active_transfers"]["out"] == 1, "the transfer")
     wait_until(lambda: b.status()["stats"]["bytes_received"] > 0, "data to flow")
     with open(img, "ab") as f:  # the VM writes: the file grows
