@@ -80,6 +80,7 @@ _FUTURE_PER_SENDER = 256
 _FUTURE_BYTES = 4 << 20
 _LAZY_MAX = 512
 _RECOVERING = b"recovering"
+_STARTED = b"started"
 _WAL_LIMIT = 1 << 31
 
 
@@ -134,6 +135,11 @@ class Replica:
         self._served: dict[int, tuple[int, float]] = {}
         self._ahead: dict[int, int] = {}
         self._replaying = False
+        # Votes are written lazily (before our COMMIT, not before our PRE-PREPARE/PREPARE),
+        # so after a restart from the log we may have voted in the view we crashed in
+        # without a record of it: we stay silent in views <= _passive_view.
+        self._passive_view = -1
+        self._durable = False
         # Recovery after a lost log.
         self.recovering = recovering
         self._marker = b""
@@ -213,6 +219,7 @@ class Replica:
         """Rebuild the state from the write-ahead log (call once, before anything else)."""
         out: list[Action] = []
         nv_view, nv_raw, vc_view = -1, b"", -1
+        records = list(records)
         self._replaying = True
         try:
             for raw in records:
@@ -246,6 +253,10 @@ class Replica:
                     self.recovering, self._marker = True, raw
                     if msg.last_executed:
                         self._safe_seq, self._safe_view = msg.last_executed, msg.view
+            if records and not self.recovering:
+                self._durable = True
+                self._passive_view = max(nv_view, 0)
+                self.stats["restarted_passive_in_view"] = self._passive_view
             if vc_view > nv_view:
                 self.view, self.active = vc_view, False
             elif nv_view >= 0:
@@ -288,6 +299,11 @@ class Replica:
     def _persist(self, out: list[Action], raw: bytes | None = None) -> None:
         if self._replaying:
             return
+        if not self._durable:
+            # The log must never look empty once we may have voted (an empty log restarts
+            # as a fresh replica that never voted).
+            self._durable = True
+            out.append(Persist(self._sign(Status(_STARTED, 0, 0, 0))))
         for r in self._lazy:
             out.append(Persist(r))
         self._lazy.clear()
@@ -297,6 +313,8 @@ class Replica:
     def _lazy_persist(self, raw: bytes, out: list[Action]) -> None:
         if self._replaying:
             return
+        if not self._durable:
+            self._persist(out)
         self._lazy.append(raw)
         if len(self._lazy) >= _LAZY_MAX:
             self._persist(out)
@@ -408,6 +426,8 @@ class Replica:
     def _propose(self, now: float, out: list[Action]) -> None:
         if not (self.active and self.is_primary) or self.recovering:
             return
+        if self.view <= self._passive_view:
+            return  # restarted in this view: we may not remember what we proposed
         cfg = self.config
         while self._next_seq - 1 - self.last_executed < cfg.max_inflight and self._window(
             self._next_seq
@@ -417,7 +437,7 @@ class Replica:
                 return
             pp = PrePrepare(self.view, self._next_seq, tuple(batch[: cfg.max_batch]))
             raw = self._sign(pp)
-            self._persist(out, raw)
+            self._lazy_persist(raw, out)  # durable before our COMMIT (see _passive_view)
             out.append(Broadcast(raw))
             self._install_pp(pp, raw, self.id)  # advances _next_seq
 
@@ -433,7 +453,8 @@ class Replica:
         primary = self.config.primary(pp.view)
         if sender == self.id:
             self._next_seq = max(self._next_seq, pp.seq + 1)
-        if primary != self.id and self.id not in e.prepares:
+        may_vote = self._replaying or pp.view > self._passive_view
+        if primary != self.id and self.id not in e.prepares and may_vote:
             e.prepares[self.id] = (pp.digest, self._sign(Prepare(pp.view, pp.seq, pp.digest)))
         if pp.view == self.view:
             for rd in pp.request_digests:
@@ -492,10 +513,12 @@ class Replica:
                 if r.kind is not Kind.REQUEST:
                     raise ProtocolError("a batch may only hold requests")
                 self.codec.verify(r)
-            self._persist(out, s.raw)
+            self._lazy_persist(s.raw, out)  # durable before our COMMIT (see _passive_view)
             e = self._install_pp(msg, s.raw, s.sender)
             assert e is not None
-            out.append(Broadcast(e.prepares[self.id][1]))
+            own = e.prepares.get(self.id)
+            if own is not None:
+                out.append(Broadcast(own[1]))
         else:
             if isinstance(msg, Prepare) and s.sender == primary:
                 self.stats["primary_prepare"] += 1
@@ -535,7 +558,14 @@ class Replica:
             old = self._certs.get(e.seq)
             if old is None or old.view < e.view:
                 self._certs[e.seq] = e
-        if e.prepared and e.view == self.view and self.active and self.id not in e.commits:
+        may_vote = self._replaying or e.view > self._passive_view
+        if (
+            e.prepared
+            and e.view == self.view
+            and self.active
+            and self.id not in e.commits
+            and may_vote
+        ):
             raw = self._sign(Commit(e.view, e.seq, e.pp.digest))
             e.commits[self.id] = (e.pp.digest, raw)
             self._persist(out)
@@ -901,8 +931,9 @@ class Replica:
             if not self._window(pp.seq):
                 continue
             e = self._install_pp(pp, raw, self.config.primary(pp.view))
-            if e is not None and not self.is_primary:
-                out.append(Broadcast(e.prepares[self.id][1]))
+            own = None if e is None else e.prepares.get(self.id)
+            if own is not None and not self.is_primary:
+                out.append(Broadcast(own[1]))
         self._next_seq = max(top, self.stable_seq, self.last_executed) + 1
         self.stats["views_entered"] += 1
         out.append(ViewChanged(self.view, self.config.primary(self.view)))

@@ -73,6 +73,7 @@ class Net:
     committed: list[list[Committed]] = field(default_factory=list)
     events: list[tuple[int | str, object]] = field(default_factory=list)
     completed: list[list[Completed]] = field(default_factory=list)
+    past: list[list[Executed]] = field(default_factory=list)
 
     @classmethod
     def make(cls, n_clients: int = 2, **kw: object) -> Net:
@@ -168,6 +169,9 @@ class Net:
         r = Replica(self.config, i, self.rkeys[i], app, recovering=wipe)
         if wipe:
             self.wal[i] = []
+        # A new incarnation rebuilds its state and may execute the same batches again.
+        self.past.append(self.executed[i])
+        self.executed[i] = []
         actions = r.recover(list(self.wal[i]), self.now)
         self.replicas[i] = r
         self.apply(i, actions)
@@ -182,12 +186,12 @@ class Net:
 def _check_safety(net: Net) -> None:
     """Honest replicas executed the same requests in the same order, each at most once."""
     by_seq: dict[int, list[bytes]] = {}
-    for execs in net.executed:
+    for execs in net.executed + net.past:
         mine: dict[int, list[bytes]] = {}
         for e in execs:
             mine.setdefault(e.seq, []).append(e.request_digest)
         rds = [e.request_digest for e in execs]
-        assert len(set(rds)) == len(rds)
+        assert len(set(rds)) == len(rds)  # at most once per incarnation
         for seq, lst in mine.items():
             assert by_seq.setdefault(seq, lst) == lst
     digests: dict[int, bytes] = {}
@@ -265,8 +269,7 @@ def test_equivocating_pre_prepare_is_rejected() -> None:
     a = codec.encode(Request(1, b"a"), 0, net.ckeys[0])
     b = codec.encode(Request(2, b"b"), 0, net.ckeys[0])
     out1 = r1.receive(codec.encode(PrePrepare(0, 1, (a,)), 0, net.rkeys[0]), 0.0)
-    assert any(isinstance(x, Persist) for x in out1)
-    # Persist comes before the PREPARE is sent (write before send).
+    # The log is made non-empty before the first vote leaves (a restart must know it voted).
     kinds = [type(x).__name__ for x in out1]
     assert kinds.index("Persist") < kinds.index("Broadcast")
     out2 = r1.receive(codec.encode(PrePrepare(0, 1, (b,)), 0, net.rkeys[0]), 0.0)
@@ -616,3 +619,49 @@ def test_unreadable_log_record_is_a_wal_error() -> None:
     r = Replica(net.config, 1, net.rkeys[1], VMRegistry())
     with pytest.raises(WalError, match="recovering"):
         r.recover([b"\x94garbage"], 0.0)
+
+
+def test_certificate_is_durable_before_commit() -> None:
+    """The PRE-PREPARE and PREPAREs of a certificate are persisted before our COMMIT leaves."""
+    net = Net.make()
+    codec = Codec(net.config)
+    r1 = net.replica(1)
+    req = codec.encode(Request(1, b"op"), 0, net.ckeys[0])
+    pp = codec.encode(PrePrepare(0, 1, (req,)), 0, net.rkeys[0])
+    r1.receive(pp, 0.0)
+    p2 = codec.encode(Prepare(0, 1, CODEC.decode(pp).msg.digest), 2, net.rkeys[2])  # type: ignore[attr-defined]
+    out = r1.receive(p2, 0.0)
+    commit_at = next(i for i, a in enumerate(out) if isinstance(a, Broadcast))
+    persisted = {a.record for a in out[:commit_at] if isinstance(a, Persist)}
+    assert {pp, p2} <= persisted
+    assert CODEC.decode(out[commit_at].data).kind is Kind.COMMIT  # type: ignore[union-attr]
+
+
+def test_restarted_replica_is_silent_in_its_crash_view() -> None:
+    """Votes before a COMMIT are written lazily, so a replica restarted from its log does not
+    vote again in the view it crashed in; after the next view change it votes normally."""
+    net = Net.make(view_change_timeout=1.0)
+    net.request(0, encode_op("register", "vm1", "h"))
+    net.run()
+    net.restart(3)
+    r3 = net.replica(3)
+    sent: list[Kind] = []
+    apply = net.apply
+
+    def spy(src: int | str, actions: list[Action]) -> None:
+        if src == 3:
+            sent.extend(CODEC.decode(a.data).kind for a in actions if isinstance(a, Broadcast))
+        apply(src, actions)
+
+    net.apply = spy  # type: ignore[method-assign]
+    net.request(0, encode_op("register", "vm2", "h"))
+    net.run()
+    assert len(net.completed[0]) == 2  # the other three commit without it
+    assert Kind.PREPARE not in sent and Kind.COMMIT not in sent
+    # With the primary gone the cluster needs replica 3: a view change brings it back.
+    net.replicas[0] = None
+    net.request(0, encode_op("register", "vm3", "h"))
+    net.advance(10.0)
+    assert len(net.completed[0]) == 3
+    assert r3.view >= 1 and Kind.COMMIT in sent
+    _check_safety(net)
