@@ -47,10 +47,12 @@ Design choices worth knowing:
 - Wire form ``[kind, sender, body, signature]`` (msgpack); the signature covers
   ``cluster_id, protocol_version, kind, sender`` and the body. For REQUEST the
   sender is the client's index in ``ClusterConfig.clients``.
-- Durability: what a replica promised is in its WAL before it is sent (see
-  ``replica.py``); COMMITs ride lazily with the next write, so after a crash a
-  replica may have to learn its last batches again (retransmission or state
-  transfer), but never votes differently.
+- Durability (see ``replica.py``): one fsync per request on the critical path,
+  the prepared certificate before our COMMIT; other votes ride lazily with the
+  next write. A replica restarted from its WAL therefore stays silent in the
+  view it crashed in (it may have voted there without a record) and takes part
+  again after the next view change; it may also have to learn its last batches
+  again (retransmission or state transfer), but never votes differently.
 - Lost log: ``recovering=True`` makes the replica ask 2f+1 others for their
   status and stay silent (no PRE-PREPARE/PREPARE/COMMIT/VIEW-CHANGE) until it
   state-transferred to a stable checkpoint at or above ``max(reported last

@@ -7,14 +7,20 @@ primary is ignored); 2f+1 COMMITs make it *committed*; batches execute in
 sequence order. Every K sequence numbers replicas exchange CHECKPOINTs; 2f+1
 matching ones make it stable, move the watermarks and garbage-collect the log.
 
-Durability ("write before send"): the accepted PRE-PREPARE is persisted before
-our PREPARE goes out, the PREPAREs that complete a certificate before our
-COMMIT, and our own PRE-PREPAREs, CHECKPOINTs, VIEW-CHANGEs and NEW-VIEWs
-before they are sent. COMMITs and others' CHECKPOINTs are persisted lazily (they
-ride along with the next write). On a stable checkpoint the log is compacted to
-a self-signed STATE record (snapshot + proof) plus what is still live. Recovery
-installs those records and re-derives our own PREPAREs/COMMITs (Ed25519 is
-deterministic, so they are the same bytes we may already have sent).
+Durability ("write before send"), one fsync stage per request: the certificate
+(the PRE-PREPARE and the PREPAREs that complete it) is persisted before our
+COMMIT goes out, and our own CHECKPOINTs, VIEW-CHANGEs and NEW-VIEWs before they
+are sent. PRE-PREPAREs (ours and received), PREPAREs, COMMITs and others'
+CHECKPOINTs are written lazily, with the next write. So a replica restarted from
+its log may have sent a PREPARE (or, as primary, a PRE-PREPARE) it has no record
+of: it stays silent (no PRE-PREPARE/PREPARE/COMMIT) in every view up to the one
+it crashed in, and votes again from the next view on. Safety only needs the
+certificates of replicas that sent a COMMIT, and those are durable. The log is
+never empty once we may have voted (a "started" record goes first). On a stable
+checkpoint the log is compacted to a self-signed STATE record (snapshot + proof)
+plus what is still live. Recovery installs those records and re-derives our own
+PREPAREs/COMMITs (Ed25519 is deterministic, so they are the same bytes we may
+already have sent).
 
 Lost log (amnesia): a replica started with ``recovering=True`` persists a marker,
 asks every replica for its status and, once 2f+1 others answered, refuses to
