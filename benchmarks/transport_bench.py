@@ -26,6 +26,8 @@ from dwcp.netemu import Link, unavailable_reason
 
 HERE = Path(__file__).resolve().parent
 PORT = 4433
+# Prepended to every endpoint command; ["chrt", "-f", "1"] with --rt (see main()).
+ENDPOINT: list[str] = []
 
 
 @dataclass(frozen=True)
@@ -64,14 +66,17 @@ def _wait_port(link: Link, proto: str, port: int, proc: subprocess.Popen[Any]) -
 
 def run_iperf3(link: Link, seconds: float, streams: int) -> dict[str, Any]:
     server = link.popen_b(
-        ["iperf3", "-s", "-1", "-B", link.addr_b, "-p", "5201"],
+        [*ENDPOINT, "iperf3", "-s", "-1", "-B", link.addr_b, "-p", "5201"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     _wait_port(link, "tcp", 5201, server)
     argv = ["iperf3", "-c", link.addr_b, "-p", "5201", "-t", str(seconds), "-P", str(streams)]
     cp = link.run_in_a(
-        [*argv, "-C", "cubic", "-J"], capture_output=True, text=True, timeout=seconds + 60
+        [*ENDPOINT, *argv, "-C", "cubic", "-J"],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
     )
     end = json.loads(cp.stdout)["end"]
     return {
@@ -83,12 +88,21 @@ def run_iperf3(link: Link, seconds: float, streams: int) -> dict[str, Any]:
 def run_aioquic(link: Link, seconds: float) -> dict[str, Any]:
     peer = str(HERE / "aioquic_peer.py")
     server = link.popen_b(
-        [sys.executable, peer, "server", link.addr_b, str(PORT), "--seconds", str(seconds)],
+        [
+            *ENDPOINT,
+            sys.executable,
+            peer,
+            "server",
+            link.addr_b,
+            str(PORT),
+            "--seconds",
+            str(seconds),
+        ],
         stdout=subprocess.DEVNULL,
     )
     _wait_port(link, "udp", PORT, server)
     argv = [sys.executable, peer, "client", link.addr_b, str(PORT)]
-    cp = link.run_in_a(argv, capture_output=True, text=True, timeout=seconds + 90)
+    cp = link.run_in_a([*ENDPOINT, *argv], capture_output=True, text=True, timeout=seconds + 90)
     if cp.returncode != 0:
         raise RuntimeError(f"aioquic client failed: {cp.stderr.strip()[-500:]}")
     return dict(json.loads(cp.stdout.strip().splitlines()[-1]))
@@ -103,14 +117,14 @@ def run_dwcp(link: Link, seconds: float, keys: Path) -> dict[str, Any]:
     ka, kb = keys / "a.key", keys / "b.key"
     listen = [*dwcp, "perf", "--listen", f"{link.addr_b}:{PORT}"]
     server = link.popen_b(
-        [*listen, "--key", str(kb), "--trust", f"{ka}.pub"],
+        [*ENDPOINT, *listen, "--key", str(kb), "--trust", f"{ka}.pub"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     _wait_port(link, "udp", PORT, server)
     argv = [*dwcp, "perf", f"{link.addr_b}:{PORT}", "--key", str(ka), "--trust", f"{kb}.pub"]
     argv += ["--seconds", str(seconds), "--json"]
-    cp = link.run_in_a(argv, capture_output=True, text=True, timeout=seconds + 90)
+    cp = link.run_in_a([*ENDPOINT, *argv], capture_output=True, text=True, timeout=seconds + 90)
     if cp.returncode != 0:
         raise RuntimeError(f"dwcp perf failed: {cp.stderr.strip()[-500:]}")
     out = json.loads(cp.stdout.strip().splitlines()[-1])
@@ -143,7 +157,15 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="3 s per cell")
     ap.add_argument("--json", action="store_true", help="one JSON object on the last line")
     ap.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of tools")
+    ap.add_argument(
+        "--rt",
+        action="store_true",
+        help="run every endpoint at SCHED_FIFO 1 (chrt): measures the protocols, not the "
+        "machine's scheduling latency, which on a loaded host caps paced Python senders",
+    )
     a = ap.parse_args()
+    if a.rt:
+        ENDPOINT[:] = ["chrt", "-f", "1"]
     seconds = 3.0 if a.quick else a.seconds
     reason = unavailable_reason() or (None if shutil.which("iperf3") else "iperf3 is missing")
     if reason:
@@ -175,9 +197,9 @@ def main() -> int:
                     row[tool] = {"error": str(e)}
                 print(f"  {cell.label:<26} {tool:<11} {_fmt(row[tool])}", file=sys.stderr)
             results[cell.label] = row
-    _table(results, tools, seconds)
+    _table(results, tools, seconds, a.rt)
     if a.json:
-        print(json.dumps({"seconds": seconds, "results": results}))
+        print(json.dumps({"seconds": seconds, "rt": a.rt, "results": results}))
     return 0
 
 
@@ -187,8 +209,9 @@ def _fmt(r: dict[str, Any]) -> str:
     return f"{r['goodput_bps'] / 1e6:6.1f} ({r['ratio']:.2f})"
 
 
-def _table(results: dict[str, dict[str, Any]], tools: list[str], seconds: float) -> None:
-    print(f"\nGoodput in Mbit/s (ratio to link rate), {seconds:g} s per cell, emulated link")
+def _table(results: dict[str, dict[str, Any]], tools: list[str], seconds: float, rt: bool) -> None:
+    how = ", endpoints at SCHED_FIFO" if rt else ""
+    print(f"\nGoodput in Mbit/s (ratio to link rate), {seconds:g} s per cell, emulated link{how}")
     print(f"{'link':<26}" + "".join(f"{t:>16}" for t in tools))
     for label, row in results.items():
         print(f"{label:<26}" + "".join(f"{_fmt(row.get(t, {})):>16}" for t in tools))

@@ -43,7 +43,7 @@ class Link:
     direction; pass ``a_to_b`` / ``b_to_a`` for asymmetric links. ``seed``
     makes the loss pattern reproducible (TUN backend; netem's is random).
     ``backend`` is "auto" (netem when the kernel has it), "tun" or "netem".
-    ``realtime`` runs the TUN forwarder at SCHED_FIFO priority 1 (else nice -10).
+    ``realtime`` runs the TUN forwarder at SCHED_FIFO priority 2 (else nice -10).
     """
 
     def __init__(
