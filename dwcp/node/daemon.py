@@ -262,10 +262,12 @@ class Node:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         try:
-            line = await asyncio.wait_for(reader.readline(), 5)
-            while (h := await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass
-            ok = line.split(b" ")[1:2] == [b"/metrics"] if line else False
+            async with asyncio.timeout(5):  # bounded: a scraper sends a few short lines
+                line = await reader.readline()
+                for _ in range(100):
+                    if await reader.readline() in (b"\r\n", b"\n", b""):
+                        break
+            ok = line.split(b" ")[1:2] == [b"/metrics"]
             body = metrics.render(self.registry) if ok else b"see /metrics\n"
             status = b"200 OK" if ok else b"404 Not Found"
             writer.write(
@@ -274,8 +276,7 @@ class Node:
             )
             writer.write(body)
             await writer.drain()
-            del h
-        except (TimeoutError, ConnectionError, IndexError):
+        except (TimeoutError, ConnectionError, ValueError):
             pass
         finally:
             writer.close()
