@@ -21,7 +21,7 @@ KIND_ZERO: int = lib.HDE_KIND_ZERO
 KIND_COPY: int = lib.HDE_KIND_COPY
 KIND_LITERAL: int = lib.HDE_KIND_LITERAL
 
-# FastCDC sizes: ~16 KiB average, normalised between 4 KiB and 64 KiB.
+# Gear CDC sizes: ~16 KiB average, chunks between 4 KiB and 64 KiB (one mask, see hde.c).
 CDC_MIN = 4 * 1024
 CDC_AVG = 16 * 1024
 CDC_MAX = 64 * 1024
