@@ -11,7 +11,15 @@ only its share, and measured on the emulated WAN they add capacity where
 streams inside one connection do not), then more streams per connection
 (which only shorten head-of-line blocking after a loss); after a step that
 gained less than ``gain`` it steps back to the best level seen and holds
-there for ``hold`` intervals before probing again.
+there for ``hold`` intervals before probing again, twice as long after each
+further failed probe from the same level (up to ``max_hold``).
+
+It probes only once goodput at the current level has stopped growing (the
+first sample counts as growth from zero): a connection still in its startup
+grows on its own, and adding connections then would credit them with that
+growth. This matters most with the rate-based "dwcp-bbr" controller, which
+fills the link with one connection; each extra one only adds its own probing
+to the bottleneck queue.
 """
 
 from __future__ import annotations
@@ -84,15 +92,27 @@ def policy_names() -> list[str]:
 class ProbePolicy:
     """Hill-climb on goodput (see the module docstring)."""
 
-    def __init__(self, *, gain: float = 0.05, hold: int = 8, loss_threshold: float = 0.002):
+    def __init__(
+        self,
+        *,
+        gain: float = 0.05,
+        hold: int = 8,
+        max_hold: int = 64,
+        loss_threshold: float = 0.002,
+    ):
         self.gain = gain
         self.hold = hold
+        self.max_hold = max_hold
         self.loss_threshold = loss_threshold
         self._best: tuple[float, int, int] | None = None  # goodput, conns, streams
+        self._prev: tuple[float, int, int] | None = None  # the previous sample, likewise
         self._holding = 0
+        self._failed = 0  # failed probes in a row from the current best level
 
     def decide(self, sample: LinkSample, limits: Limits) -> Decision:
         level = (sample.connections, sample.streams)
+        prev = self._prev or (0.0, *level)
+        self._prev = (sample.goodput_bps, *level)
         best = self._best
         if self._holding and best is not None:
             self._holding -= 1
@@ -100,11 +120,15 @@ class ProbePolicy:
                 # Keep the best level's goodput fresh so the next probe compares fairly.
                 self._best = (sample.goodput_bps, *level)
             return Decision(best[1], best[2], "holding the best level")
-        if best is None or level == best[1:] or sample.goodput_bps > best[0] * (1 + self.gain):
-            self._best = best = (sample.goodput_bps, *level)
-        else:
-            self._holding = self.hold
-            return Decision(best[1], best[2], f"step gained < {self.gain:.0%}: back and hold")
+        if best is not None and level != best[1:]:
+            if sample.goodput_bps <= best[0] * (1 + self.gain):
+                self._holding = min(self.hold << self._failed, self.max_hold)
+                self._failed += 1
+                return Decision(best[1], best[2], f"step gained < {self.gain:.0%}: back and hold")
+            self._failed = 0
+        self._best = (sample.goodput_bps, *level)
+        if prev[1:] == level and sample.goodput_bps > prev[0] * (1 + self.gain):
+            return Decision(*level, "goodput still growing at this level: wait")
         conns, streams = level
         if conns < limits.max_connections:
             why = f"loss {sample.loss:.2%}" if sample.loss > self.loss_threshold else "goodput grew"

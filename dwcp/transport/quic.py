@@ -49,11 +49,18 @@ class BurstPacer(QuicPacketPacer):
     with 16 packets per wake-up and wake-ups every 2-5 ms (uvloop's 1 ms timer
     granularity plus a busy machine), one connection cannot exceed 40-90 Mbit/s
     whatever its window. 64 packets keep bursts below a quarter of the window.
+
+    A rate-based controller (``bbr``) sets the rate itself through
+    ``rate_source``; aioquic's own rule (window / smoothed RTT) would let a
+    window that is only a cap on what is in flight fill the bottleneck queue.
     """
+
+    rate_source: Callable[[], float] | None = None
 
     def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
         mss = self._max_datagram_size
-        pacing_rate = congestion_window / max(smoothed_rtt, K_MICRO_SECOND)
+        rate = self.rate_source() if self.rate_source is not None else 0.0
+        pacing_rate = rate if rate > 0 else congestion_window / max(smoothed_rtt, K_MICRO_SECOND)
         self.packet_time = max(K_MICRO_SECOND, min(mss / pacing_rate, K_SECOND))
         burst = max(2 * mss, min(congestion_window // 4, PACER_BURST_PACKETS * mss))
         self.bucket_max = burst / pacing_rate
@@ -82,7 +89,10 @@ class DwcpQuicConnection(QuicConnection):
         **kwargs: Any,
     ) -> None:
         super().__init__(configuration=configuration, **kwargs)
-        self._loss._pacer = BurstPacer(max_datagram_size=self._max_datagram_size)
+        pacer = self._loss._pacer = BurstPacer(max_datagram_size=self._max_datagram_size)
+        if isinstance(self._loss._cc, bbr.BbrCongestionControl):
+            cc_bbr = self._loss._cc
+            pacer.rate_source = lambda: cc_bbr.pacing_rate
         self.trusted = frozenset(trusted)
         self.peer_key: PublicKey | None = None
         self.counters = LinkCounters()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -68,6 +69,9 @@ def _sample(t: float, gp: float, c: int, s: int, loss: float = 0.0) -> LinkSampl
 
 def test_probe_climbs_while_goodput_grows_then_backs_off() -> None:
     ctl = Controller("probe", limits=Limits(max_connections=4, max_streams=8), initial=(1, 1))
+    # Goodput still growing at the first level (a connection's startup): wait.
+    d = ctl.feed(_sample(-1, 10.0, 1, 1))
+    assert (d.connections, d.streams) == (1, 1) and "wait" in d.reason
     # Goodput grows with every step: the controller keeps probing upwards.
     gp = 10.0
     for t in range(4):
@@ -88,8 +92,24 @@ def test_probe_climbs_while_goodput_grows_then_backs_off() -> None:
 
 def test_loss_adds_connections_first() -> None:
     ctl = Controller("probe", initial=(1, 2))
-    d = ctl.feed(_sample(0, 1e6, 1, 2, loss=0.01))
+    ctl.feed(_sample(0, 1e6, 1, 2, loss=0.01))
+    d = ctl.feed(_sample(1, 1e6, 1, 2, loss=0.01))
     assert (d.connections, d.streams) == (2, 2)
+
+
+def test_failed_probes_hold_longer_each_time() -> None:
+    """With a link one connection fills, extra connections are tried ever more rarely."""
+    ctl = Controller("probe", limits=Limits(max_connections=4, max_streams=1), initial=(1, 1))
+    probes_at = []
+    for t in range(200):
+        level = (ctl.connections, ctl.streams)
+        if level != (1, 1):
+            probes_at.append(t)
+        ctl.feed(_sample(t, 100.0, *level))  # the same goodput whatever the level
+    assert probes_at, "it still probes now and then"
+    gaps = [b - a for a, b in itertools.pairwise(probes_at)]
+    assert gaps == sorted(gaps) and gaps[-1] > gaps[0]
+    assert len(probes_at) < 10
 
 
 def test_policies_are_pluggable_by_name() -> None:
