@@ -76,6 +76,12 @@ def link_bytes(link: Link) -> int:
     return int(s.ab.tx_bytes + s.ba.tx_bytes)
 
 
+def link_loss(link: Link) -> tuple[int, int]:
+    """(packets offered to the link, packets it dropped at random), both directions."""
+    s = link.stats()
+    return int(s.ab.rx_packets + s.ba.rx_packets), int(s.ab.lost + s.ba.lost)
+
+
 def free_port() -> int:
     import socket
 
@@ -206,11 +212,14 @@ class Rsyncd:
         self.proc.wait(timeout=30)
 
 
-def timed(fn: Any, link: Link) -> tuple[float, int, Any]:
-    b0 = link_bytes(link)
+def timed(fn: Any, link: Link) -> tuple[float, int, Any, float]:
+    """Wall time, link bytes, the result, and the random-loss rate the run saw."""
+    b0, (p0, l0) = link_bytes(link), link_loss(link)
     t0 = time.monotonic()
     out = fn()
-    return time.monotonic() - t0, link_bytes(link) - b0, out
+    elapsed = time.monotonic() - t0
+    p1, l1 = link_loss(link)
+    return elapsed, link_bytes(link) - b0, out, (l1 - l0) / max(1, p1 - p0)
 
 
 def main() -> int:
@@ -249,12 +258,16 @@ def main() -> int:
                 for case, image, name in cases:
                     want = sha256_file(image)
                     log(f"{case}: dwcp migrate {image.name}")
-                    d_t, d_link, res = timed(lambda i=image, n=name: nodes.migrate(i, n), link)
+                    d_t, d_link, res, d_loss = timed(
+                        lambda i=image, n=name: nodes.migrate(i, n), link
+                    )
                     ok_d = sha256_file(nodes.images_b / name) == want == res["sha256"]
                     if case == "cross":  # rsync's best case: a basis file under the new name
                         shutil.copyfile(rsyncd.dest / "vm.img", rsyncd.dest / name)
                     log(f"{case}: rsync {image.name}")
-                    r_t, r_link, _ = timed(lambda i=image, n=name: rsyncd.push(link, i, n), link)
+                    r_t, r_link, _, r_loss = timed(
+                        lambda i=image, n=name: rsyncd.push(link, i, n), link
+                    )
                     ok_r = sha256_file(rsyncd.dest / name) == want
                     if not (ok_d and ok_r):
                         raise SystemExit(f"{case}: SHA-256 mismatch (dwcp {ok_d}, rsync {ok_r})")
@@ -270,6 +283,8 @@ def main() -> int:
                             "rsync_link_bytes": r_link,
                             "time_ratio": round(d_t / r_t, 3),
                             "bytes_ratio": round(d_link / r_link, 3) if r_link else None,
+                            "dwcp_loss": round(d_loss, 4),
+                            "rsync_loss": round(r_loss, 4),
                             "sha256_ok": True,
                         }
                     )
@@ -294,6 +309,12 @@ def main() -> int:
             f"{r['bytes_ratio'] if r['bytes_ratio'] is not None else '-':>8}"
         )
     print("time x / bytes x: dwcp over rsync (lower is better); SHA-256 verified for every row")
+    print(
+        "random loss seen: "
+        + ", ".join(
+            f"{r['case']} dwcp {r['dwcp_loss']:.2%} rsync {r['rsync_loss']:.2%}" for r in rows
+        )
+    )
     if args.json:
         print(
             json.dumps(
