@@ -63,10 +63,10 @@ HEAVY_LOSS_BACKOFF = 0.85
 STARTUP_QUEUE_RTT = 1.25  # startup also ends when STARTUP_QUEUE_SAMPLES RTTs in a row
 STARTUP_QUEUE_SAMPLES = 8  # exceed this x min-RTT (and min-RTT + STARTUP_QUEUE_MIN)
 STARTUP_QUEUE_MIN = 0.004
-QUEUE_RTT = 1.2  # a cycle whose RTTs all exceed this x min-RTT left a standing queue
+QUEUE_RTT = 1.5  # a cycle whose RTTs all exceed this x min-RTT left a standing queue
 BW_SCALE_DOWN = 0.9
 BW_SCALE_UP = 1.02
-BW_SCALE_MIN = 0.75
+BW_SCALE_MIN = 0.8
 
 STARTUP, DRAIN, PROBE_BW = "startup", "drain", "probe_bw"
 
