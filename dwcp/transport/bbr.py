@@ -18,11 +18,21 @@ packets:
   cap on what is in flight. Sending at the modelled rate, not at window / RTT,
   is what keeps the bottleneck queue near empty.
 - Modes: STARTUP (gain 2/ln 2, window grows like slow start) until the
-  bandwidth grew less than 25% in 3 rounds; DRAIN (inverse gain) until the
-  queue it built is gone; then PROBE_BW, a cycle of one-min-RTT phases with
-  gains 1.25 (look for more bandwidth), 0.75 (drain what that probe queued),
-  then six at 1.0. Controllers start the cycle at staggered phases so several
-  connections do not probe at the same moment.
+  bandwidth grew less than 25% in 3 rounds, or earlier once 8 RTT samples in
+  a row show a queue (1.25 x min-RTT): with a 1-BDP drop-tail buffer the
+  3-round rule alone overflows it (25-36% loss for half a second, measured);
+  DRAIN (inverse gain) until the queue it built is gone; then PROBE_BW, a
+  cycle of one-min-RTT phases with gains 1.25 (look for more bandwidth), 0.75
+  (drain what that probe queued), then six at 1.0. Controllers start the
+  cycle at staggered phases so several connections do not probe at once.
+- Delay correction: per-ACK samples are noisy (Python endpoints ack in
+  batches), and the max filter keeps the high ones, so the estimate ran
+  2-8% above the link and a standing queue filled the 1-BDP buffer (RTT 2 x,
+  thousands of tail drops). A cycle whose every RTT sample exceeded
+  ``QUEUE_RTT`` x min-RTT (the queue outlived the 0.75 phase) scales the
+  estimate by ``BW_SCALE_DOWN`` (floor ``BW_SCALE_MIN``) and drains instead
+  of probing; a cycle that saw the empty-queue RTT recovers it slowly. The
+  same signal makes several connections on one bottleneck back off.
 - No PROBE_RTT: it exists to see the propagation delay through a standing
   queue; here every cycle's 0.75 phase drains the queue this sender built, so
   a fresh minimum arrives every 8 rounds, and an expired minimum is simply
