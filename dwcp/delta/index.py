@@ -14,13 +14,14 @@ import logging
 import os
 import sqlite3
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from dwcp.delta import native
 from dwcp.delta.chunking import ChunkList, chunk_file
 from dwcp.delta.manifest import TREE_FANOUT, Manifest, scan_image
+from dwcp.delta.reader import StatKey, stat_key
 from dwcp.errors import ImageError, StorageError
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,12 @@ class ImageIndex:
     def close(self) -> None:
         self._db.close()
 
+    def _row(self, p: Path) -> tuple[int, StatKey] | None:
+        row = self._db.execute(
+            "SELECT id, size, mtime_ns, ino, dev FROM images WHERE path = ?", (str(p),)
+        ).fetchone()
+        return None if row is None else (int(row[0]), tuple(row[1:]))
+
     def update(self, path: str | os.PathLike[str]) -> Manifest:
         """Index ``path`` (again if it changed since it was indexed) and return its manifest."""
         p = Path(path).resolve()
@@ -152,39 +159,69 @@ class ImageIndex:
             st = p.stat()
         except FileNotFoundError as exc:
             raise ImageError(f"image {p} not found") from exc
-        row = self._db.execute(
-            "SELECT id, size, mtime_ns, ino, dev FROM images WHERE path = ?", (str(p),)
-        ).fetchone()
-        if row is not None and tuple(row[1:]) == (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev):
-            return self.local.manifests[int(row[0])]
+        row = self._row(p)
+        if row is not None and row[1] == stat_key(st):
+            return self.local.manifests[row[0]]
         manifest = scan_image(p)
-        assert manifest.stat_key is not None
-        size, mtime_ns, ino, dev = manifest.stat_key  # the state the scan saw, not a later one
+        assert manifest.stat_key is not None  # the state the scan saw, not a later one
+        self._store(p, manifest, manifest.stat_key, row)
+        return manifest
+
+    def record(self, path: str | os.PathLike[str], manifest: Manifest) -> None:
+        """Index a file known to hold ``manifest`` (a rebuilt image that was just verified).
+
+        Saves the full re-scan that ``update`` would do on the migration's critical path.
+        """
+        p = Path(path).resolve()
+        try:
+            key = stat_key(p.stat())
+        except FileNotFoundError as exc:
+            raise ImageError(f"image {p} not found") from exc
+        if key[0] != manifest.size:
+            raise ImageError(f"image {p} is not the size its manifest says; re-index it")
+        self._store(p, manifest, key, self._row(p))
+
+    def refresh(self, paths: Iterable[str | os.PathLike[str]]) -> bool:
+        """Re-index those of ``paths`` that changed (or vanished); True if any did.
+
+        Call before trusting a plan that copies from them: one ``stat`` each when
+        nothing changed.
+        """
+        changed = False
+        for path in paths:
+            p = Path(path).resolve()
+            row = self._row(p)
+            try:
+                same = row is not None and row[1] == stat_key(p.stat())
+            except FileNotFoundError:
+                self.remove(p)
+                changed = True
+                continue
+            if not same:
+                self.update(p)
+                changed = True
+        return changed
+
+    def _store(
+        self, p: Path, manifest: Manifest, key: StatKey, row: tuple[int, StatKey] | None
+    ) -> None:
+        size, mtime_ns, ino, dev = key
         try:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("DELETE FROM images WHERE path = ?", (str(p),))
             cur = self._db.execute(
                 "INSERT INTO images (path, size, mtime_ns, ino, dev, sha256, manifest) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    str(p),
-                    size,
-                    mtime_ns,
-                    ino,
-                    dev,
-                    manifest.sha256,
-                    manifest.to_bytes(),
-                ),
+                (str(p), size, mtime_ns, ino, dev, manifest.sha256, manifest.to_bytes()),
             )
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._db.execute("ROLLBACK")
             raise StorageError(f"cannot update the image index {self.db_path}: {exc}") from exc
         if row is not None:
-            self.local.remove(int(row[0]))
+            self.local.remove(row[0])
         assert cur.lastrowid is not None
         self.local.add(int(cur.lastrowid), p, manifest)
-        return manifest
 
     def _load_chunks(self, source: int, path: Path) -> ChunkList:
         """CDC chunks of a source from the database, computed and stored on first use."""

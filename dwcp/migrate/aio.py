@@ -553,7 +553,16 @@ async def receive_image(channel: Channel, peer_key: PublicKey, hooks: ReceiverHo
         asm, offer = assembler, offered
         try:
             m = manifest = await hooks.index.call(lambda ix: asm.complete(leaves))
-            plan = await hooks.index.call(lambda ix: delta.plan(m, ix.local))
+
+            def fresh_plan(ix: delta.ImageIndex) -> delta.Plan:
+                # A local image the plan copies from may have changed since it was indexed
+                # (a VM running from it): re-index what changed and plan again.
+                p = delta.plan(m, ix.local)
+                if ix.refresh(p.paths.values()):
+                    p = delta.plan(m, ix.local)
+                return p
+
+            plan = await hooks.index.call(fresh_plan)
             out = hooks.images_dir / hooks.check_name(offer.name)
             state = hooks.partial_dir(offer.transfer_id)
             rebuilder = await in_thread(delta.Rebuilder.for_manifest, m, plan, out, state)
@@ -578,7 +587,7 @@ async def receive_image(channel: Channel, peer_key: PublicKey, hooks: ReceiverHo
         assert rebuilder is not None and manifest is not None
         try:
             path = await in_thread(rebuilder.finish)
-            await hooks.index.call(lambda ix: ix.update(path))
+            await hooks.index.call(lambda ix: ix.record(path, manifest))  # verified: no re-scan
             await hooks.commit(path.name, manifest.sha256, peer_key)
         except (DwcpError, OSError) as exc:
             return _failure_for(exc)

@@ -267,3 +267,24 @@ def test_coalesce_bounds_the_number_of_ranges(tmp_path: Path) -> None:
         rb.feed(f)
     rb.finish()
     assert out.read_bytes() == src.read_bytes()
+
+
+def test_record_and_refresh(tmp_path: Path) -> None:
+    src, out, index = _setup(tmp_path)
+    m = scan_image(src)
+    p = plan(m, index.local)
+    rb = Rebuilder.for_manifest(m, p, out)
+    for f in encode(src, rb.pending()):
+        rb.feed(f)
+    rb.finish()
+    index.record(out, m)  # no re-scan: the rebuilt image was verified against m
+    assert {r.path.name: r.sha256 for r in index.images()}["new.img"] == m.sha256.hex()
+    assert plan(m, index.local).bytes_missing == 0
+    old = tmp_path / "images" / "old.img"
+    assert not index.refresh([old, out])
+    with open(old, "r+b") as f:
+        f.write(b"\x07" * 4096)
+    assert index.refresh([old])
+    old.unlink()
+    assert index.refresh([old])
+    assert [r.path.name for r in index.images()] == ["new.img"]
