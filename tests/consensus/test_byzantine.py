@@ -272,7 +272,7 @@ def test_view_changes_with_stale_but_genuine_certificates(seed: int) -> None:
     t = 0.01
     for k in range(3):  # cut off the primaries of views 0, 1, 2 in turn
         victim = f"r{k}"
-        d = rng.uniform(0.3, 1.2)
+        d = rng.uniform(0.9, 1.4)  # longer than client retry + view-change timeout
         c.sim.partition(t, t + d, {victim}, [n for n in c.sim.instances if n != victim])
         t += d + rng.uniform(0.05, 0.4)
     _finish(c, t)
