@@ -114,11 +114,12 @@ class ProbePolicy:
         prev = self._prev or (0.0, *level)
         self._prev = (sample.goodput_bps, *level)
         best = self._best
+        growing = prev[1:] == level and sample.goodput_bps > prev[0] * (1 + self.gain)
         if self._holding and best is not None:
             self._holding -= 1
             if level == best[1:]:
                 # Keep the best level's goodput fresh so the next probe compares fairly.
-                self._best = (sample.goodput_bps, *level)
+                self._best = ((best[0] + sample.goodput_bps) / 2, *level)
             return Decision(best[1], best[2], "holding the best level")
         if best is not None and level != best[1:]:
             if sample.goodput_bps <= best[0] * (1 + self.gain):
@@ -126,8 +127,13 @@ class ProbePolicy:
                 self._failed += 1
                 return Decision(best[1], best[2], f"step gained < {self.gain:.0%}: back and hold")
             self._failed = 0
-        self._best = (sample.goodput_bps, *level)
-        if prev[1:] == level and sample.goodput_bps > prev[0] * (1 + self.gain):
+            self._best = (sample.goodput_bps, *level)
+        elif best is None or growing:
+            self._best = (sample.goodput_bps, *level)
+        else:
+            # Averaged, so one interval that lost a burst does not make any probe look good.
+            self._best = ((best[0] + sample.goodput_bps) / 2, *level)
+        if growing:
             return Decision(*level, "goodput still growing at this level: wait")
         conns, streams = level
         if conns < limits.max_connections:
