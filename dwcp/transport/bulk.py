@@ -55,6 +55,25 @@ class BulkReceiver:
         waiter = self._waiter
         if (ready or self.reasm.complete) and waiter is not None and not waiter.done():
             waiter.set_result(None)
+        # The end may arrive after the application already read the last chunk.
+        self._maybe_ack()
+
+    def _maybe_ack(self) -> None:
+        """Acknowledge what the application consumed: periodically, and once at the end.
+
+        The final ack goes out as soon as both the end is known and every byte was
+        read, whichever happens last, so the sender's ``finish`` never waits for a
+        ``read`` that may not come.
+        """
+        reasm = self.reasm
+        consumed = reasm.consumed
+        at_end = consumed == reasm.end
+        if consumed != self._acked and (at_end or consumed - self._acked >= self._ack_every):
+            self._acked = consumed
+            self._session._send_control(wire.BulkAck(self.transfer_id, consumed))
+        if at_end and self._session._receivers.get(self.transfer_id) is self:
+            # Nothing more can arrive for it: free the slot even if read() is never called.
+            del self._session._receivers[self.transfer_id]
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -73,11 +92,8 @@ class BulkReceiver:
             finally:
                 self._waiter = None
         data = self._ready.popleft()
-        reasm = self.reasm
-        reasm.release(len(data))
-        if reasm.consumed - self._acked >= self._ack_every or (reasm.complete and not self._ready):
-            self._acked = reasm.consumed
-            self._session._send_control(wire.BulkAck(self.transfer_id, reasm.consumed))
+        self.reasm.release(len(data))
+        self._maybe_ack()
         return data
 
     def __aiter__(self) -> BulkReceiver:
@@ -144,5 +160,7 @@ class BulkSender:
             self._done.set_result(None)
         fail = self._session._failed
         await asyncio.wait([self._done, fail], return_when=asyncio.FIRST_COMPLETED)
-        self._session._check()
+        if not self._done.done():
+            # The receiver's final ack counts even if the session ended right after it.
+            self._session._check()
         return self.end

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
@@ -47,6 +48,8 @@ CONTROL_STREAM = 0  # the client's first bidirectional stream on every connectio
 MAX_CONCURRENT_REQUESTS = 256
 MAX_PENDING = 64
 TIMELINE_POINTS = 4096
+# Seconds ``close`` waits by default for written data to be acknowledged.
+LINGER = 5.0
 
 
 class _Stream:
@@ -179,13 +182,46 @@ class Session:
     def closed(self) -> bool:
         return self.error is not None
 
-    async def close(self, reason: str = "session closed") -> None:
-        """Close every connection; later calls on this session raise ``SessionClosedError``."""
+    async def close(self, reason: str = "session closed", *, linger: float = LINGER) -> None:
+        """Flush what was written, then close every connection.
+
+        Closing a QUIC connection discards whatever it has not sent yet, so the
+        last message written before ``close`` would often be lost. ``close`` first
+        waits, at most ``linger`` seconds, until the peer's QUIC stack has
+        acknowledged everything already written: channel data and end-of-stream,
+        requests and responses, bulk chunks and bulk acks. After ``linger`` (for
+        instance when the peer stopped reading a channel) it closes anyway;
+        ``linger=0`` closes at once and drops unsent data. Later calls on this
+        session raise ``SessionClosedError``.
+        """
+        if self.error is None and linger > 0:
+            await self._flush(linger)
         if self.error is None:
             for conn in self.conns:
                 conn.close(reason)
             self._fail(SessionClosedError(f"the session was closed locally ({reason})"))
         await asyncio.sleep(0)
+
+    def _unflushed(self) -> bool:
+        """True while some connection holds written data the peer has not acknowledged."""
+        for conn in self.conns:
+            if conn.closed:
+                continue
+            for stream in conn.quic._streams.values():
+                out = stream.sender
+                if out.is_finished or out._reset_error_code is not None:
+                    continue
+                if out._buffer_stop > out._buffer_start or out._buffer_fin is not None:
+                    return True
+        return False
+
+    async def _flush(self, linger: float) -> None:
+        for conn in self.conns:
+            conn.transmit_soon()
+        with contextlib.suppress(TimeoutError, DwcpError):
+            async with asyncio.timeout(linger):
+                while self._unflushed():
+                    await self._wait_progress()
 
     async def wait_closed(self) -> DwcpError:
         """Wait until the session ends; return the error that ended it."""
