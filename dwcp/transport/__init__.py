@@ -19,7 +19,8 @@ Public API (stable; other components build on it)::
     receiver = await session.accept_bulk()                # peer side
     async for chunk in receiver: ...                      # in order; receiver.offset = consumed
     session.peer (PublicKey), session.stats(), session.snapshot() (adaptive controller)
-    await session.close(); await session.wait_closed()
+    await session.close(reason, linger=5.0)  # flushes what was written first
+    await session.wait_closed()
     run(main())                                           # uvloop.run when installed
 
 ``key`` is a ``dwcp.identity.NodeKey``; ``trusted`` an iterable of ``PublicKey``.
