@@ -137,8 +137,9 @@ class PrePrepare(Message):
 
 
 @dataclass(frozen=True, slots=True)
-class Prepare(Message):
-    KIND: ClassVar[Kind] = Kind.PREPARE
+class _Vote(Message):
+    """A vote for batch ``digest`` at ``seq`` in ``view`` (PREPARE and COMMIT share the form)."""
+
     view: int
     seq: int
     digest: bytes
@@ -153,19 +154,13 @@ class Prepare(Message):
 
 
 @dataclass(frozen=True, slots=True)
-class Commit(Message):
+class Prepare(_Vote):
+    KIND: ClassVar[Kind] = Kind.PREPARE
+
+
+@dataclass(frozen=True, slots=True)
+class Commit(_Vote):
     KIND: ClassVar[Kind] = Kind.COMMIT
-    view: int
-    seq: int
-    digest: bytes
-
-    def __post_init__(self) -> None:
-        _int("view", self.view)
-        _int("seq", self.seq)
-        _bytes("digest", self.digest, DIGEST_BYTES)
-
-    def fields(self) -> tuple[Any, ...]:
-        return (self.view, self.seq, self.digest)
 
 
 @dataclass(frozen=True, slots=True)
