@@ -95,7 +95,7 @@ class UdpEndpoint:
         try:
             self.sock.sendto(data, addr)
         except (BlockingIOError, InterruptedError):
-            pass  # a full socket buffer is a lost datagram; QUIC recovers
+            return  # a full socket buffer is a lost datagram; QUIC recovers
         except OSError as exc:
             if exc.errno not in (errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH):
                 raise
