@@ -107,9 +107,13 @@ def test_image_changing_while_sent_is_refused(pair: tuple[NodeProc, NodeProc, Pa
     a, b, root = pair
     img = root / "changing.img"
     make_image(img, 16, seed=11)  # ~14 MiB of data at 1 MiB/s: the write lands mid-transfer
+    # The nodes are shared by the module: count only this transfer's bytes, so the write
+    # cannot land before the source has scanned the image (that would be a legal migration
+    # of the grown image, not the case under test).
+    baseline = b.status()["stats"]["bytes_received"]
     proc = a.popen_cli("migrate", str(img), "--to", "b", "--bwlimit", "1M")
     wait_until(lambda: a.status()["stats"]["active_transfers"]["out"] == 1, "the transfer")
-    wait_until(lambda: b.status()["stats"]["bytes_received"] > 0, "data to flow")
+    wait_until(lambda: b.status()["stats"]["bytes_received"] > baseline + 65536, "data to flow")
     with open(img, "ab") as f:  # the VM writes: the file grows
         f.write(b"x" * 4096)
     _, err = proc.communicate(timeout=300)
