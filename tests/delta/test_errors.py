@@ -27,22 +27,31 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes, bytes
     return img, scan_image(img).to_bytes(), frame
 
 
+def _mutate(data: st.DataObject, original: bytes, last: str, *, garbage_max: int) -> bytearray:
+    """One hostile edit: flip a byte, truncate, replace with garbage, or ``last``
+    (``header``: random header bytes; ``extend``: trailing bytes)."""
+    out = bytearray(original)
+    kind = data.draw(st.sampled_from(["flip", "truncate", "garbage", last]))
+    if kind == "flip":
+        i = data.draw(st.integers(0, len(out) - 1))
+        out[i] ^= data.draw(st.integers(1, 255))
+    elif kind == "truncate":
+        out = out[: data.draw(st.integers(0, len(out) - 1))]
+    elif kind == "garbage":
+        out = bytearray(data.draw(st.binary(max_size=garbage_max)))
+    elif kind == "header":
+        out[:HEADER_SIZE] = data.draw(st.binary(min_size=HEADER_SIZE, max_size=HEADER_SIZE))
+    else:
+        out += data.draw(st.binary(min_size=1, max_size=64))
+    return out
+
+
 @settings(max_examples=300, deadline=None)
 @given(data=st.data())
 def test_mutated_frames_raise_frame_error(
     data: st.DataObject, sample: tuple[Path, bytes, bytes]
 ) -> None:
-    frame = bytearray(sample[2])
-    kind = data.draw(st.sampled_from(["flip", "truncate", "garbage", "header"]))
-    if kind == "flip":
-        i = data.draw(st.integers(0, len(frame) - 1))
-        frame[i] ^= data.draw(st.integers(1, 255))
-    elif kind == "truncate":
-        frame = frame[: data.draw(st.integers(0, len(frame) - 1))]
-    elif kind == "garbage":
-        frame = bytearray(data.draw(st.binary(max_size=256)))
-    else:
-        frame[:HEADER_SIZE] = data.draw(st.binary(min_size=HEADER_SIZE, max_size=HEADER_SIZE))
+    frame = _mutate(data, sample[2], "header", garbage_max=256)
     try:
         pieces = decode_frame(bytes(frame))
     except FrameError:
@@ -62,17 +71,7 @@ def test_frame_declaring_huge_output_is_refused() -> None:
 def test_mutated_manifests_raise_manifest_error(
     data: st.DataObject, sample: tuple[Path, bytes, bytes]
 ) -> None:
-    blob = bytearray(sample[1])
-    kind = data.draw(st.sampled_from(["flip", "truncate", "garbage", "extend"]))
-    if kind == "flip":
-        i = data.draw(st.integers(0, len(blob) - 1))
-        blob[i] ^= data.draw(st.integers(1, 255))
-    elif kind == "truncate":
-        blob = blob[: data.draw(st.integers(0, len(blob) - 1))]
-    elif kind == "garbage":
-        blob = bytearray(data.draw(st.binary(max_size=512)))
-    else:
-        blob += data.draw(st.binary(min_size=1, max_size=64))
+    blob = _mutate(data, sample[1], "extend", garbage_max=512)
     try:
         m = Manifest.from_bytes(bytes(blob))
     except ManifestError:
