@@ -32,6 +32,7 @@ DEFAULT_LEVEL = 1
 _HEAD = struct.Struct("<2sBBIII Q")  # magic version level n_ranges raw_len comp_len checksum
 _RANGE = struct.Struct("<QI")
 HEADER_SIZE = _HEAD.size
+_CHECKED_HEAD = HEADER_SIZE - 8  # the header up to its checksum
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,15 +61,23 @@ def _batches(ranges: Iterable[tuple[int, int]], batch: int) -> Iterator[list[tup
         yield cur
 
 
+def _checksum(*parts: bytes | memoryview) -> int:
+    h = xxhash.xxh3_64()
+    for part in parts:
+        h.update(part)
+    return int(h.intdigest())
+
+
 def _frame(
     reader: ImageReader, ranges: list[tuple[int, int]], cctx: zstandard.ZstdCompressor, level: int
 ) -> bytes:
     raw = b"".join(reader.read(o, n) for o, n in ranges)
     comp = cctx.compress(raw)
     table = b"".join(_RANGE.pack(o, n) for o, n in ranges)
-    checksum = xxhash.xxh3_64_intdigest(table + comp)
-    head = _HEAD.pack(MAGIC, VERSION, level & 0xFF, len(ranges), len(raw), len(comp), checksum)
-    return head + table + comp
+    head = _HEAD.pack(MAGIC, VERSION, level & 0xFF, len(ranges), len(raw), len(comp), 0)
+    # The checksum covers every header field before it, the range table and the payload.
+    checksum = _checksum(head[:_CHECKED_HEAD], table, comp)
+    return head[:_CHECKED_HEAD] + struct.pack("<Q", checksum) + table + comp
 
 
 def encode(
@@ -150,7 +159,7 @@ def decode(frame: bytes | memoryview, *, max_raw: int = MAX_FRAME_RAW) -> list[P
         raise FrameError(
             f"data frame length {len(mv)} does not match its header ({table_end + comp_len})"
         )
-    if xxhash.xxh3_64_intdigest(mv[HEADER_SIZE:]) != checksum:
+    if _checksum(mv[:_CHECKED_HEAD], mv[HEADER_SIZE:]) != checksum:
         raise FrameError("data frame checksum mismatch: the frame was corrupted in transit")
     ranges = [_RANGE.unpack_from(mv, HEADER_SIZE + i * _RANGE.size) for i in range(n)]
     if sum(length for _, length in ranges) != raw_len:
