@@ -11,7 +11,7 @@ from collections import Counter
 
 from dwcp.consensus.actions import Action, Broadcast, ClientEvent, Completed, Send
 from dwcp.consensus.config import ClusterConfig
-from dwcp.consensus.messages import Codec, Kind, Reply, Request
+from dwcp.consensus.messages import Codec, Kind, Reply, Request, Signed
 from dwcp.errors import AuthenticationError, ConfigError, ProtocolError, UsageError
 from dwcp.identity import NodeKey
 
@@ -69,6 +69,10 @@ class Client:
         except ProtocolError:
             self.stats["malformed"] += 1
             return []
+        return self.receive_decoded(s, now)
+
+    def receive_decoded(self, s: Signed, now: float) -> list[ClientEvent]:
+        """``receive`` for a message already parsed with ``Codec.decode`` (not yet verified)."""
         msg = s.msg
         if s.kind is not Kind.REPLY or not isinstance(msg, Reply):
             self.stats["unexpected"] += 1

@@ -309,9 +309,11 @@ class ReplicaServer(_Endpoint):
         self._timer_at: float | None = None
         self._server: asyncio.Server | None = None
         self._records = self.wal.replay()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        # Cached: asyncio.get_running_loop() costs a getpid() per call on Python 3.11.
+        self._loop = loop = asyncio.get_running_loop()
         self.stopped = loop.create_future()
         host, port = self.net.addresses[self.id]
         self._server = await loop.create_server(
@@ -344,7 +346,7 @@ class ReplicaServer(_Endpoint):
 
     def on_frame(self, proto: FrameProtocol, data: bytes) -> None:
         try:
-            actions = self.replica.receive(data, asyncio.get_running_loop().time())
+            actions = self.replica.receive(data, self._time())
         except Exception as exc:  # the core must not raise on input; never let a peer crash us
             self.core_errors += 1
             if self.core_errors == 1:
@@ -352,17 +354,26 @@ class ReplicaServer(_Endpoint):
             return
         self._queue(actions)
 
+    def _ev(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None:
+            self._loop = loop = asyncio.get_running_loop()
+        return loop
+
+    def _time(self) -> float:
+        return self._ev().time()
+
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        self._queue(self.replica.tick(asyncio.get_running_loop().time()))
+        self._queue(self.replica.tick(self._time()))
 
     def _queue(self, actions: list[Action]) -> None:
         """Collect this loop turn's actions; ``_flush`` runs once per turn and re-arms timers."""
         self._pending.extend(actions)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._ev().call_soon(self._flush)
 
     def _flush(self) -> None:
         """Group commit: make every queued record durable, then send this turn's messages.
@@ -404,8 +415,10 @@ class ReplicaServer(_Endpoint):
             self.stopped.set_exception(exc)
 
     def _send(self, rest: list[Action]) -> None:
+        # One write per connection per turn: a client pool's replies share its connection.
         to_peer: dict[int, list[bytes]] = defaultdict(list)
-        to_client: dict[bytes, list[bytes]] = defaultdict(list)
+        to_client: dict[FrameProtocol, list[bytes]] = defaultdict(list)
+        clients = self.clients
         for a in rest:
             if isinstance(a, Send):
                 to_peer[a.to].append(a.data)
@@ -413,7 +426,9 @@ class ReplicaServer(_Endpoint):
                 for j in self.links:
                     to_peer[j].append(a.data)
             elif isinstance(a, ReplyTo):
-                to_client[a.client].append(a.data)
+                proto = clients.get(a.client)
+                if proto is not None:
+                    to_client[proto].append(a.data)
             elif isinstance(a, Executed):
                 self.executed += 1
             elif isinstance(a, ViewChanged):
@@ -423,10 +438,8 @@ class ReplicaServer(_Endpoint):
             link = self.links.get(j)
             if link is not None:
                 link.send(frames)
-        for c, frames in to_client.items():
-            proto = self.clients.get(c)
-            if proto is not None:
-                proto.send(frames)
+        for proto, frames in to_client.items():
+            proto.send(frames)
 
     def _rearm(self) -> None:
         dl = self.replica.next_deadline()
@@ -437,7 +450,7 @@ class ReplicaServer(_Endpoint):
             self._timer = None
         self._timer_at = dl
         if dl is not None:
-            self._timer = asyncio.get_running_loop().call_at(dl, self._on_timer)
+            self._timer = self._ev().call_at(dl, self._on_timer)
 
     def close(self) -> None:
         for link in self.links.values():
@@ -464,6 +477,15 @@ class ClientPool(_Endpoint):
         self._timers: dict[int, asyncio.TimerHandle] = {}
         hello = b"C" + b"".join(k.public.raw for k in keys)
         self.links = {j: _Link(self, j, hello) for j in range(cfg.n)}
+        self._out: dict[int, list[bytes]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _ev(self) -> asyncio.AbstractEventLoop:
+        # Cached: asyncio.get_running_loop() costs a getpid() per call on Python 3.11.
+        loop = self._loop
+        if loop is None:
+            self._loop = loop = asyncio.get_running_loop()
+        return loop
 
     async def start(self, timeout: float = 10.0) -> None:
         """Dial every replica; return once all are connected (or raise after ``timeout``)."""
@@ -480,24 +502,31 @@ class ClientPool(_Endpoint):
             await asyncio.sleep(0.01)
 
     def _perform(self, client: Client, actions: list[Action]) -> None:
+        # Frames queued in one loop turn (many clients' requests) leave in one write per replica.
+        out = self._out
+        if not out:
+            self._ev().call_soon(self._flush)
         for a in actions:
             if isinstance(a, Send):
-                self.links[a.to].send([a.data])
+                out.setdefault(a.to, []).append(a.data)
             elif isinstance(a, Broadcast):
-                for link in self.links.values():
-                    link.send([a.data])
+                for j in self.links:
+                    out.setdefault(j, []).append(a.data)
         old = self._timers.pop(client.index, None)
         if old is not None:
             old.cancel()
         dl = client.next_deadline()
         if dl is not None:
-            self._timers[client.index] = asyncio.get_running_loop().call_at(
-                dl, self._on_timer, client
-            )
+            self._timers[client.index] = self._ev().call_at(dl, self._on_timer, client)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, {}
+        for j, frames in out.items():
+            self.links[j].send(frames)
 
     def _on_timer(self, client: Client) -> None:
         self._timers.pop(client.index, None)
-        self._perform(client, client.tick(asyncio.get_running_loop().time()))
+        self._perform(client, client.tick(self._ev().time()))
 
     def on_frame(self, proto: FrameProtocol, data: bytes) -> None:
         try:
@@ -508,8 +537,8 @@ class ClientPool(_Endpoint):
             return
         client = self.by_index.get(s.msg.client)
         if client is None or not client.busy:
-            return  # the f+1 replies already arrived: skip decoding the rest again
-        for ev in client.receive(data, asyncio.get_running_loop().time()):
+            return  # the f+1 replies already arrived
+        for ev in client.receive_decoded(s, self._ev().time()):
             waiter = self._waiters.pop(client.index, None)
             timer = self._timers.pop(client.index, None)
             if timer is not None:
@@ -520,7 +549,7 @@ class ClientPool(_Endpoint):
     async def request(self, op: bytes, client: int = 0) -> Completed:
         """Submit ``op`` as ``clients[client]`` and wait for f + 1 matching replies."""
         c = self.clients[client]
-        loop = asyncio.get_running_loop()
+        loop = self._ev()
         fut: asyncio.Future[Completed] = loop.create_future()
         self._waiters[c.index] = fut
         self._perform(c, c.request(op, loop.time()))
