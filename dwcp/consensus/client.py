@@ -1,5 +1,8 @@
 """Sans-IO PBFT client: signs requests, retries, and accepts f + 1 matching signed replies.
 
+A reply is a REPLY or, for a batch, this client's entry in a REPLIES message
+(one signature for the whole batch); ``Completed.proof`` holds those messages.
+
 One request may be outstanding per client (PBFT's reply cache keeps the last
 timestamp per client; a second concurrent request could be ordered first and
 make the earlier one stale). Run several clients (keys) for concurrency.
@@ -11,7 +14,7 @@ from collections import Counter
 
 from dwcp.consensus.actions import Action, Broadcast, ClientEvent, Completed, Send
 from dwcp.consensus.config import ClusterConfig
-from dwcp.consensus.messages import Codec, Kind, Reply, Request, Signed
+from dwcp.consensus.messages import Codec, Replies, Reply, Request, Signed
 from dwcp.errors import AuthenticationError, ConfigError, ProtocolError, UsageError
 from dwcp.identity import NodeKey
 
@@ -19,7 +22,7 @@ from dwcp.identity import NodeKey
 class Client:
     """State machine of one client; ``client_id`` is its raw public key."""
 
-    def __init__(self, config: ClusterConfig, key: NodeKey) -> None:
+    def __init__(self, config: ClusterConfig, key: NodeKey, *, codec: Codec | None = None) -> None:
         index = config.client_index(key.public.raw)
         if index is None:
             raise ConfigError("this client's public key is not in ClusterConfig.clients")
@@ -27,14 +30,15 @@ class Client:
         self.key = key
         self.index = index
         self.client_id = key.public.raw
-        self.codec = Codec(config)
+        # Clients in one process may share a codec, so a REPLIES message is verified once.
+        self.codec = codec if codec is not None else Codec(config)
         self.view = 0
         self.stats: Counter[str] = Counter()
         self._last_ts = 0
         self._ts: int | None = None
         self._op = b""
         self._raw = b""
-        self._replies: dict[int, tuple[Reply, bytes]] = {}
+        self._replies: dict[int, tuple[int, bytes, bytes]] = {}
         self._deadline: float | None = None
         self._retries = 0
 
@@ -74,10 +78,16 @@ class Client:
     def receive_decoded(self, s: Signed, now: float) -> list[ClientEvent]:
         """``receive`` for a message already parsed with ``Codec.decode`` (not yet verified)."""
         msg = s.msg
-        if s.kind is not Kind.REPLY or not isinstance(msg, Reply):
+        result: bytes | None
+        if isinstance(msg, Reply):
+            ok = msg.client == self.index and msg.timestamp == self._ts
+            result = msg.result if ok else None
+        elif isinstance(msg, Replies):
+            result = None if self._ts is None else msg.result_for(self.index, self._ts)
+        else:
             self.stats["unexpected"] += 1
             return []
-        if msg.client != self.index or self._ts is None or msg.timestamp != self._ts:
+        if result is None or self._ts is None:
             self.stats["stale"] += 1
             return []
         if s.sender in self._replies:
@@ -88,13 +98,13 @@ class Client:
         except AuthenticationError:
             self.stats["bad_signature"] += 1
             return []
-        self._replies[s.sender] = (msg, s.raw)
-        matching = [(r, raw) for r, raw in self._replies.values() if r.result == msg.result]
+        self._replies[s.sender] = (msg.view, result, s.raw)
+        matching = [(v, raw) for v, r, raw in self._replies.values() if r == result]
         if len(matching) < self.config.weak_quorum:
             return []
-        views = Counter(r.view for r, _ in matching)
+        views = Counter(v for v, _ in matching)
         self.view = max(views, key=lambda v: (views[v], v))
-        event = Completed(self._ts, self._op, msg.result, tuple(raw for _, raw in matching))
+        event = Completed(self._ts, self._op, result, tuple(raw for _, raw in matching))
         self._ts = None
         self._deadline = None
         self._replies = {}

@@ -62,6 +62,7 @@ class Kind(IntEnum):
     STATE = 10
     STATUS_QUERY = 11
     STATUS = 12
+    REPLIES = 13
 
 
 def _int(name: str, value: object) -> None:
@@ -269,6 +270,40 @@ class Reply(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Replies(Message):
+    """REPLY for every request of one executed batch, signed once: ``(client, timestamp, result)``.
+
+    A client treats its own entry exactly like a REPLY. One signature per batch instead
+    of one per request, and a client pool verifies it once for all its clients.
+    """
+
+    KIND: ClassVar[Kind] = Kind.REPLIES
+    view: int
+    entries: tuple[tuple[int, int, bytes], ...]
+
+    def __post_init__(self) -> None:
+        _int("view", self.view)
+        if type(self.entries) is not tuple or len(self.entries) > _MAX_ITEMS:
+            raise ProtocolError(f"entries must be a list of at most {_MAX_ITEMS} items")
+        for e in self.entries:
+            if type(e) is not tuple or len(e) != 3:
+                raise ProtocolError("a reply entry is [client, timestamp, result]")
+            _int("client", e[0])
+            _int("timestamp", e[1])
+            _bytes("result", e[2])
+
+    def fields(self) -> tuple[Any, ...]:
+        return (self.view, [list(e) for e in self.entries])
+
+    def result_for(self, client: int, timestamp: int) -> bytes | None:
+        """The result for ``client``'s request ``timestamp``, if this message holds it."""
+        for c, ts, result in self.entries:
+            if c == client and ts == timestamp:
+                return result
+        return None
+
+
+@dataclass(frozen=True, slots=True)
 class FetchState(Message):
     """Ask for the sender's stable checkpoint at or above ``seq`` (state transfer)."""
 
@@ -359,6 +394,7 @@ _BUILDERS: dict[Kind, Callable[[tuple[Any, ...]], Message]] = {
     Kind.STATE: _generic(State),
     Kind.STATUS_QUERY: _generic(StatusQuery),
     Kind.STATUS: _generic(Status),
+    Kind.REPLIES: _generic(Replies),
 }
 _ARITY = {
     Kind.REQUEST: 2,
@@ -373,6 +409,7 @@ _ARITY = {
     Kind.STATE: 3,
     Kind.STATUS_QUERY: 1,
     Kind.STATUS: 4,
+    Kind.REPLIES: 2,
 }
 
 
@@ -527,6 +564,7 @@ __all__ = [
     "PrePrepare",
     "Prepare",
     "PreparedProof",
+    "Replies",
     "Reply",
     "Request",
     "Signed",

@@ -42,7 +42,7 @@ import struct
 import subprocess
 import sys
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -60,7 +60,7 @@ from dwcp.consensus.actions import (
 )
 from dwcp.consensus.client import Client
 from dwcp.consensus.config import ClusterConfig
-from dwcp.consensus.messages import Codec, Kind, Reply
+from dwcp.consensus.messages import Codec, Replies, Reply
 from dwcp.consensus.registry import VMRegistry
 from dwcp.consensus.replica import Replica
 from dwcp.consensus.wal import Wal
@@ -417,7 +417,7 @@ class ReplicaServer(_Endpoint):
     def _send(self, rest: list[Action]) -> None:
         # One write per connection per turn: a client pool's replies share its connection.
         to_peer: dict[int, list[bytes]] = defaultdict(list)
-        to_client: dict[FrameProtocol, list[bytes]] = defaultdict(list)
+        to_client: dict[FrameProtocol, dict[bytes, None]] = defaultdict(dict)
         clients = self.clients
         for a in rest:
             if isinstance(a, Send):
@@ -427,8 +427,8 @@ class ReplicaServer(_Endpoint):
                     to_peer[j].append(a.data)
             elif isinstance(a, ReplyTo):
                 proto = clients.get(a.client)
-                if proto is not None:
-                    to_client[proto].append(a.data)
+                if proto is not None:  # a batch's REPLIES goes once to each connection
+                    to_client[proto][a.data] = None
             elif isinstance(a, Executed):
                 self.executed += 1
             elif isinstance(a, ViewChanged):
@@ -438,8 +438,8 @@ class ReplicaServer(_Endpoint):
             link = self.links.get(j)
             if link is not None:
                 link.send(frames)
-        for proto, frames in to_client.items():
-            proto.send(frames)
+        for proto, datas in to_client.items():
+            proto.send(list(datas))
 
     def _rearm(self) -> None:
         dl = self.replica.next_deadline()
@@ -471,7 +471,7 @@ class ClientPool(_Endpoint):
         cfg = net.cluster
         self.limit = cfg.max_message_bytes + 64
         self.codec = Codec(cfg)
-        self.clients = [Client(cfg, k) for k in keys]
+        self.clients = [Client(cfg, k, codec=self.codec) for k in keys]
         self.by_index = {c.index: c for c in self.clients}
         self._waiters: dict[int, asyncio.Future[Completed]] = {}
         self._timers: dict[int, asyncio.TimerHandle] = {}
@@ -533,18 +533,25 @@ class ClientPool(_Endpoint):
             s = self.codec.decode(data)
         except ProtocolError:
             return
-        if s.kind is not Kind.REPLY or not isinstance(s.msg, Reply):
+        msg = s.msg
+        if isinstance(msg, Reply):
+            indices: Iterable[int] = (msg.client,)
+        elif isinstance(msg, Replies):
+            indices = dict.fromkeys(c for c, _, _ in msg.entries)
+        else:
             return
-        client = self.by_index.get(s.msg.client)
-        if client is None or not client.busy:
-            return  # the f+1 replies already arrived
-        for ev in client.receive_decoded(s, self._ev().time()):
-            waiter = self._waiters.pop(client.index, None)
-            timer = self._timers.pop(client.index, None)
-            if timer is not None:
-                timer.cancel()
-            if waiter is not None and not waiter.done():
-                waiter.set_result(ev)
+        now = self._ev().time()
+        for index in indices:
+            client = self.by_index.get(index)
+            if client is None or not client.busy:
+                continue  # the f+1 replies already arrived
+            for ev in client.receive_decoded(s, now):  # verified once: the codec is shared
+                waiter = self._waiters.pop(client.index, None)
+                timer = self._timers.pop(client.index, None)
+                if timer is not None:
+                    timer.cancel()
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(ev)
 
     async def request(self, op: bytes, client: int = 0) -> Completed:
         """Submit ``op`` as ``clients[client]`` and wait for f + 1 matching replies."""

@@ -63,6 +63,7 @@ from dwcp.consensus.messages import (
     NewView,
     Prepare,
     PrePrepare,
+    Replies,
     Reply,
     Request,
     Signed,
@@ -85,6 +86,8 @@ from dwcp.identity import NodeKey
 _FUTURE_PER_SENDER = 256
 _FUTURE_BYTES = 4 << 20
 _LAZY_MAX = 512
+_REPLIES_BYTES = 32 << 10
+"""Result bytes per REPLIES message (a batch's replies are split above this)."""
 _RECOVERING = b"recovering"
 _STARTED = b"started"
 _WAL_LIMIT = 1 << 31
@@ -374,6 +377,24 @@ class Replica:
         raw = self._sign(Reply(self.view, client, ts, result))
         out.append(ReplyTo(self.config.clients[client].raw, raw))
 
+    def _reply_batch(self, entries: list[tuple[int, int, bytes]], out: list[Action]) -> None:
+        """Answer the requests of one executed batch: one signed REPLIES for all of them."""
+        if self._replaying or not entries:
+            return
+        if len(entries) == 1:
+            self._reply(*entries[0], out)
+            return
+        clients = self.config.clients
+        start, size = 0, 0
+        for i, (_, _, result) in enumerate(entries):
+            size += len(result) + 24
+            if size > _REPLIES_BYTES or i + 1 == len(entries):
+                chunk = entries[start : i + 1]
+                raw = self._sign(Replies(self.view, tuple(chunk)))
+                for c in dict.fromkeys(c for c, _, _ in chunk):
+                    out.append(ReplyTo(clients[c].raw, raw))
+                start, size = i + 1, 0
+
     def _on_request(self, s: Signed, msg: Request, now: float, out: list[Action]) -> None:
         c, ts = s.sender, msg.timestamp
         last = self._clients.get(c)
@@ -587,8 +608,10 @@ class Replica:
         while self.last_executed + 1 in self._committed:
             seq = self.last_executed + 1
             batch = self._committed.pop(seq)
+            replies: list[tuple[int, int, bytes]] = []
             for raw, rd in zip(batch.pp.requests, batch.pp.request_digests, strict=True):
-                self._execute_one(seq, batch.view, raw, rd, out)
+                self._execute_one(seq, batch.view, raw, rd, out, replies)
+            self._reply_batch(replies, out)
             if not self._replaying:
                 out.append(Committed(seq, batch.view, batch.pp.digest))
             self.last_executed = seq
@@ -601,7 +624,15 @@ class Replica:
                 self._vc_deadline = now + self._timeout() if self._pending else None
             self._propose(now, out)
 
-    def _execute_one(self, seq: int, view: int, raw: bytes, rd: bytes, out: list[Action]) -> None:
+    def _execute_one(
+        self,
+        seq: int,
+        view: int,
+        raw: bytes,
+        rd: bytes,
+        out: list[Action],
+        replies: list[tuple[int, int, bytes]],
+    ) -> None:
         # rd stays in _inflight until the stable checkpoint: a re-sent request then re-sends
         # our votes for its sequence number (see _on_request).
         try:
@@ -617,14 +648,14 @@ class Replica:
         last = self._clients.get(c)
         if last is not None and ts <= last[0]:
             if ts == last[0]:
-                self._reply(c, ts, last[1], out)
+                replies.append((c, ts, last[1]))
             return
         result = self.app.execute(r.msg.op)
         self._clients[c] = (ts, result)
         if not self._replaying:
             client = self.config.clients[c].raw
             out.append(Executed(seq, view, rd, client, ts, result))
-        self._reply(c, ts, result, out)
+        replies.append((c, ts, result))
 
     # --- checkpoints, garbage collection, state transfer ---------------------
 

@@ -345,7 +345,7 @@ class Liar(Wrapper):
     """
 
     def outgoing(self, action: Any, s: Signed) -> list[Any]:
-        from dwcp.consensus.messages import Checkpoint, Reply, State, Status
+        from dwcp.consensus.messages import Checkpoint, Replies, Reply, State, Status
 
         msg = s.msg
         bad: Message | None = None
@@ -360,6 +360,9 @@ class Liar(Wrapper):
             bad = Status(msg.nonce, msg.view + (1000 if big else 0), 10**6 if big else 0, 0)
         elif isinstance(msg, Reply):
             bad = Reply(msg.view, msg.client, msg.timestamp, b"\x93\xa2ok\xa7mallory\x09")
+        elif isinstance(msg, Replies):
+            lie = b"\x93\xa2ok\xa7mallory\x09"
+            bad = Replies(msg.view, tuple((c, ts, lie) for c, ts, _ in msg.entries))
         if bad is None:
             return [action]
         self.sent += 1

@@ -36,6 +36,7 @@ from dwcp.consensus.messages import (
     NewView,
     Prepare,
     PrePrepare,
+    Replies,
     Request,
     State,
     digest,
@@ -241,6 +242,54 @@ def test_batching_under_load() -> None:
     assert len(seqs) < 20  # several requests shared one PRE-PREPARE
     assert len(net.executed[1]) == 20
     _check_safety(net)
+
+
+def test_batch_is_answered_by_one_signed_replies_message() -> None:
+    net = Net.make(n_clients=6, max_batch=8, max_inflight=1)
+    sent: list[tuple[int, bytes, bytes]] = []
+    apply = net.apply
+
+    def spy(src: int | str, actions: list[Action]) -> None:
+        sent.extend((src, a.client, a.data) for a in actions if isinstance(a, ReplyTo))
+        apply(src, actions)
+
+    net.apply = spy  # type: ignore[method-assign]
+    for ci in range(6):
+        net.request(ci, encode_op("register", f"vm{ci}", "hostA"))
+    net.run()
+    assert all(len(c) == 1 for c in net.completed)
+    # The first request went alone (REPLY); the other five shared a batch: one REPLIES per
+    # replica, signed once and addressed to each of the five clients.
+    from_1 = [(client, data) for src, client, data in sent if src == 1]
+    kinds = [CODEC.decode(data).kind for _, data in from_1]
+    assert kinds.count(Kind.REPLY) == 1 and kinds.count(Kind.REPLIES) == 5
+    assert len({data for _, data in from_1 if CODEC.decode(data).kind is Kind.REPLIES}) == 1
+    done = net.completed[5][0]
+    proof = [Codec(net.config).open(raw) for raw in done.proof]
+    assert len({p.sender for p in proof}) >= 2
+    for p in proof:
+        assert isinstance(p.msg, Replies)
+        assert p.msg.result_for(5, done.timestamp) == done.result
+    _check_safety(net)
+
+
+def test_client_ignores_replies_without_its_entry() -> None:
+    net = Net.make(n_clients=2)
+    net.request(0, encode_op("register", "vm1", "hostA"))
+    client = net.clients[0]
+    assert client._ts is not None
+    codec = Codec(net.config)
+    other = Replies(0, ((1, client._ts, b"r"), (0, client._ts + 1, b"r")))
+    for i in (1, 2, 3):
+        assert client.receive(codec.encode(other, i, net.rkeys[i]), 0.0) == []
+    assert client.stats["stale"] == 3 and client.busy
+    mine = Replies(0, ((1, 5, b"x"), (0, client._ts, b"r")))
+    forged = codec.encode(mine, 2, net.rkeys[1])  # replica 1's key, claiming to be replica 2
+    assert client.receive(forged, 0.0) == []
+    assert client.stats["bad_signature"] == 1
+    assert client.receive(codec.encode(mine, 1, net.rkeys[1]), 0.0) == []
+    (done,) = client.receive(codec.encode(mine, 3, net.rkeys[3]), 0.0)
+    assert done.result == b"r" and len(done.proof) == 2 and not client.busy
 
 
 def test_primary_prepare_and_duplicate_votes_are_ignored() -> None:
