@@ -161,17 +161,21 @@ class FrameProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf
-        buf += data
+        # Usually whole frames arrive: parse them from ``data`` without copying it first.
+        view: bytes | bytearray = data
+        if buf:
+            buf += data
+            view = buf
         pos = 0
-        end = len(buf)
+        end = len(view)
         while end - pos >= 4:
-            (n,) = _LEN.unpack_from(buf, pos)
+            (n,) = _LEN.unpack_from(view, pos)
             if n > self.limit:
                 self.close()
                 return
             if end - pos - 4 < n:
                 break
-            payload = bytes(buf[pos + 4 : pos + 4 + n])
+            payload = bytes(view[pos + 4 : pos + 4 + n])
             pos += 4 + n
             if self.on_hello is not None:
                 hello, self.on_hello = self.on_hello, None
@@ -180,7 +184,10 @@ class FrameProtocol(asyncio.Protocol):
                 self.on_frame(self, payload)
             if self.transport is None:
                 return
-        del buf[:pos]
+        if view is buf:
+            del buf[:pos]
+        elif pos < end:
+            buf += memoryview(data)[pos:]
 
     def send(self, frames: Sequence[bytes]) -> None:
         t = self.transport

@@ -86,6 +86,8 @@ from dwcp.identity import NodeKey
 _FUTURE_PER_SENDER = 256
 _FUTURE_BYTES = 4 << 20
 _LAZY_MAX = 512
+_PARSED_MAX = 1024
+"""Parsed requests kept for execution (each at most max_request_bytes)."""
 _REPLIES_BYTES = 32 << 10
 """Result bytes per REPLIES message (a batch's replies are split above this)."""
 _RECOVERING = b"recovering"
@@ -144,6 +146,8 @@ class Replica:
         self._served: dict[int, tuple[int, float]] = {}
         self._ahead: dict[int, int] = {}
         self._replaying = False
+        # Requests verified on arrival, by digest, so execution does not parse them again.
+        self._parsed: dict[bytes, tuple[int, Request]] = {}
         # Votes are written lazily (before our COMMIT, not before our PRE-PREPARE/PREPARE),
         # so after a restart from the log we may have voted in the view we crashed in
         # without a record of it: we stay silent in views <= _passive_view.
@@ -403,6 +407,7 @@ class Replica:
             return
         self.codec.verify(s)
         rd = digest(s.raw)
+        self._remember_request(rd, s.sender, msg)
         top = self.stable_seq + self.config.watermark_window
         if last is not None and ts == last[0]:
             # Executed here; the client still waits, so others may lack our votes.
@@ -535,11 +540,12 @@ class Replica:
                 self.stats["oversized_batch"] += 1
                 return
             self.codec.verify(s)
-            for req in msg.requests:
+            for req, rd in zip(msg.requests, msg.request_digests, strict=True):
                 r = self.codec.decode(req, limit=self.config.max_request_bytes)
-                if r.kind is not Kind.REQUEST:
+                if not isinstance(r.msg, Request):
                     raise ProtocolError("a batch may only hold requests")
                 self.codec.verify(r)
+                self._remember_request(rd, r.sender, r.msg)
             self._lazy_persist(s.raw, out)  # durable before our COMMIT (see _passive_view)
             e = self._install_pp(msg, s.raw, s.sender)
             assert e is not None
@@ -624,6 +630,12 @@ class Replica:
                 self._vc_deadline = now + self._timeout() if self._pending else None
             self._propose(now, out)
 
+    def _remember_request(self, rd: bytes, client: int, msg: Request) -> None:
+        parsed = self._parsed
+        if len(parsed) >= _PARSED_MAX:
+            parsed.clear()  # requests that were never executed (bounded, merely re-parsed)
+        parsed[rd] = (client, msg)
+
     def _execute_one(
         self,
         seq: int,
@@ -635,13 +647,17 @@ class Replica:
     ) -> None:
         # rd stays in _inflight until the stable checkpoint: a re-sent request then re-sends
         # our votes for its sequence number (see _on_request).
-        try:
-            r = self.codec.decode(raw, limit=self.config.max_request_bytes)
-        except ProtocolError:
-            return
-        if not isinstance(r.msg, Request):
-            return
-        c, ts = r.sender, r.msg.timestamp
+        parsed = self._parsed.pop(rd, None)
+        if parsed is None:
+            try:
+                r = self.codec.decode(raw, limit=self.config.max_request_bytes)
+            except ProtocolError:
+                return
+            if not isinstance(r.msg, Request):
+                return
+            parsed = (r.sender, r.msg)
+        c, req = parsed
+        ts = req.timestamp
         pending = self._pending.get(c)
         if pending is not None and pending[0] <= ts:
             del self._pending[c]
@@ -650,7 +666,7 @@ class Replica:
             if ts == last[0]:
                 replies.append((c, ts, last[1]))
             return
-        result = self.app.execute(r.msg.op)
+        result = self.app.execute(req.op)
         self._clients[c] = (ts, result)
         if not self._replaying:
             client = self.config.clients[c].raw
