@@ -13,8 +13,6 @@ import json
 import os
 from typing import Any
 
-from dwcp.delta import apply_delta, make_delta
-
 
 def register(sub: Any) -> None:
     d: argparse.ArgumentParser = sub.add_parser(
@@ -54,6 +52,8 @@ def _mb(n: int) -> str:
 
 
 def run_delta(args: argparse.Namespace) -> int:
+    from dwcp.delta import make_delta  # lazy: the other commands start faster
+
     st = make_delta(args.new, args.base, args.output, level=args.level, threads=args.threads)
     if args.json:
         print(json.dumps(dataclasses.asdict(st)))
@@ -72,6 +72,8 @@ def run_delta(args: argparse.Namespace) -> int:
 
 
 def run_patch(args: argparse.Namespace) -> int:
+    from dwcp.delta import apply_delta
+
     st = apply_delta(args.delta, args.base, args.output)
     if args.json:
         print(json.dumps({**dataclasses.asdict(st), "output": args.output, "verified": True}))

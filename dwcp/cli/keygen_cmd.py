@@ -6,8 +6,6 @@ import argparse
 import json
 from typing import Any
 
-from dwcp.identity import NodeKey
-
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
@@ -20,6 +18,8 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dwcp.identity import NodeKey  # lazy: the other commands start faster
+
     key = NodeKey.generate()
     key.save(args.path, overwrite=args.force)
     if args.json:

@@ -14,17 +14,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-
 from dwcp.cli._node import call_node, human_bytes, require_config
 
 
@@ -45,18 +34,31 @@ _PLANNED = ("sending", "verifying")  # phases where the dedup ratio is known
 
 
 class _Bar:
-    """A rich progress bar fed by the node's progress lines (only on a terminal)."""
+    """A rich progress bar fed by the node's progress lines (only on a terminal).
+
+    rich is imported only then: scripts (``--json``, no terminal) start faster.
+    """
 
     def __init__(self, image: str, peer: str) -> None:
-        self.console = Console(stderr=True)
-        self.progress: Progress | None = None
-        self.task: TaskID | None = None
+        self.enabled = sys.stderr.isatty()
+        self.progress: Any = None
+        self.task: Any = None
         self.label = f"{Path(image).name} -> {peer}"
 
     def update(self, data: dict[str, Any]) -> None:
-        if not self.console.is_terminal:
+        if not self.enabled:
             return
         if self.progress is None:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
             self.progress = Progress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
@@ -65,7 +67,7 @@ class _Bar:
                 TextColumn("dedup {task.fields[dedup]:>5.1%}"),
                 TextColumn("{task.fields[phase]}"),
                 TimeRemainingColumn(),
-                console=self.console,
+                console=Console(stderr=True),
                 transient=False,
             )
             self.progress.start()

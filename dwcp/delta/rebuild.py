@@ -2,9 +2,10 @@
 
 Received data is written into a sparse temporary file in a state directory,
 and a journal records which ranges are durable, so an interrupted transfer
-resumes with ``pending()``. ``finish`` copies the locally held extents, checks
-every block against the manifest's fingerprints and the whole image against
-its SHA-256, fsyncs, and only then renames the file into place: the output
+resumes with ``pending()``. The locally held extents are copied, every block
+checked against the manifest's fingerprints and the whole image against its
+SHA-256 (``Finisher``: in the background from ``start``, while data arrives);
+``finish`` then fsyncs, and only then renames the file into place: the output
 path never holds a partial or wrong image.
 """
 
@@ -13,22 +14,20 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
-import hashlib
-import mmap
 import os
 import shutil
 import struct
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import xxhash
 
 from dwcp.delta import frames, native
+from dwcp.delta.finisher import Finisher
 from dwcp.delta.manifest import Manifest
 from dwcp.delta.planner import COPY, Plan
 from dwcp.errors import (
     DiskFullError,
-    ImageError,
+    DwcpError,
     IntegrityError,
     LocalImageChangedError,
     ProtocolError,
@@ -112,6 +111,7 @@ class Rebuilder:
         self._dirty = 0
         self.received = 0
         self._fd = self._jfd = -1
+        self._finisher: Finisher | None = None
         self._done = self._open_state()
 
     @classmethod
@@ -259,6 +259,8 @@ class Rebuilder:
                 n += len(piece.data)
         except OSError as exc:
             raise _disk_error(exc, self.state_dir) from exc
+        if self._finisher is not None:
+            self._finisher.received([(p.offset, len(p.data)) for p in pieces])
         self.received += n
         self._dirty += n
         if self._dirty >= FLUSH_BYTES:
@@ -267,81 +269,27 @@ class Rebuilder:
 
     # --- completion ---------------------------------------------------------------
 
-    def _copy_local(self) -> None:
-        fds: dict[int, int] = {}
-        try:
-            for e in self.plan.extents:
-                if e.kind != COPY:
-                    continue
-                if e.source not in fds:
-                    path = self.plan.paths[e.source]
-                    try:
-                        fds[e.source] = os.open(path, os.O_RDONLY)
-                    except OSError as exc:
-                        raise ImageError(
-                            f"local image {path} is gone; re-run the transfer to re-plan"
-                        ) from exc
-                self._copy_range(fds[e.source], e.source_offset, e.offset, e.length)
-        finally:
-            for fd in fds.values():
-                os.close(fd)
+    def start(self) -> None:
+        """Begin copying the local extents and verifying, in image order, in the background.
 
-    def _copy_range(self, src: int, src_off: int, dst_off: int, length: int) -> None:
-        try:
-            while length > 0:
-                try:
-                    n = os.copy_file_range(src, self._fd, length, src_off, dst_off)
-                except OSError as exc:
-                    if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                        raise
-                    n = os.pwrite(self._fd, os.pread(src, min(length, 1 << 20), src_off), dst_off)
-                if n == 0:
-                    raise ImageError("a local image is shorter than when it was indexed; re-run")
-                src_off += n
-                dst_off += n
-                length -= n
-        except OSError as exc:
-            raise _disk_error(exc, self.state_dir) from exc
+        Optional: ``finish`` starts the pass itself when it was not started. Started
+        early (once the plan is known), it runs while the missing data arrives.
+        """
+        if self._finisher is None and self._fd >= 0:
+            self._finisher = Finisher(self._fd, self.size, self.plan, self.manifest, self.pending())
 
-    def _verify(self) -> None:
-        if self.size == 0:
-            digest = hashlib.sha256().digest()
-        else:
-            with mmap.mmap(self._fd, self.size, access=mmap.ACCESS_READ) as mm:
-                view = memoryview(mm)
-                try:
-                    # Both release the GIL: SHA-256 runs beside the block check.
-                    with ThreadPoolExecutor(max_workers=1) as pool:
-                        hashing = pool.submit(lambda: hashlib.sha256(view).digest())
-                        try:
-                            if self.manifest is not None:
-                                self._verify_blocks(view)
-                        finally:
-                            digest = hashing.result()
-                finally:
-                    view.release()
-        if digest != self.sha256:
-            self.abort()
-            raise IntegrityError(
-                f"the rebuilt image's SHA-256 {digest.hex()} is not the expected "
-                f"{self.sha256.hex()}; nothing was written, re-run to transfer it again"
-            )
+    def _stop_finisher(self) -> None:
+        fin, self._finisher = self._finisher, None
+        if fin is not None:
+            fin.stop()
 
-    def _verify_blocks(self, view: memoryview) -> None:
-        assert self.manifest is not None
-        fps, flags, _ = native.block_fingerprints(view, self.manifest.block_size)
-        if fps == self.manifest.fps and flags == self.manifest.flags:
-            return
-        bad = next(
-            i
-            for i in range(len(flags))
-            if fps[i * 16 : i * 16 + 16] != self.manifest.fps[i * 16 : i * 16 + 16]
-        )
-        where = bad * self.manifest.block_size
+    def _mismatch(self, where: int) -> None:
+        """Raise for a block of the rebuilt image that does not match the manifest."""
         local = [e for e in self.plan.extents if e.offset <= where < e.offset + e.length]
         if local and local[0].kind == COPY:
             path = self.plan.paths.get(local[0].source)
             # What was received is still good: keep it, re-plan and resume.
+            self.close()
             raise LocalImageChangedError(
                 f"local image {path} changed since it was indexed (block at offset {where}); "
                 "re-index it and re-run: the data received so far is kept"
@@ -361,8 +309,23 @@ class Rebuilder:
                 f"{sum(n for _, n in left)} bytes in {len(left)} ranges are still missing"
             )
         self._flush()
-        self._copy_local()
-        self._verify()
+        self.start()
+        fin, self._finisher = self._finisher, None
+        assert fin is not None
+        try:
+            digest = fin.result()
+        except DwcpError:
+            raise
+        except OSError as exc:
+            raise _disk_error(exc, self.state_dir) from exc
+        if fin.mismatch is not None:
+            self._mismatch(fin.mismatch)
+        if digest != self.sha256:
+            self.abort()
+            raise IntegrityError(
+                f"the rebuilt image's SHA-256 {digest.hex()} is not the expected "
+                f"{self.sha256.hex()}; nothing was written, re-run to transfer it again"
+            )
         try:
             os.fsync(self._fd)
             self._close_fds()
@@ -388,6 +351,7 @@ class Rebuilder:
 
     def close(self) -> None:
         """Stop without finishing, keeping what was received for a later resume."""
+        self._stop_finisher()
         try:
             if self._fd >= 0:
                 self._flush()
@@ -396,5 +360,6 @@ class Rebuilder:
 
     def abort(self) -> None:
         """Stop and delete every partial state (the next attempt starts over)."""
+        self._stop_finisher()
         self._close_fds()
         shutil.rmtree(self.state_dir, ignore_errors=True)

@@ -42,6 +42,16 @@ from dwcp.migrate import protocol as proto
 
 T = TypeVar("T")
 _LEN = struct.Struct("<I")
+_TRACE = bool(os.environ.get("DWCP_TRACE"))
+
+
+def _trace(label: str) -> None:
+    if _TRACE:
+        import sys
+
+        print(f"TRACE {time.monotonic():.4f} {label}", file=sys.stderr, flush=True)
+
+
 _FRAME_RAW = struct.Struct("<2sBBIII")  # dwcp.delta.frames header prefix: ... raw_len at [4]
 
 
@@ -292,7 +302,9 @@ async def send_image(
     if not image.is_file():
         raise ImageError(f"{image} is not a regular file")
     on_progress(prog)
+    _trace("src scan start")
     manifest = await in_thread(delta.scan_image, image)
+    _trace("src scan done")
     summary = summary_bytes(manifest)
     tid = proto.transfer_id_for(key.public.raw, name, manifest.sha256, manifest.size)
     sig = key.sign(msg.offer_signing_payload(tid, name, manifest.size, manifest.sha256, summary))
@@ -305,7 +317,9 @@ async def send_image(
         nonlocal wire
         data = msg.encode(m)
         wire += len(data) + _LEN.size
+        _trace(f"src send {type(m).__name__} {len(data)}")
         await channel.send(data)
+        _trace(f"src sent {type(m).__name__}")
 
     actions = sender.handle(proto.Start())
     sent_error = False
@@ -315,6 +329,7 @@ async def send_image(
                 await send(a.message)
                 sent_error = sent_error or isinstance(a.message, msg.Error)
             elif isinstance(a, proto.ProvideLeaves):
+                _trace("src leaves asked")
                 try:
                     ev0: proto.Event = proto.LeavesReady(leaves_bytes(manifest, list(a.groups)))
                 except ManifestError as exc:
@@ -322,6 +337,7 @@ async def send_image(
                 actions = sender.handle(ev0)
                 break
             elif isinstance(a, proto.StreamRanges):
+                _trace("src stream start")
                 prog.bytes_missing = sender.stats.bytes_missing
                 prog.bytes_to_send = sender.stats.bytes_pending
                 prog.phase = "sending"
@@ -342,6 +358,7 @@ async def send_image(
                     changed = _stat_key(image) != before
                 except ImageError:
                     changed, n_frames, frame_wire = True, 0, 0
+                _trace("src stream done")
                 if isinstance(channel, BulkChannel):
                     wire += frame_wire
                 if changed:
@@ -353,6 +370,7 @@ async def send_image(
                 actions = sender.handle(ev)
                 break
             elif isinstance(a, proto.Completed):
+                _trace("src completed")
                 s = sender.stats
                 return MigrationResult(
                     name=name,
@@ -387,6 +405,7 @@ async def send_image(
             except ConnectionLostError as exc:
                 actions = sender.handle(proto.ConnectionLost(str(exc)))
                 continue
+            _trace(f"src got {type(m).__name__}")
             actions = sender.handle(proto.MessageReceived(m))
 
 
@@ -434,7 +453,9 @@ async def _stream(
 
     stream = frames()
     async with contextlib.aclosing(stream):
-        if isinstance(channel, BulkChannel):
+        if not ranges:
+            pass  # no bulk transfer: a session reused later pairs bulks with channels by order
+        elif isinstance(channel, BulkChannel):
             await channel.send_frames(stream)
         else:
             async for frame in stream:
@@ -532,6 +553,7 @@ async def receive_image(channel: Channel, peer_key: PublicKey, hooks: ReceiverHo
 
     async def prepare(offer: msg.Offer) -> proto.Event:
         nonlocal claimed, assembler, offered
+        _trace("dst offer")
         try:
             hooks.check_name(offer.name)
             limit = hooks.max_image_bytes
@@ -551,6 +573,7 @@ async def receive_image(channel: Channel, peer_key: PublicKey, hooks: ReceiverHo
         nonlocal rebuilder, manifest
         assert assembler is not None and offered is not None
         asm, offer = assembler, offered
+        _trace("dst leaves")
         try:
             m = manifest = await hooks.index.call(lambda ix: asm.complete(leaves))
 
@@ -565,11 +588,18 @@ async def receive_image(channel: Channel, peer_key: PublicKey, hooks: ReceiverHo
             plan = await hooks.index.call(fresh_plan)
             out = hooks.images_dir / hooks.check_name(offer.name)
             state = hooks.partial_dir(offer.transfer_id)
-            rebuilder = await in_thread(delta.Rebuilder.for_manifest, m, plan, out, state)
+
+            def open_rebuilder() -> delta.Rebuilder:
+                rb = delta.Rebuilder.for_manifest(m, plan, out, state)
+                rb.start()  # copy local extents and verify while the data arrives
+                return rb
+
+            rebuilder = await in_thread(open_rebuilder)
         except (DwcpError, OSError) as exc:
             return _failure_for(exc)
         except (KeyError, IndexError) as exc:  # a local image left the index meanwhile
             return proto.LocalFailure("io", f"the image index changed while planning ({exc!r})")
+        _trace("dst planned")
         hooks.on_plan(m.size, m.size - plan.bytes_missing)
         pending = tuple(rebuilder.pending())
         return proto.Prepared(pending, plan.bytes_missing, plan.bytes_local, plan.bytes_zero)
@@ -585,9 +615,12 @@ async def receive_image(channel: Channel, peer_key: PublicKey, hooks: ReceiverHo
 
     async def finish() -> proto.Event:
         assert rebuilder is not None and manifest is not None
+        _trace("dst finish start")
         try:
             path = await in_thread(rebuilder.finish)
+            _trace("dst finished")
             await hooks.index.call(lambda ix: ix.record(path, manifest))  # verified: no re-scan
+            _trace("dst recorded")
             await hooks.commit(path.name, manifest.sha256, peer_key)
         except (DwcpError, OSError) as exc:
             return _failure_for(exc)
@@ -607,12 +640,14 @@ async def receive_image(channel: Channel, peer_key: PublicKey, hooks: ReceiverHo
                 a = actions.pop(0)
                 follow: proto.Event | None = None
                 if isinstance(a, proto.SendMessage):
+                    _trace(f"dst send {type(a.message).__name__}")
                     try:
                         await channel.send(msg.encode(a.message))
                     except ConnectionLostError as exc:
                         follow = proto.ConnectionLost(str(exc))
                     if (
                         isinstance(a.message, msg.Plan)
+                        and a.message.missing  # the source opens no bulk for nothing
                         and isinstance(channel, BulkChannel)
                         and frame_task is None
                     ):

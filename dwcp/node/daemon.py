@@ -461,6 +461,7 @@ class Node:
                 try:
                     emit({"phase": "connecting"})
                     chan = await self.link.open(peer)
+                    ok = False
                     try:
                         result = await aio.send_image(
                             chan,
@@ -472,9 +473,9 @@ class Node:
                             bwlimit=bw,
                             on_progress=progress,
                         )
+                        ok = True
                     finally:
-                        self.link.forget(chan)
-                        await chan.close()
+                        await self.link.release(chan, reuse=ok)
                 finally:
                     self.stats.active_out -= 1
         except asyncio.CancelledError:

@@ -1,10 +1,18 @@
-"""Binds migrations to the QUIC transport: one authenticated session per migration.
+"""Binds migrations to the QUIC transport: authenticated sessions kept warm per peer.
 
 The source opens a session to the peer, a ``migrate`` channel for the control
 messages, and one bulk transfer for the delta frames (striped over the
 transport's adaptive connections and streams). The destination's server hands
-each new session to the node. Frames are self-describing (``frame_length``),
-so the receiving side re-splits the bulk byte stream without extra framing.
+each channel of a session to the node, one migration after another. Frames are
+self-describing (``frame_length``), so the receiving side re-splits the bulk
+byte stream without extra framing.
+
+A session that carried a migration to its end is kept for ``KEEP_SECONDS``
+and reused by the next migration to that peer: a new session costs a QUIC
+handshake and, worse over a WAN, a cold congestion controller that needs
+several round trips to reach the path's rate, which is most of the time of a
+small warm update. A session is used by one migration at a time, so bulk
+transfers pair with their channel by order; one that failed is closed.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ if TYPE_CHECKING:
     from dwcp.transport import Server, Session, TransportConfig
 
 CHANNEL_NAME = "dwcp-migrate/1"
+KEEP_SECONDS = 20.0  # below the transport's idle timeout (30 s), which would end it anyway
 
 
 class QuicChannel(FramedChannel):
@@ -81,6 +90,21 @@ class QuicChannel(FramedChannel):
         except TransportError as exc:
             raise ConnectionLostError(str(exc)) from exc
 
+    @property
+    def reusable(self) -> bool:
+        """True once everything this channel sent was consumed and the session is alive."""
+        done = self._finishing is None or (
+            self._finishing.done()
+            and not self._finishing.cancelled()
+            and self._finishing.exception() is None
+        )
+        return done and not self.session.closed
+
+    def end(self) -> None:
+        """End this channel only (the session stays open for the next migration)."""
+        with contextlib.suppress(DwcpError):
+            self.writer.close()
+
     async def close(self) -> None:
         if self._finishing is not None:
             self._finishing.cancel()
@@ -89,6 +113,11 @@ class QuicChannel(FramedChannel):
 
 
 def _consume(fut: asyncio.Future[int]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _consume_any(fut: asyncio.Future[None]) -> None:
     if not fut.cancelled():
         fut.exception()
 
@@ -107,6 +136,9 @@ class NodeLink:
         self.sessions: dict[int, tuple[str, Session]] = {}
         self._handler: SessionHandler | None = None
         self.accepting = True
+        self.keep_seconds = KEEP_SECONDS
+        # Idle sessions by peer key, each with the timer that closes it.
+        self._idle: dict[bytes, list[tuple[Session, asyncio.TimerHandle]]] = {}
 
     async def start(self, trusted: list[PublicKey], handler: SessionHandler) -> None:
         """Listen if there is anyone to trust (the transport refuses an empty trust set)."""
@@ -134,18 +166,29 @@ class NodeLink:
             return
         self.sessions[id(session)] = (session.peer.node_id, session)
         try:
-            chan = await session.accept_channel()
-            await self._handler(session.peer, QuicChannel(session, chan.reader, chan.writer))
+            while self.accepting and not session.closed:
+                try:
+                    chan = await session.accept_channel()
+                except DwcpError:
+                    return  # the peer closed the session (its idle timer) or it was lost
+                await self._handler(session.peer, QuicChannel(session, chan.reader, chan.writer))
         finally:
             self.sessions.pop(id(session), None)
 
     async def open(self, peer: Peer) -> QuicChannel:
-        """A session and migration channel to ``peer``; ``TransportError`` if unreachable."""
+        """A migration channel to ``peer`` on a kept or new session; ``TransportError`` if
+        the peer is unreachable."""
         from dwcp.transport import connect
 
-        session = await connect(
-            peer.address.host, peer.address.port, self.key, [peer.public_key], config=self.config
-        )
+        session = self._take_idle(peer.public_key.raw)
+        if session is None:
+            session = await connect(
+                peer.address.host,
+                peer.address.port,
+                self.key,
+                [peer.public_key],
+                config=self.config,
+            )
         self.sessions[id(session)] = (peer.name, session)
         try:
             chan = await session.open_channel(CHANNEL_NAME)
@@ -154,6 +197,36 @@ class NodeLink:
             await session.close("channel failed")
             raise
         return QuicChannel(session, chan.reader, chan.writer)
+
+    def _take_idle(self, peer: bytes) -> Session | None:
+        idle = self._idle.get(peer, [])
+        while idle:
+            session, timer = idle.pop()
+            timer.cancel()
+            if not session.closed:
+                return session
+        return None
+
+    async def release(self, chan: QuicChannel, *, reuse: bool) -> None:
+        """Done with ``chan``: keep its session for the next migration, or close it."""
+        session = chan.session
+        self.sessions.pop(id(session), None)
+        if not (reuse and self.accepting and chan.reusable and self.keep_seconds > 0):
+            await chan.close()
+            return
+        chan.end()
+        peer = session.peer.raw
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self.keep_seconds, self._expire, peer, session)
+        self._idle.setdefault(peer, []).append((session, timer))
+
+    def _expire(self, peer: bytes, session: Session) -> None:
+        idle = self._idle.get(peer, [])
+        for i, (s, _) in enumerate(idle):
+            if s is session:
+                del idle[i]
+                break
+        asyncio.ensure_future(session.close("idle", linger=0)).add_done_callback(_consume_any)
 
     def forget(self, chan: QuicChannel) -> None:
         self.sessions.pop(id(chan.session), None)
@@ -192,6 +265,14 @@ class NodeLink:
 
     async def close(self) -> None:
         self.accepting = False
+        idle = [s for entries in self._idle.values() for s, _ in entries]
+        for entries in self._idle.values():
+            for _, timer in entries:
+                timer.cancel()
+        self._idle.clear()
+        for session in idle:
+            with contextlib.suppress(Exception):
+                await session.close("node shutting down", linger=0)
         for _, session in list(self.sessions.values()):
             with contextlib.suppress(Exception):
                 await session.close("node shutting down")
