@@ -1,0 +1,61 @@
+"""Sparse images: holes read as zeros from memory give the same bytes and manifest."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+from dwcp.delta import scan_image
+from dwcp.delta.reader import ImageReader
+
+
+def _sparse_and_dense(tmp_path: Path) -> tuple[Path, Path]:
+    rng = random.Random(3)
+    size = 9 * 1024 * 1024 + 123
+    sparse, dense = tmp_path / "sparse.img", tmp_path / "dense.img"
+    content = bytearray(size)
+    with open(sparse, "wb") as f:
+        f.truncate(size)
+        for _ in range(12):  # data islands at unaligned places, some touching the end
+            off = rng.randrange(0, size - 1)
+            data = rng.randbytes(min(rng.randrange(1, 300_000), size - off))
+            f.seek(off)
+            f.write(data)
+            content[off : off + len(data)] = data
+    dense.write_bytes(content)
+    return sparse, dense
+
+
+def test_reads_across_holes_match_a_dense_copy(tmp_path: Path) -> None:
+    sparse, dense = _sparse_and_dense(tmp_path)
+    want = dense.read_bytes()
+    rng = random.Random(4)
+    with ImageReader(sparse) as r:
+        for _ in range(200):
+            off = rng.randrange(0, r.size)
+            n = rng.randrange(1, min(r.size - off, 2_000_000) + 1)
+            assert r.read(off, n) == want[off : off + n]
+
+
+def test_manifest_of_a_sparse_image_equals_the_dense_one(tmp_path: Path) -> None:
+    sparse, dense = _sparse_and_dense(tmp_path)
+    a, b = scan_image(sparse), scan_image(dense)
+    assert (a.sha256, a.fps, a.flags) == (b.sha256, b.fps, b.flags)
+
+
+def test_an_all_hole_image(tmp_path: Path) -> None:
+    p = tmp_path / "empty.img"
+    with open(p, "wb") as f:
+        f.truncate(5 * 1024 * 1024)
+    with ImageReader(p) as r:
+        assert r.read(0, r.size) == bytes(r.size)
+    assert scan_image(p).sha256 == scan_image(_dense_zeros(tmp_path, 5 * 1024 * 1024)).sha256
+
+
+def _dense_zeros(tmp_path: Path, size: int) -> Path:
+    p = tmp_path / "zeros.img"
+    with open(p, "wb") as f:
+        f.write(bytes(size))
+        os.fsync(f.fileno())
+    return p
