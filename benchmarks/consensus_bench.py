@@ -56,16 +56,22 @@ def verify_us(seconds: float = 0.3) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
-def cpu_seconds(lc: LocalCluster) -> float:
-    """User+system CPU of the replica processes and of this (client) process so far."""
+def cpu_by_process(lc: LocalCluster) -> dict[str, tuple[float, float]]:
+    """(user, system) CPU seconds so far of each replica process and of this (client) one."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for p in lc.procs.values():
+    out: dict[str, tuple[float, float]] = {}
+    for i, p in lc.procs.items():
         with contextlib.suppress(OSError):
             fields = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
+            out[f"replica{i}"] = (int(fields[11]) / tick, int(fields[12]) / tick)
     me = resource.getrusage(resource.RUSAGE_SELF)
-    return total + me.ru_utime + me.ru_stime
+    out["client"] = (me.ru_utime, me.ru_stime)
+    return out
+
+
+def cpu_seconds(lc: LocalCluster) -> float:
+    """User+system CPU of the replica processes and of this (client) process so far."""
+    return sum(u + s for u, s in cpu_by_process(lc).values())
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -121,12 +127,20 @@ async def _throughput(lc: LocalCluster, clients: int, seconds: float, tag: str) 
     try:
         # Warm-up request: connections, verification caches, first checkpoint.
         await asyncio.wait_for(pool.request(encode_op("register", f"{tag}-warm", "h0"), 0), HANG)
-        cpu0 = cpu_seconds(lc)
+        cpu0 = cpu_by_process(lc)
         res = await _closed_loop(pool, clients, seconds, tag)
-        cpu = cpu_seconds(lc) - cpu0
+        cpu1 = cpu_by_process(lc)
+        per = 1000 / max(res["total"], 1)
+        split = {
+            k: (round((u - cpu0[k][0]) * per, 3), round((s - cpu0[k][1]) * per, 3))
+            for k, (u, s) in cpu1.items()
+            if k in cpu0
+        }
+        cpu = sum(u + s for u, s in split.values()) / per
         # CPU per commit depends less on the machine's business than the rates do (cores
         # shared with other jobs also run slower, so it is still inflated under load).
         res["cpu_ms_per_commit"] = cpu * 1000 / max(res["total"], 1)
+        res["cpu_ms_per_commit_user_sys"] = split
         res["ceiling_2_idle_cores"] = 2000 / res["cpu_ms_per_commit"]
         return res
     finally:
@@ -162,6 +176,7 @@ def main() -> int:
     vct = args.vc_timeout
     out: dict[str, Any] = {"seconds": seconds, "vc_timeout": vct}
     gauge = [verify_us()]
+    out["loadavg_before"] = os.getloadavg()
 
     with tempfile.TemporaryDirectory(prefix="dwcp-acp-") as tmp:
         with LocalCluster(
@@ -183,6 +198,7 @@ def main() -> int:
                 lc.start_all()
                 times.append(run(_failover(lc)))
         gauge.append(verify_us())
+        out["loadavg_after"] = os.getloadavg()
         out["verify_us"] = {"before": gauge[0], "after": gauge[1], "notes": NOTES_VERIFY_US}
         if times:
             out["failover"] = {
@@ -194,6 +210,8 @@ def main() -> int:
             }
 
     print(f"PBFT on loopback, n=4 processes, WAL+fsync, {seconds:.0f} s per phase")
+    la0, la1 = out["loadavg_before"], out["loadavg_after"]
+    print(f"load average (1 min) {la0[0]:.2f} before, {la1[0]:.2f} after")
     g = out["verify_us"]
     print(
         f"machine noise: Ed25519 verify {g['before']:.1f} / {g['after']:.1f} us before/after "
