@@ -8,6 +8,7 @@ signed for another cluster or version never verifies here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from dwcp.errors import ConfigError
 from dwcp.identity import PublicKey
@@ -68,20 +69,21 @@ class ClusterConfig:
         index = {key.raw: i for i, key in enumerate(self.clients)}
         object.__setattr__(self, "_client_index", index)
 
-    @property
+    # Cached (the dataclass is frozen, so they never change): read for every message.
+    @cached_property
     def n(self) -> int:
         return len(self.replicas)
 
-    @property
+    @cached_property
     def f(self) -> int:
         return (self.n - 1) // 3
 
-    @property
+    @cached_property
     def quorum(self) -> int:
         """2f + 1: matching votes needed to prepare, commit, or make a checkpoint stable."""
         return 2 * self.f + 1
 
-    @property
+    @cached_property
     def weak_quorum(self) -> int:
         """f + 1: enough that at least one honest replica is among them."""
         return self.f + 1

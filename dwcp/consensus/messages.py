@@ -34,6 +34,10 @@ DOMAIN = b"dwcp-pbft\x00"
 DIGEST_BYTES = 32
 MAX_INT = (1 << 63) - 1
 _MAX_ITEMS = 1 << 16
+# One Packer for every encoding: msgpack.packb builds a new Packer (and parses its options)
+# per call, which costs more than packing a vote. Packing these types never runs Python
+# code, so the call holds the GIL throughout and the shared instance is thread-safe.
+_pack = msgpack.Packer(use_bin_type=True).pack
 
 
 def digest(data: bytes) -> bytes:
@@ -93,7 +97,8 @@ class Message:
         raise ProtocolError("abstract message")
 
     def body(self) -> bytes:
-        return msgpack.packb(self.fields(), use_bin_type=True)
+        body: bytes = _pack(self.fields())
+        return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,6 +401,7 @@ _BUILDERS: dict[Kind, Callable[[tuple[Any, ...]], Message]] = {
     Kind.STATUS: _generic(Status),
     Kind.REPLIES: _generic(Replies),
 }
+_KINDS: dict[int, Kind] = {int(k): k for k in _BUILDERS}
 _ARITY = {
     Kind.REQUEST: 2,
     Kind.PRE_PREPARE: 3,
@@ -430,9 +436,13 @@ def _unpack(data: bytes, limit: int) -> Any:
         raise ProtocolError(f"undecodable message: {type(exc).__name__}") from exc
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Signed:
-    """A decoded (not yet verified) message with its envelope."""
+    """A decoded (not yet verified) message with its envelope (treat it as read-only).
+
+    Not a frozen dataclass: one is built per received message, and a frozen one's
+    ``__init__`` costs four times as much.
+    """
 
     kind: Kind
     sender: int
@@ -471,7 +481,7 @@ class Codec:
         """Sign ``msg`` as ``sender`` and return its wire bytes."""
         body = msg.body()
         sig = key.sign(self._signed_bytes(int(msg.KIND), sender, body))
-        raw: bytes = msgpack.packb([int(msg.KIND), sender, body, sig], use_bin_type=True)
+        raw: bytes = _pack([int(msg.KIND), sender, body, sig])
         self._remember(raw)
         return raw
 
@@ -486,9 +496,9 @@ class Codec:
         if type(env) is not tuple or len(env) != 4:
             raise ProtocolError("an envelope is [kind, sender, body, signature]")
         kind_i, sender, body, sig = env
-        if type(kind_i) is not int or kind_i not in _BUILDERS:
+        kind = _KINDS.get(kind_i) if type(kind_i) is int else None
+        if kind is None:
             raise ProtocolError(f"unknown message kind {kind_i!r:.20}")
-        kind = Kind(kind_i)
         _int("sender", sender)
         _bytes("body", body)
         _bytes("signature", sig, SIGNATURE_BYTES)
@@ -503,8 +513,7 @@ class Codec:
         msg = _BUILDERS[kind](items)
         if msg.body() != body:
             raise ProtocolError(f"{kind.name} is not canonically encoded")
-        raw = msgpack.packb([kind_i, sender, body, sig], use_bin_type=True)
-        if raw != data:
+        if _pack([kind_i, sender, body, sig]) != data:
             raise ProtocolError("envelope is not canonically encoded")
         return Signed(kind, sender, msg, data, body, sig)
 
