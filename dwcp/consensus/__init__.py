@@ -18,10 +18,13 @@ Public API (stable; part B's simulator, network binding and benchmark use it):
   A replica whose log was lost must be built with ``recovering=True``: it
   refuses to vote until 2f+1 other replicas told it where the cluster is and it
   has state-transferred past every sequence number it could have voted on.
-- ``Client(config, key: NodeKey)``: ``request(op, now) -> list[Action]`` (one
-  outstanding request per client), ``receive(data, now) -> list[Completed]``,
-  ``tick(now) -> list[Action]`` (re-sends to all replicas on timeout),
-  ``next_deadline()``, ``busy``, ``client_id`` (raw public key bytes).
+- ``Client(config, key: NodeKey, *, codec: Codec | None = None)``: ``request(op,
+  now) -> list[Action]`` (one outstanding request per client), ``receive(data,
+  now) -> list[Completed]``, ``receive_decoded(signed, now)`` (the same for a
+  message already parsed with ``Codec.decode``), ``tick(now) -> list[Action]``
+  (re-sends to all replicas on timeout), ``next_deadline()``, ``busy``,
+  ``client_id`` (raw public key bytes). Clients of one process may share a
+  ``codec`` so that a REPLIES message is verified once for all of them.
 - Actions (``dwcp.consensus.actions``, frozen dataclasses): ``Persist(record)``
   and ``Compact(records)`` (append to / atomically replace the WAL; durable
   before any later action of the same list), ``Send(to, data)``,
@@ -47,6 +50,13 @@ Design choices worth knowing:
 - Wire form ``[kind, sender, body, signature]`` (msgpack); the signature covers
   ``cluster_id, protocol_version, kind, sender`` and the body. For REQUEST the
   sender is the client's index in ``ClusterConfig.clients``.
+- Replies: a batch of several requests is answered by one signed REPLIES
+  (``view, [(client index, timestamp, result), ...]``) sent to each of its
+  clients (the network binding sends it once per connection); a lone request,
+  and a re-sent one, gets a REPLY. A client takes its entry of a REPLIES exactly
+  like a REPLY, and ``Completed.proof`` holds whichever messages it accepted.
+  This saves a signature per request at each replica and, for a client pool,
+  a verification per request.
 - Durability (see ``replica.py``): one fsync per request on the critical path,
   the prepared certificate before our COMMIT; other votes ride lazily with the
   next write. A replica restarted from its WAL therefore stays silent in the

@@ -5,7 +5,10 @@ time (``loop.time()``, monotonic) and makes ``Persist``/``Compact`` durable.
 Actions produced while handling everything that arrived in one event-loop
 turn are performed together: the WAL is written and fsync'd once (group
 commit), and only then are that turn's messages sent, so "durable before it
-is sent" holds for every record without one fsync per message.
+is sent" holds for every record without one fsync per message. Each turn's
+frames leave in one write per connection (a client pool's replies share its
+connection, and a batch's REPLIES goes to it once); a client pool likewise
+sends the requests of one turn in one write per replica.
 
 Wire: each frame is ``u32 big-endian length`` + bytes. The first frame of a
 connection is a hello: ``b"R" + u16 replica id`` from a replica, or ``b"C" +
