@@ -288,3 +288,32 @@ def test_primary_forging_client_requests(seed: int) -> None:
     c = _cluster(seed, "forging_client", byzantine=wrapper(RequestForger), byzantine_ids=(0,))
     _finish(c)
     assert sum(a.sent for a in c.adversaries) > 0
+
+
+@pytest.mark.parametrize("seed", seeds(6))
+def test_lying_batched_replies(seed: int) -> None:
+    """Batches answered by one REPLIES each, one replica lying in them: clients take f+1 truths."""
+    from adversary import Liar
+
+    from dwcp.consensus.messages import Codec, Kind
+
+    liar = seed % 4
+    c = _cluster(
+        seed,
+        "batched_replies",
+        byzantine=wrapper(Liar),
+        byzantine_ids=(liar,),
+        clients=6,
+        max_inflight=1,
+    )
+    codec = Codec(c.config)
+    kinds: list[Kind] = []
+
+    def tap(src: str, dst: str, data: bytes) -> None:
+        if src.startswith("r") and dst.startswith("c"):
+            kinds.append(codec.decode(data).kind)
+
+    c.sim.taps.append(tap)
+    _finish(c)
+    assert Kind.REPLIES in kinds, "no batch of several requests formed"
+    assert sum(a.sent for a in c.adversaries) > 0
