@@ -643,6 +643,7 @@ async def receive_image(channel: Channel, peer_key: PublicKey, hooks: ReceiverHo
                     _trace(f"dst send {type(a.message).__name__}")
                     try:
                         await channel.send(msg.encode(a.message))
+                        _trace(f"dst sent {type(a.message).__name__}")
                     except ConnectionLostError as exc:
                         follow = proto.ConnectionLost(str(exc))
                     if (

@@ -38,6 +38,18 @@ packets:
   a fresh minimum arrives every 8 rounds, and an expired minimum is simply
   replaced by the next sample. That saves BBR's 200 ms at 4 packets every
   10 s (~2-3% of the goodput).
+- Application-limited samples: a sender that ran out of data (a node that
+  mostly receives and answers with small control messages) measures its own
+  message rate, not the path's. As in Linux BBR, the connection marks itself
+  app-limited when it has nothing left to send (``mark_app_limited``); a
+  sample from a packet sent then only counts if it raises the estimate, a
+  round that learned nothing does not age the filter, and it cannot end
+  STARTUP (nor can its RTT samples: a queue they see is another sender's,
+  typically the reverse direction's data). An app-limited sender in STARTUP
+  paces at least at the initial window's rate (gain x 10 packets / min-RTT),
+  so it sends a reply as fast as a new connection would: before this, a
+  destination's 4 KB reply after a 30 MB transfer left at one packet per
+  round trip.
 - Loss: isolated losses change nothing. A round that loses more than
   ``HEAVY_LOSS`` of its packets (a queue overflowing: a competing flow or our
   own overshoot) resets the bandwidth filter to 0.85 x that round's best
@@ -103,7 +115,8 @@ class BbrCongestionControl(QuicCongestionControl):
         self._delivered = 0
         self._delivered_time = 0.0
         self._first_sent_time = 0.0
-        self._sent: dict[int, tuple[int, float, float]] = {}
+        self._sent: dict[int, tuple[int, float, float, bool]] = {}
+        self._app_limited_until = 0  # delivered-bytes mark; 0 = not app-limited
         # bandwidth filter: best sample of each of the last BW_ROUNDS rounds
         self._bw_rounds: deque[float] = deque(maxlen=BW_ROUNDS)
         self._round_max = 0.0
@@ -148,13 +161,21 @@ class BbrCongestionControl(QuicCongestionControl):
     @property
     def pacing_rate(self) -> float:
         """Bytes per second the pacer should send at; 0.0 = no model yet (pace the window)."""
-        return self.pacing_gain * self.bandwidth
+        rate = self.pacing_gain * self.bandwidth
+        if self.mode == STARTUP and self._app_limited_until and self.min_rtt != float("inf"):
+            rate = max(rate, self.pacing_gain * K_INITIAL_WINDOW * self._mss / self.min_rtt)
+        return rate
+
+    def mark_app_limited(self) -> None:
+        """The sender has nothing more to send: what is in flight now measures the
+        application, not the path, until it is delivered."""
+        self._app_limited_until = max(self._delivered + self.bytes_in_flight, 1)
 
     def _target_window(self) -> int:
         gain = CWND_GAIN if self.mode == PROBE_BW else STARTUP_GAIN
         return max(int(gain * self.bdp), self._min_window)
 
-    def _on_round_end(self) -> None:
+    def _on_round_end(self, app_limited: bool) -> None:
         heavy = (
             self._round_lost >= HEAVY_LOSS_MIN and self._round_lost > HEAVY_LOSS * self._round_sent
         )
@@ -165,10 +186,12 @@ class BbrCongestionControl(QuicCongestionControl):
             self._round_max = 0.0
             if self.mode == STARTUP:
                 self.mode = DRAIN
+        elif app_limited and self._round_max <= 0:
+            pass  # nothing learned: the model does not age while the sender idles
         else:
             self._bw_rounds.append(self._round_max)
             self._round_max = 0.0
-        if self.mode == STARTUP:
+        if self.mode == STARTUP and not app_limited:
             bw = self.bandwidth
             if bw >= self._full_bw * FULL_BW_GROWTH:
                 self._full_bw = bw
@@ -229,6 +252,7 @@ class BbrCongestionControl(QuicCongestionControl):
                 self._delivered,
                 self._delivered_time,
                 self._first_sent_time,
+                self._app_limited_until > 0,
             )
 
     def on_packet_acked(self, *, now: float, packet: QuicSentPacket) -> None:
@@ -238,19 +262,21 @@ class BbrCongestionControl(QuicCongestionControl):
         state = (
             self._sent.pop(packet.packet_number, None) if packet.epoch == Epoch.ONE_RTT else None
         )
+        if self._app_limited_until and self._delivered > self._app_limited_until:
+            self._app_limited_until = 0
         if state is not None:
-            delivered0, delivered_time0, first_sent0 = state
+            delivered0, delivered_time0, first_sent0, app_limited = state
             sent_time = packet.sent_time or 0.0
             self._first_sent_time = sent_time
             interval = max(sent_time - first_sent0, now - delivered_time0)
             if interval >= self.min_rtt and interval > 0:
                 rate = (self._delivered - delivered0) / interval
-                if rate > self._round_max:
+                if rate > self._round_max and (not app_limited or rate > self.bandwidth):
                     self._round_max = rate
             if delivered0 >= self._next_round_delivered:
                 self._next_round_delivered = self._delivered
                 self.round_count += 1
-                self._on_round_end()
+                self._on_round_end(app_limited)
         self._update_mode(now)
         if self.mode == STARTUP or self.bandwidth <= 0:
             self.congestion_window += packet.sent_bytes  # slow start until the model exists
@@ -285,9 +311,10 @@ class BbrCongestionControl(QuicCongestionControl):
 
     def on_rtt_measurement(self, *, now: float, rtt: float) -> None:
         self._cycle_min_rtt = min(self._cycle_min_rtt, rtt)
-        if self.mode == STARTUP and self.round_count > 2:
+        if self.mode == STARTUP and self.round_count > 2 and not self._app_limited_until:
             # A queue is building: leave startup before it overflows a 1-BDP buffer
-            # (waiting for 3 rounds without growth would overshoot ~3x).
+            # (waiting for 3 rounds without growth would overshoot ~3x). Not when
+            # app-limited: then the queue is not ours.
             limit = max(STARTUP_QUEUE_RTT * self.min_rtt, self.min_rtt + STARTUP_QUEUE_MIN)
             self._queued_samples = self._queued_samples + 1 if rtt > limit else 0
             if self._queued_samples >= STARTUP_QUEUE_SAMPLES:

@@ -113,6 +113,13 @@ class DwcpQuicConnection(QuicConnection):
 
         cc.on_packets_lost = on_packets_lost  # type: ignore[method-assign]
         cc.on_packet_sent = on_packet_sent  # type: ignore[method-assign]
+        self._bbr = cc if isinstance(cc, bbr.BbrCongestionControl) else None
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
+        out = super().datagrams_to_send(now)
+        if self._bbr is not None and all(s.sender.buffer_is_empty for s in self._streams.values()):
+            self._bbr.mark_app_limited()  # nothing left to send: see bbr's docstring
+        return out
 
     def _set_peer(self, key: PublicKey) -> None:
         self.peer_key = key

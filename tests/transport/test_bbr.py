@@ -185,3 +185,38 @@ def test_persistent_congestion_restarts_small() -> None:
     assert cc.congestion_window <= 10 * MSS
     assert cc.bandwidth == 0.0
     assert cc.mode == bbr.STARTUP
+
+
+def _messages(cc: BbrCongestionControl, rounds: int, *, t0: float, pn0: int, rtt: float) -> float:
+    """An app-limited sender: one 2-packet message per round trip, each acked after ``rtt``."""
+    t = t0
+    for r in range(rounds):
+        packets = [_packet(pn0 + 2 * r + k, t + k * 1e-4) for k in range(2)]
+        for p in packets:
+            cc.on_packet_sent(packet=p)
+        cc.mark_app_limited()  # nothing more to send
+        t += rtt
+        cc.on_rtt_measurement(now=t, rtt=rtt)
+        for p in packets:
+            cc.on_packet_acked(now=t, packet=p)
+        t += 0.01
+    return t
+
+
+def test_an_app_limited_sender_stays_in_startup_and_paces_at_least_the_initial_window() -> None:
+    """A receiver answering with small messages while the other direction's data queues
+    its RTT samples: neither its message rate nor that queue may become its model."""
+    cc = BbrCongestionControl(max_datagram_size=MSS)
+    cc.on_rtt_measurement(now=0.0, rtt=RTT)
+    _messages(cc, 30, t0=0.0, pn0=0, rtt=2.5 * RTT)  # queued behind the reverse data
+    assert cc.mode == bbr.STARTUP
+    assert cc.pacing_rate >= bbr.STARTUP_GAIN * 10 * MSS / RTT
+
+
+def test_app_limited_samples_neither_lower_nor_age_a_measured_estimate() -> None:
+    res = _simulate(seconds=3.0, loss=0.0)
+    cc = res.flows[0].cc
+    measured = cc.bandwidth
+    assert cc.mode == bbr.PROBE_BW and measured > 0.8 * RATE
+    _messages(cc, 3 * bbr.BW_ROUNDS, t0=4.0, pn0=10**6, rtt=RTT)
+    assert cc.bandwidth >= 0.99 * measured
