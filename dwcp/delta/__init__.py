@@ -15,7 +15,7 @@ from dwcp.delta.deltafile import DeltaStats, PatchStats, apply_delta, make_delta
 from dwcp.delta.frames import decode as decode_frame
 from dwcp.delta.frames import encode
 from dwcp.delta.index import ImageIndex, ImageRecord, LocalIndex
-from dwcp.delta.manifest import BLOCK_SIZE, Manifest, scan_image
+from dwcp.delta.manifest import BLOCK_SIZE, Manifest, content_id, image_sha256, scan_image
 from dwcp.delta.planner import Extent, Plan, chunk_list, plan, refine
 from dwcp.delta.rebuild import Rebuilder
 from dwcp.delta.summary import ManifestAssembler, leaves_bytes, summary_bytes
@@ -34,8 +34,10 @@ __all__ = [
     "Rebuilder",
     "apply_delta",
     "chunk_list",
+    "content_id",
     "decode_frame",
     "encode",
+    "image_sha256",
     "leaves_bytes",
     "make_delta",
     "plan",

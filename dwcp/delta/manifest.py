@@ -207,3 +207,32 @@ def scan_image(
     m = Manifest(size, block_size, sha.digest() if digest else bytes(32), bytes(fps), bytes(flags))
     object.__setattr__(m, "stat_key", key)
     return m
+
+
+def content_id(m: Manifest) -> bytes:
+    """SHA-256 of the image's size, block size, block flags and fingerprints.
+
+    Names the content as soon as it is fingerprinted (a thousandth of the image's
+    bytes to hash), so a transfer can start before the whole-image SHA-256 is known.
+    """
+    h = hashlib.sha256(b"dwcp-content-v1\x00")
+    h.update(struct.pack("<QI", m.size, m.block_size))
+    h.update(m.flags)
+    h.update(m.fps)
+    return h.digest()
+
+
+def image_sha256(path: str | os.PathLike[str], expect: StatKey | None = None) -> bytes:
+    """SHA-256 of an image (holes from memory); ``ImageError`` if it is not the file
+    state ``expect`` (a manifest's ``stat_key``) or changes while it is read."""
+    with ImageReader(path) as r:
+        if expect is not None and r.key != expect:
+            raise r.changed()
+        sha = hashlib.sha256()
+        buf = memoryview(bytearray(min(SCAN_WINDOW, r.size)))
+        for off in range(0, r.size, SCAN_WINDOW):
+            view = buf[: min(SCAN_WINDOW, r.size - off)]
+            r.read_into(view, off)
+            sha.update(view)
+        r.check_unchanged()
+    return sha.digest()

@@ -79,7 +79,7 @@ class ImageReader:
             os.close(self.fd)
             self.fd = -1
 
-    def _changed(self) -> ImageError:
+    def changed(self) -> ImageError:
         return ImageError(
             f"image {self.path} changed while it was read; stop the VM or snapshot the "
             "image, then retry"
@@ -113,7 +113,7 @@ class ImageReader:
             except OSError as exc:
                 raise ImageError(f"cannot read image {self.path}: {exc.strerror}") from exc
             if n == 0:
-                raise self._changed()
+                raise self.changed()
             done += n
 
     def read(self, offset: int, length: int) -> bytes:
@@ -124,9 +124,9 @@ class ImageReader:
     def check_unchanged(self) -> None:
         """Raise ``ImageError`` if the file's size, mtime or identity moved since open."""
         if stat_key(os.fstat(self.fd)) != self.key:
-            raise self._changed()
+            raise self.changed()
         try:
             if stat_key(os.stat(self.path)) != self.key:
-                raise self._changed()
+                raise self.changed()
         except FileNotFoundError as exc:
-            raise self._changed() from exc
+            raise self.changed() from exc

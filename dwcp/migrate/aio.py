@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import struct
 import time
@@ -303,110 +304,135 @@ async def send_image(
         raise ImageError(f"{image} is not a regular file")
     on_progress(prog)
     _trace("src scan start")
-    manifest = await in_thread(delta.scan_image, image)
+    # Fingerprints first: they name the content and let the destination plan; the
+    # whole-image SHA-256 (about as long again) runs while the plan and data flow.
+    scanned = await in_thread(lambda: delta.scan_image(image, digest=False))
+    cid = delta.content_id(scanned)
+    manifest = dataclasses.replace(scanned, sha256=cid)
+    hashing = asyncio.ensure_future(in_thread(delta.image_sha256, image, scanned.stat_key))
+    hashing.add_done_callback(_consume)
     _trace("src scan done")
     summary = summary_bytes(manifest)
-    tid = proto.transfer_id_for(key.public.raw, name, manifest.sha256, manifest.size)
-    sig = key.sign(msg.offer_signing_payload(tid, name, manifest.size, manifest.sha256, summary))
-    sender = proto.Sender(msg.Offer(tid, name, manifest.size, manifest.sha256, summary, sig))
+    tid = proto.transfer_id_for(key.public.raw, name, cid, manifest.size)
+    sig = key.sign(msg.offer_signing_payload(tid, name, manifest.size, cid, summary))
+    sender = proto.Sender(msg.Offer(tid, name, manifest.size, cid, summary, sig))
     prog.bytes_image, prog.phase = manifest.size, "planning"
     on_progress(prog)
     wire = 0
 
-    async def send(m: msg.Message) -> None:
-        nonlocal wire
-        data = msg.encode(m)
-        wire += len(data) + _LEN.size
-        _trace(f"src send {type(m).__name__} {len(data)}")
-        await channel.send(data)
-        _trace(f"src sent {type(m).__name__}")
+    try:
 
-    actions = sender.handle(proto.Start())
-    sent_error = False
-    while True:
-        for a in actions:
-            if isinstance(a, proto.SendMessage):
-                await send(a.message)
-                sent_error = sent_error or isinstance(a.message, msg.Error)
-            elif isinstance(a, proto.ProvideLeaves):
-                _trace("src leaves asked")
-                try:
-                    ev0: proto.Event = proto.LeavesReady(leaves_bytes(manifest, list(a.groups)))
-                except ManifestError as exc:
-                    ev0 = proto.LocalFailure("protocol", str(exc))
-                actions = sender.handle(ev0)
-                break
-            elif isinstance(a, proto.StreamRanges):
-                _trace("src stream start")
-                prog.bytes_missing = sender.stats.bytes_missing
-                prog.bytes_to_send = sender.stats.bytes_pending
-                prog.phase = "sending"
-                on_progress(prog)
-                try:
-                    n_frames, frame_wire = await _stream(
-                        channel,
-                        sender,
-                        image,
-                        before,
-                        a.ranges,
-                        level,
-                        bwlimit,
-                        prog,
-                        on_progress,
-                        send,
-                    )
-                    changed = _stat_key(image) != before
-                except ImageError:
-                    changed, n_frames, frame_wire = True, 0, 0
-                _trace("src stream done")
-                if isinstance(channel, BulkChannel):
-                    wire += frame_wire
-                if changed:
-                    ev: proto.Event = proto.LocalFailure("image_changed", _changed(image))
-                else:
-                    ev = proto.StreamFinished(n_frames, frame_wire)
-                    prog.phase = "verifying"
+        async def send(m: msg.Message) -> None:
+            nonlocal wire
+            data = msg.encode(m)
+            wire += len(data) + _LEN.size
+            _trace(f"src send {type(m).__name__} {len(data)}")
+            await channel.send(data)
+            _trace(f"src sent {type(m).__name__}")
+
+        actions = sender.handle(proto.Start())
+        sent_error = False
+        while True:
+            for a in actions:
+                if isinstance(a, proto.SendMessage):
+                    await send(a.message)
+                    sent_error = sent_error or isinstance(a.message, msg.Error)
+                elif isinstance(a, proto.ProvideLeaves):
+                    _trace("src leaves asked")
+                    try:
+                        ev0: proto.Event = proto.LeavesReady(leaves_bytes(manifest, list(a.groups)))
+                    except ManifestError as exc:
+                        ev0 = proto.LocalFailure("protocol", str(exc))
+                    actions = sender.handle(ev0)
+                    break
+                elif isinstance(a, proto.StreamRanges):
+                    _trace("src stream start")
+                    prog.bytes_missing = sender.stats.bytes_missing
+                    prog.bytes_to_send = sender.stats.bytes_pending
+                    prog.phase = "sending"
                     on_progress(prog)
-                actions = sender.handle(ev)
-                break
-            elif isinstance(a, proto.Completed):
-                _trace("src completed")
-                s = sender.stats
-                return MigrationResult(
-                    name=name,
-                    peer=peer,
-                    sha256=manifest.sha256.hex(),
-                    bytes_image=manifest.size,
-                    bytes_missing=s.bytes_missing,
-                    bytes_local=s.bytes_local,
-                    bytes_zero=s.bytes_zero,
-                    bytes_sent=prog.bytes_sent,
-                    bytes_wire=wire,
-                    seconds=round(time.monotonic() - t0, 3),
-                    dedup_ratio=round(prog.dedup_ratio, 6),
-                    resumed=s.bytes_pending < s.bytes_missing,
-                )
-            elif isinstance(a, proto.Failed):
-                err = a.error
-                if sent_error:
+                    try:
+                        n_frames, frame_wire = await _stream(
+                            channel,
+                            sender,
+                            image,
+                            before,
+                            a.ranges,
+                            level,
+                            bwlimit,
+                            prog,
+                            on_progress,
+                            send,
+                        )
+                        changed = _stat_key(image) != before
+                    except ImageError:
+                        changed, n_frames, frame_wire = True, 0, 0
+                    _trace("src stream done")
+                    if isinstance(channel, BulkChannel):
+                        wire += frame_wire
+                    if changed:
+                        ev: proto.Event = proto.LocalFailure("image_changed", _changed(image))
+                    else:
+                        try:
+                            sha = await hashing
+                        except ImageError:
+                            sha = b""
+                        if not sha:
+                            ev = proto.LocalFailure("image_changed", _changed(image))
+                        else:
+                            dsig = key.sign(msg.done_signing_payload(tid, sha))
+                            ev = proto.StreamFinished(n_frames, frame_wire, sha, dsig)
+                            prog.phase = "verifying"
+                            on_progress(prog)
+                    actions = sender.handle(ev)
+                    break
+                elif isinstance(a, proto.Completed):
+                    _trace("src completed")
+                    s = sender.stats
+                    return MigrationResult(
+                        name=name,
+                        peer=peer,
+                        sha256=sender.sha256.hex(),
+                        bytes_image=manifest.size,
+                        bytes_missing=s.bytes_missing,
+                        bytes_local=s.bytes_local,
+                        bytes_zero=s.bytes_zero,
+                        bytes_sent=prog.bytes_sent,
+                        bytes_wire=wire,
+                        seconds=round(time.monotonic() - t0, 3),
+                        dedup_ratio=round(prog.dedup_ratio, 6),
+                        resumed=s.bytes_pending < s.bytes_missing,
+                    )
+                elif isinstance(a, proto.Failed):
+                    err = a.error
+                    if sent_error:
+                        await _linger(channel)
+                    if isinstance(err, IntegrityError | RemoteError):
+                        with contextlib.suppress(OSError):
+                            if _stat_key(image) != before:
+                                raise ImageError(_changed(image)) from err
+                    raise err
+            else:
+                try:
+                    m = msg.decode(await channel.recv())
+                except ProtocolError as exc:
+                    await _best_effort(send(msg.Error(tid, "protocol", str(exc)[:4000])))
                     await _linger(channel)
-                if isinstance(err, IntegrityError | RemoteError):
-                    with contextlib.suppress(OSError):
-                        if _stat_key(image) != before:
-                            raise ImageError(_changed(image)) from err
-                raise err
-        else:
-            try:
-                m = msg.decode(await channel.recv())
-            except ProtocolError as exc:
-                await _best_effort(send(msg.Error(tid, "protocol", str(exc)[:4000])))
-                await _linger(channel)
-                raise
-            except ConnectionLostError as exc:
-                actions = sender.handle(proto.ConnectionLost(str(exc)))
-                continue
-            _trace(f"src got {type(m).__name__}")
-            actions = sender.handle(proto.MessageReceived(m))
+                    raise
+                except ConnectionLostError as exc:
+                    actions = sender.handle(proto.ConnectionLost(str(exc)))
+                    continue
+                _trace(f"src got {type(m).__name__}")
+                actions = sender.handle(proto.MessageReceived(m))
+
+    finally:
+        hashing.cancel()  # a failed transfer need not finish hashing
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    """Retrieve a background future's outcome so asyncio does not log it as lost."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _changed(image: Path) -> str:
@@ -560,7 +586,7 @@ async def receive_image(channel: Channel, peer_key: PublicKey, hooks: ReceiverHo
             assembler = await hooks.index.call(
                 lambda ix: ManifestAssembler(offer.summary, ix.local, max_image=limit)
             )
-            if assembler.size != offer.size or assembler.sha256 != offer.sha256:
+            if assembler.size != offer.size or assembler.sha256 != offer.content_id:
                 raise ManifestError("the manifest summary does not match the offer")
             await hooks.claim(offer.transfer_id)
             claimed = offer.transfer_id
@@ -613,18 +639,20 @@ async def receive_image(channel: Channel, peer_key: PublicKey, hooks: ReceiverHo
         hooks.on_bytes(len(frame), n)
         return proto.FrameWritten(n)
 
-    async def finish() -> proto.Event:
+    async def finish(sha256: bytes) -> proto.Event:
         assert rebuilder is not None and manifest is not None
         _trace("dst finish start")
+        rebuilder.sha256 = sha256  # the offer named the content; Done told its SHA-256
+        stored = dataclasses.replace(manifest, sha256=sha256)
         try:
             path = await in_thread(rebuilder.finish)
             _trace("dst finished")
-            await hooks.index.call(lambda ix: ix.record(path, manifest))  # verified: no re-scan
+            await hooks.index.call(lambda ix: ix.record(path, stored))  # verified: no re-scan
             _trace("dst recorded")
-            await hooks.commit(path.name, manifest.sha256, peer_key)
+            await hooks.commit(path.name, sha256, peer_key)
         except (DwcpError, OSError) as exc:
             return _failure_for(exc)
-        return proto.Finished(manifest.sha256, path.name)
+        return proto.Finished(sha256, path.name)
 
     msg_task = asyncio.create_task(pump_messages())
     result: str | None = None
@@ -660,7 +688,7 @@ async def receive_image(channel: Channel, peer_key: PublicKey, hooks: ReceiverHo
                 elif isinstance(a, proto.WriteFrame):
                     follow = await write(a.frame)
                 elif isinstance(a, proto.FinishTransfer):
-                    follow = await finish()
+                    follow = await finish(a.sha256)
                 elif isinstance(a, proto.Completed):
                     result = a.path_name
                 elif isinstance(a, proto.Failed) and rebuilder is not None:

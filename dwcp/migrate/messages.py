@@ -17,14 +17,15 @@ import msgpack
 
 from dwcp.errors import ProtocolError
 
-VERSION = 1
+VERSION = 2  # 2: the offer names the content, Done carries the signed SHA-256
 MAX_MESSAGE = 256 * 1024 * 1024  # the largest encoded message accepted
 MAX_FRAME = 64 * 1024 * 1024  # the largest data frame accepted
 MAX_RANGES = 1 << 20  # missing ranges in one plan (16 MiB packed)
 MAX_TEXT = 4096
 _TID_RE = re.compile(r"^[0-9a-f]{32}$")
 _RANGE = struct.Struct("<QQ")
-SIGNING_CONTEXT = b"dwcp-migrate-offer-v1\x00"
+SIGNING_CONTEXT = b"dwcp-migrate-offer-v2\x00"
+DONE_SIGNING_CONTEXT = b"dwcp-migrate-done-v2\x00"
 
 
 def _check_tid(tid: str) -> None:
@@ -82,13 +83,17 @@ class Offer(Message):
 
     The destination asks for the leaves of the regions it does not hold
     (``NeedLeaves``/``Leaves``), so metadata costs grow with the change, not the size.
+    ``content_id`` (``dwcp.delta.content_id``: SHA-256 of the size and every block's
+    fingerprint) names the image as soon as it is fingerprinted; the whole-image
+    SHA-256, one more pass over the image, is computed while the data flows and
+    arrives signed in ``Done``.
     """
 
     TYPE: ClassVar[int] = 1
     transfer_id: str
     name: str
     size: int
-    sha256: bytes
+    content_id: bytes
     summary: bytes
     signature: bytes
 
@@ -96,20 +101,32 @@ class Offer(Message):
         _check_tid(self.transfer_id)
         _check_text("name", self.name, 255)
         _check_int("size", self.size)
-        _check_bytes("sha256", self.sha256, 32, 32)
+        _check_bytes("content_id", self.content_id, 32, 32)
         _check_bytes("summary", self.summary, 1, MAX_MESSAGE - 4096)
         _check_bytes("signature", self.signature, 64, 64)
 
     def fields(self) -> list[Any]:
-        return [self.transfer_id, self.name, self.size, self.sha256, self.summary, self.signature]
+        return [
+            self.transfer_id,
+            self.name,
+            self.size,
+            self.content_id,
+            self.summary,
+            self.signature,
+        ]
 
 
 def offer_signing_payload(
-    transfer_id: str, name: str, size: int, sha256: bytes, summary: bytes
+    transfer_id: str, name: str, size: int, content_id: bytes, summary: bytes
 ) -> bytes:
     """What the source signs: every field of the offer, unambiguously encoded."""
-    body = msgpack.packb([transfer_id, name, size, sha256, summary], use_bin_type=True)
+    body = msgpack.packb([transfer_id, name, size, content_id, summary], use_bin_type=True)
     return SIGNING_CONTEXT + body
+
+
+def done_signing_payload(transfer_id: str, sha256: bytes) -> bytes:
+    """What the source signs when it ends: the transfer and the image's SHA-256."""
+    return DONE_SIGNING_CONTEXT + msgpack.packb([transfer_id, sha256], use_bin_type=True)
 
 
 @dataclass(frozen=True)
@@ -162,20 +179,27 @@ class Data(Message):
 
 @dataclass(frozen=True)
 class Done(Message):
-    """Source -> destination: all frames sent; the counts let the destination await stragglers."""
+    """Source -> destination: all frames sent, and the image's signed SHA-256.
+
+    The counts let the destination await stragglers.
+    """
 
     TYPE: ClassVar[int] = 4
     transfer_id: str
     frames: int
     wire_bytes: int
+    sha256: bytes
+    signature: bytes
 
     def __post_init__(self) -> None:
         _check_tid(self.transfer_id)
         _check_int("frames", self.frames)
         _check_int("wire_bytes", self.wire_bytes)
+        _check_bytes("sha256", self.sha256, 32, 32)
+        _check_bytes("signature", self.signature, 64, 64)
 
     def fields(self) -> list[Any]:
-        return [self.transfer_id, self.frames, self.wire_bytes]
+        return [self.transfer_id, self.frames, self.wire_bytes, self.sha256, self.signature]
 
 
 @dataclass(frozen=True)

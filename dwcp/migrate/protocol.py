@@ -1,12 +1,16 @@
 """Sans-IO migration protocol: a ``Sender`` and a ``Receiver`` state machine.
 
 Flow: the source sends a signed ``Offer`` (the manifest's summary: hash-tree
-parents); the destination matches it against its image index and asks for the
-leaves of the regions it lacks (``NeedLeaves``/``Leaves``), then plans from the
-index and answers ``Plan`` (the ranges it still lacks, which on
-a resumed transfer is only what is still pending); the source streams delta
-frames (``Data`` or the transport's bulk streams), then ``Done`` with counts; the
-destination rebuilds, verifies, fsyncs, renames, indexes and answers ``Ack``.
+parents, and a content id computed from the block fingerprints); the
+destination matches it against its image index and asks for the leaves of the
+regions it lacks (``NeedLeaves``/``Leaves``), then plans from the index and
+answers ``Plan`` (the ranges it still lacks, which on a resumed transfer is
+only what is still pending); the source streams delta frames (``Data`` or the
+transport's bulk streams), then ``Done`` with counts and the signed whole-image
+SHA-256, which it computed while the plan and the data travelled (version 2:
+the hash pass is no longer ahead of the first message); the destination
+rebuilds, verifies against that SHA-256, fsyncs, renames, indexes and answers
+``Ack``.
 
 Each machine is fed events (``handle``) and returns actions; it never touches a
 file, a socket or a clock. The glue (``dwcp.migrate.aio``) performs the actions
@@ -43,6 +47,7 @@ from dwcp.migrate.messages import (
     NeedLeaves,
     Offer,
     Plan,
+    done_signing_payload,
     offer_signing_payload,
 )
 
@@ -52,7 +57,7 @@ WIRE_ALLOWANCE = 1 / 16
 WIRE_SLACK = 4 * 1024 * 1024
 
 
-def transfer_id_for(sender_key: bytes, name: str, sha256: bytes, size: int) -> str:
+def transfer_id_for(sender_key: bytes, name: str, content_id: bytes, size: int) -> str:
     """The id both sides derive for "this image, under this name, from this sender".
 
     The destination recomputes it, so a peer cannot pick an id that touches
@@ -60,7 +65,7 @@ def transfer_id_for(sender_key: bytes, name: str, sha256: bytes, size: int) -> s
     interruption gets the same id and resumes.
     """
     h = hashlib.blake2b(digest_size=16, person=b"dwcp-migrate-id")
-    for part in (sender_key, name.encode("utf-8"), sha256, size.to_bytes(8, "little")):
+    for part in (sender_key, name.encode("utf-8"), content_id, size.to_bytes(8, "little")):
         h.update(len(part).to_bytes(4, "little") + part)
     return h.hexdigest()
 
@@ -141,10 +146,13 @@ class LocalFailure(Event):
 
 @dataclass(frozen=True)
 class StreamFinished(Event):
-    """Sender: every frame of the plan was sent."""
+    """Sender: every frame of the plan was sent; the image's SHA-256 and its signature
+    (``messages.done_signing_payload``) for Done."""
 
     frames: int
     wire_bytes: int
+    sha256: bytes
+    signature: bytes
 
 
 @dataclass(frozen=True)
@@ -194,7 +202,10 @@ class WriteFrame(Action):
 
 @dataclass(frozen=True)
 class FinishTransfer(Action):
-    """Receiver glue: finish the Rebuilder (verify, fsync, rename), index the image."""
+    """Receiver glue: finish the Rebuilder (verify against ``sha256``, fsync, rename),
+    index the image."""
+
+    sha256: bytes
 
 
 @dataclass(frozen=True)
@@ -334,6 +345,7 @@ class Sender(_Machine):
     def __init__(self, offer: Offer) -> None:
         super().__init__(offer.transfer_id)
         self.offer = offer
+        self.sha256 = b""  # the image's SHA-256, once the glue computed it
         self.stats = SenderStats()
         self._leaves_asked = False
 
@@ -367,14 +379,16 @@ class Sender(_Machine):
 
     def _on_stream_finished(self, ev: StreamFinished) -> list[Action]:
         self.stats.frames, self.stats.wire_bytes = ev.frames, ev.wire_bytes
+        self.sha256 = ev.sha256
         self.state = State.FINISHING
-        return [SendMessage(Done(self.transfer_id, ev.frames, ev.wire_bytes))]
+        done = Done(self.transfer_id, ev.frames, ev.wire_bytes, ev.sha256, ev.signature)
+        return [SendMessage(done)]
 
     def _on_ack(self, ack: Ack) -> list[Action]:
-        if ack.sha256 != self.offer.sha256:
+        if ack.sha256 != self.sha256:
             err = IntegrityError(
                 f"the destination acknowledged sha256 {ack.sha256.hex()} but the image is "
-                f"{self.offer.sha256.hex()}"
+                f"{self.sha256.hex()}"
             )
             return self._fail(err)
         self.state = State.COMPLETE
@@ -425,6 +439,7 @@ class Receiver(_Machine):
         self.peer_key = peer_key
         self.max_image_bytes = max_image_bytes
         self.offer: Offer | None = None
+        self.sha256 = b""  # the image's SHA-256, from the sender's signed Done
         self.stats = ReceiverStats()
         self._expect = _Expect()
 
@@ -440,7 +455,7 @@ class Receiver(_Machine):
 
     def _on_offer(self, offer: Offer) -> list[Action]:
         payload = offer_signing_payload(
-            offer.transfer_id, offer.name, offer.size, offer.sha256, offer.summary
+            offer.transfer_id, offer.name, offer.size, offer.content_id, offer.summary
         )
         try:
             self.peer_key.verify(payload, offer.signature)
@@ -449,7 +464,7 @@ class Receiver(_Machine):
                 SendMessage(Error(offer.transfer_id, "refused", "the offer's signature is bad")),
                 *self._fail(exc),
             ]
-        expected = transfer_id_for(self.peer_key.raw, offer.name, offer.sha256, offer.size)
+        expected = transfer_id_for(self.peer_key.raw, offer.name, offer.content_id, offer.size)
         if offer.transfer_id != expected:
             return self._protocol_error("the transfer id does not match the offer")
         if offer.size > self.max_image_bytes:
@@ -500,6 +515,18 @@ class Receiver(_Machine):
         return self._maybe_finish()
 
     def _on_done(self, done: Done) -> list[Action]:
+        try:
+            self.peer_key.verify(
+                done_signing_payload(done.transfer_id, done.sha256), done.signature
+            )
+        except AuthenticationError as exc:
+            return [
+                SendMessage(
+                    Error(done.transfer_id, "refused", "the Done message's signature is bad")
+                ),
+                *self._fail(exc),
+            ]
+        self.sha256 = done.sha256
         s = self.stats
         if s.frames > done.frames or s.wire_bytes > done.wire_bytes:
             return self._protocol_error("Done announces fewer frames than were received")
@@ -515,12 +542,12 @@ class Receiver(_Machine):
             and s.wire_bytes == e.wire_bytes
         ):
             self.state = State.FINISHING
-            return [FinishTransfer()]
+            return [FinishTransfer(self.sha256)]
         return []
 
     def _on_finished(self, ev: Finished) -> list[Action]:
         assert self.offer is not None
-        if ev.sha256 != self.offer.sha256:  # the glue verified it; guard the invariant anyway
+        if ev.sha256 != self.sha256:  # the glue verified it; guard the invariant anyway
             return self._local_failure(
                 LocalFailure("integrity", "the rebuilt image does not match the manifest", True)
             )

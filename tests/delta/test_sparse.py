@@ -59,3 +59,22 @@ def _dense_zeros(tmp_path: Path, size: int) -> Path:
         f.write(bytes(size))
         os.fsync(f.fileno())
     return p
+
+
+def test_image_sha256_and_content_id(tmp_path: Path) -> None:
+    import hashlib
+
+    import pytest
+
+    from dwcp.delta import content_id, image_sha256
+    from dwcp.errors import ImageError
+
+    sparse, dense = _sparse_and_dense(tmp_path)
+    m = scan_image(sparse, digest=False)
+    assert image_sha256(sparse, m.stat_key) == hashlib.sha256(dense.read_bytes()).digest()
+    assert content_id(m) == content_id(scan_image(dense, digest=False))
+    with open(sparse, "ab") as f:  # the image moves on after it was fingerprinted
+        f.write(b"x")
+    with pytest.raises(ImageError, match="changed"):
+        image_sha256(sparse, m.stat_key)
+    assert content_id(scan_image(sparse, digest=False)) != content_id(m)

@@ -20,7 +20,7 @@ TID = "ab" * 16
         m.Plan(TID, ((0, 4096), (8192, 1 << 20)), 5, 6, 7),
         m.Plan(TID, (), 0, 0, 0),
         m.Data(TID, b"frame"),
-        m.Done(TID, 3, 1000),
+        m.Done(TID, 3, 1000, b"h" * 32, b"x" * 64),
         m.Ack(TID, b"h" * 32, "vm.qcow2"),
         m.Error(TID, "disk_full", "no space left"),
         m.NeedLeaves(TID, (0, 5, 70000)),

@@ -29,11 +29,16 @@ BLOCK = 4096
 
 
 def make_offer(key: NodeKey, image: bytes, name: str = "vm.img") -> m.Offer:
+    cid = hashlib.sha256(b"content" + image).digest()  # opaque to the protocol
+    manifest = b"toy-manifest" + cid
+    tid = p.transfer_id_for(key.public.raw, name, cid, len(image))
+    sig = key.sign(m.offer_signing_payload(tid, name, len(image), cid, manifest))
+    return m.Offer(tid, name, len(image), cid, manifest, sig)
+
+
+def finished(key: NodeKey, tid: str, image: bytes, frames: int, wire: int) -> p.StreamFinished:
     sha = hashlib.sha256(image).digest()
-    manifest = b"toy-manifest" + sha
-    tid = p.transfer_id_for(key.public.raw, name, sha, len(image))
-    sig = key.sign(m.offer_signing_payload(tid, name, len(image), sha, manifest))
-    return m.Offer(tid, name, len(image), sha, manifest, sig)
+    return p.StreamFinished(frames, wire, sha, key.sign(m.done_signing_payload(tid, sha)))
 
 
 @dataclass
@@ -86,7 +91,8 @@ class Pair:
                         wire += len(frame)
                 for _ in range(self.extra_frames):
                     self.to_receiver.append(p.FrameReceived(b"\0" * 8 + b"x"))
-                self.run_sender(self.sender.handle(p.StreamFinished(frames, wire)))
+                done = finished(self.key, self.sender.transfer_id, self.image, frames, wire)
+                self.run_sender(self.sender.handle(done))
             else:
                 self.sender_done.append(a)
 
@@ -135,7 +141,7 @@ class Pair:
                 buf, pending = self.dest.partial[tid]
                 sha = hashlib.sha256(buf).digest()
                 assert self.receiver.offer is not None
-                if pending or sha != self.receiver.offer.sha256:
+                if pending or sha != a.sha256:
                     ev: p.Event = p.LocalFailure("integrity", "digest mismatch", discard=True)
                 else:
                     self.dest.stored[self.receiver.offer.name] = bytes(buf)
@@ -290,10 +296,27 @@ def test_done_before_last_frame_waits() -> None:
     assert r.handle(p.MessageReceived(m.Leaves(r.transfer_id, b""))) == [p.AssembleManifest(b"")]
     r.handle(p.Prepared(((0, 8192),), 8192, 0, 0))
     assert r.handle(p.FrameReceived(b"a" * 100)) == [p.WriteFrame(b"a" * 100)]
-    assert r.handle(p.MessageReceived(m.Done(r.transfer_id, 2, 200))) == []
+    sha = hashlib.sha256(b"y" * 8192).digest()
+    sig = key.sign(m.done_signing_payload(r.transfer_id, sha))
+    assert r.handle(p.MessageReceived(m.Done(r.transfer_id, 2, 200, sha, sig))) == []
     assert r.handle(p.FrameWritten(4096)) == []
     assert r.handle(p.FrameReceived(b"b" * 100)) == [p.WriteFrame(b"b" * 100)]
-    assert r.handle(p.FrameWritten(4096)) == [p.FinishTransfer()]
+    assert r.handle(p.FrameWritten(4096)) == [p.FinishTransfer(sha)]
+
+
+def test_done_with_a_bad_signature_is_refused() -> None:
+    key = NodeKey.generate()
+    offer = make_offer(key, b"y" * 4096)
+    r = p.Receiver(key.public, max_image_bytes=1 << 30)
+    r.handle(p.MessageReceived(offer))
+    r.handle(p.LeavesNeeded(()))
+    r.handle(p.MessageReceived(m.Leaves(r.transfer_id, b"")))
+    r.handle(p.Prepared(((0, 4096),), 4096, 0, 0))
+    sha = hashlib.sha256(b"y" * 4096).digest()
+    forged = NodeKey.generate().sign(m.done_signing_payload(r.transfer_id, sha))
+    actions = r.handle(p.MessageReceived(m.Done(r.transfer_id, 1, 100, sha, forged)))
+    assert isinstance(actions[0], p.SendMessage) and actions[0].message.code == "refused"
+    assert isinstance(actions[-1], p.Failed) and r.state is p.State.FAILED
 
 
 @pytest.mark.parametrize("cut", [0, 1, 7])
