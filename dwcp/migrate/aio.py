@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import struct
 import time
@@ -43,14 +44,12 @@ from dwcp.migrate import protocol as proto
 
 T = TypeVar("T")
 _LEN = struct.Struct("<I")
-_TRACE = bool(os.environ.get("DWCP_TRACE"))
+log = logging.getLogger("dwcp.migrate")
 
 
 def _trace(label: str) -> None:
-    if _TRACE:
-        import sys
-
-        print(f"TRACE {time.monotonic():.4f} {label}", file=sys.stderr, flush=True)
+    """A phase boundary, for timelines: ``dwcp-node --log-level debug`` shows them."""
+    log.debug("phase %s", label, extra={"event": "phase", "phase": label})
 
 
 _FRAME_RAW = struct.Struct("<2sBBIII")  # dwcp.delta.frames header prefix: ... raw_len at [4]
