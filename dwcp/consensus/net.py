@@ -67,7 +67,7 @@ from dwcp.consensus.messages import Codec, Replies, Reply
 from dwcp.consensus.registry import VMRegistry
 from dwcp.consensus.replica import Replica
 from dwcp.consensus.wal import Wal
-from dwcp.errors import ConfigError, ConsensusError, ProtocolError, UsageError
+from dwcp.errors import AuthenticationError, ConfigError, ConsensusError, ProtocolError, UsageError
 from dwcp.identity import NodeKey, PublicKey
 
 _LEN = struct.Struct(">I")
@@ -489,6 +489,7 @@ class ClientPool(_Endpoint):
         self.links = {j: _Link(self, j, hello) for j in range(cfg.n)}
         self._out: dict[int, list[bytes]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.bad_signatures = 0
 
     def _ev(self) -> asyncio.AbstractEventLoop:
         # Cached: asyncio.get_running_loop() costs a getpid() per call on Python 3.11.
@@ -550,12 +551,19 @@ class ClientPool(_Endpoint):
             indices = dict.fromkeys(c for c, _, _ in msg.entries)
         else:
             return
+        # Only clients still waiting (the first f+1 replies complete them).
+        waiting = [c for c in map(self.by_index.get, indices) if c is not None and c.busy]
+        if len(waiting) > 1:
+            # Checked once here: a forged REPLIES naming all our clients must not cost a
+            # verification per client (a valid one is then found in the shared codec's cache).
+            try:
+                self.codec.verify(s)
+            except AuthenticationError:
+                self.bad_signatures += 1
+                return
         now = self._ev().time()
-        for index in indices:
-            client = self.by_index.get(index)
-            if client is None or not client.busy:
-                continue  # the f+1 replies already arrived
-            for ev in client.receive_decoded(s, now):  # verified once: the codec is shared
+        for client in waiting:
+            for ev in client.receive_decoded(s, now):
                 waiter = self._waiters.pop(client.index, None)
                 timer = self._timers.pop(client.index, None)
                 if timer is not None:

@@ -140,3 +140,36 @@ def test_fsync_in_a_worker_thread_commits(tmp_path: Path) -> None:
 
         asyncio.run(scenario())
     assert all((tmp_path / f"replica-{i}.wal").stat().st_size > 100 for i in range(4))
+
+
+def test_pool_verifies_a_batched_reply_once_for_all_its_clients() -> None:
+    """A REPLIES naming several waiting clients costs one verification, forged or not."""
+    from dwcp.consensus import ClusterConfig
+    from dwcp.consensus.messages import Codec, Replies
+    from dwcp.identity import NodeKey
+
+    rkeys = [NodeKey(bytes([3, i]) * 16) for i in range(4)]
+    ckeys = [NodeKey(bytes([4, i]) * 16) for i in range(3)]
+    cfg = ClusterConfig(b"pool", tuple(k.public for k in rkeys), tuple(k.public for k in ckeys))
+    net = NetConfig(cfg, tuple(("127.0.0.1", 1) for _ in range(4)))
+
+    async def main() -> None:
+        pool = ClientPool(net, ckeys)
+        stamps = []
+        for c in pool.clients:
+            c.request(encode_op("get", "vm"), 0.0)
+            assert c._ts is not None
+            stamps.append(c._ts)
+        entries = tuple((c.index, ts, b"r") for c, ts in zip(pool.clients, stamps, strict=True))
+        signer = Codec(cfg)
+        forged = signer.encode(Replies(0, entries), 2, rkeys[1])  # replica 1 posing as 2
+        pool.on_frame(None, forged)  # type: ignore[arg-type]
+        assert pool.codec.verifications == 1 and pool.bad_signatures == 1
+        assert all(c.busy for c in pool.clients)
+        for i in (1, 3):
+            pool.on_frame(None, signer.encode(Replies(0, entries), i, rkeys[i]))  # type: ignore[arg-type]
+        assert pool.codec.verifications == 3
+        assert not any(c.busy for c in pool.clients)
+        pool.close()
+
+    asyncio.run(main())
