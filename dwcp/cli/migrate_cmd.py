@@ -25,7 +25,12 @@ def register(sub: Any) -> None:
     p.add_argument("--to", required=True, metavar="PEER", help="a peer name from 'dwcp peers'")
     p.add_argument("--name", help="name at the destination (default: IMAGE's file name)")
     p.add_argument("--bwlimit", metavar="RATE", help="bytes/s: 12500000, 10M (MiB/s), 100Mbit")
-    p.add_argument("--level", type=int, metavar="N", help="zstd level (default from config)")
+    p.add_argument(
+        "--level",
+        type=int,
+        metavar="N",
+        help="zstd level, fixed (default: adaptive 1-9, from the config's level)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     p.set_defaults(func=run)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -84,11 +84,14 @@ def encode(
     image: str | os.PathLike[str],
     ranges: Iterable[tuple[int, int]],
     *,
-    level: int = DEFAULT_LEVEL,
+    level: int | Callable[[], int] = DEFAULT_LEVEL,
     threads: int = 1,
     batch_bytes: int = BATCH_BYTES,
 ) -> Iterator[bytes]:
     """Yield frames carrying ``ranges`` of ``image``, compressed at zstd ``level``.
+
+    ``level`` may be a callable, asked before each frame (an adaptive choice:
+    ``dwcp.migrate.compression``); the level is in each frame's header.
 
     ``threads > 1`` compresses several batches at once (zstd releases the GIL),
     keeping at most ``2 * threads`` batches in flight so memory stays bounded.
@@ -103,11 +106,12 @@ def encode(
 def _encode(
     reader: ImageReader,
     ranges: Iterable[tuple[int, int]],
-    level: int,
+    level: int | Callable[[], int],
     threads: int,
     batch_bytes: int,
 ) -> Iterator[bytes]:
     size = reader.size
+    pick: Callable[[], int] = level if callable(level) else (lambda: level)
 
     def checked() -> Iterator[tuple[int, int]]:
         for off, length in ranges:
@@ -119,23 +123,26 @@ def _encode(
             yield off, length
 
     if threads <= 1:
-        cctx = zstandard.ZstdCompressor(level=level)
+        cctxs: dict[int, zstandard.ZstdCompressor] = {}
         for batch in _batches(checked(), batch_bytes):
-            yield _frame(reader, batch, cctx, level)
+            lv = pick()
+            cctx = cctxs.get(lv) or cctxs.setdefault(lv, zstandard.ZstdCompressor(level=lv))
+            yield _frame(reader, batch, cctx, lv)
         return
     # A compressor is not thread-safe: one per worker thread, reused across batches.
     local = threading.local()
 
-    def work(batch: list[tuple[int, int]]) -> bytes:
-        cctx = getattr(local, "cctx", None)
-        if cctx is None:
-            cctx = local.cctx = zstandard.ZstdCompressor(level=level)
-        return _frame(reader, batch, cctx, level)
+    def work(batch: list[tuple[int, int]], lv: int) -> bytes:
+        cctxs = getattr(local, "cctxs", None)
+        if cctxs is None:
+            cctxs = local.cctxs = {}
+        cctx = cctxs.get(lv) or cctxs.setdefault(lv, zstandard.ZstdCompressor(level=lv))
+        return _frame(reader, batch, cctx, lv)
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         pending = []
         for batch in _batches(checked(), batch_bytes):
-            pending.append(pool.submit(work, batch))
+            pending.append(pool.submit(work, batch, pick()))
             if len(pending) >= 2 * threads:
                 yield pending.pop(0).result()
         for fut in pending:

@@ -41,6 +41,7 @@ from dwcp.errors import (
 from dwcp.identity import NodeKey, PublicKey
 from dwcp.migrate import messages as msg
 from dwcp.migrate import protocol as proto
+from dwcp.migrate.compression import AdaptiveLevel
 
 T = TypeVar("T")
 _LEN = struct.Struct("<I")
@@ -247,16 +248,33 @@ class _Pacer:
                 await asyncio.sleep(ahead)
 
 
-async def _iterate_in_thread(it: Iterator[bytes], depth: int = 2) -> AsyncGenerator[bytes, None]:
-    """Iterate a blocking generator in a thread, ``depth`` items ahead (bounded memory)."""
-    queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(maxsize=depth)
+async def _iterate_in_thread(
+    it: Iterator[bytes],
+    depth: int = 2,
+    on_item: Callable[[float, float], None] | None = None,
+) -> AsyncGenerator[bytes, None]:
+    """Iterate a blocking generator in a thread, ``depth`` items ahead (bounded memory).
 
-    def _next() -> bytes | None:
-        return next(it, None)
+    ``on_item(busy, interval)`` is told, per item, the CPU seconds the producer
+    spent making items since the last one and the time between the consumer's
+    takes: how busy the producer is (see ``compression``).
+    """
+    queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(maxsize=depth)
+    busy = 0.0
+
+    def _next() -> tuple[bytes | None, float]:
+        t = time.thread_time()  # CPU, not wall: waiting for the GIL is not encoding
+        item = next(it, None)
+        return item, time.thread_time() - t
 
     async def produce() -> None:
+        nonlocal busy
         try:
-            while (item := await in_thread(_next)) is not None:
+            while True:
+                item, cpu = await in_thread(_next)
+                busy += cpu
+                if item is None:
+                    break
                 await queue.put(item)
             await queue.put(None)
         except asyncio.CancelledError:
@@ -265,6 +283,7 @@ async def _iterate_in_thread(it: Iterator[bytes], depth: int = 2) -> AsyncGenera
             await queue.put(exc)
 
     task = asyncio.create_task(produce())
+    last = time.monotonic()
     try:
         while True:
             item = await queue.get()
@@ -272,6 +291,10 @@ async def _iterate_in_thread(it: Iterator[bytes], depth: int = 2) -> AsyncGenera
                 return
             if isinstance(item, BaseException):
                 raise item
+            if on_item is not None:
+                now = time.monotonic()
+                on_item(busy, now - last)
+                busy, last = 0.0, now
             yield item
     finally:
         task.cancel()
@@ -286,7 +309,7 @@ async def send_image(
     *,
     name: str,
     peer: str,
-    level: int = 3,
+    level: int | AdaptiveLevel = 3,
     bwlimit: int = 0,
     on_progress: Callable[[Progress], None] = lambda p: None,
 ) -> MigrationResult:
@@ -447,7 +470,7 @@ async def _stream(
     image: Path,
     before: tuple[int, int, int],
     ranges: tuple[tuple[int, int], ...],
-    level: int,
+    level: int | AdaptiveLevel,
     bwlimit: int,
     prog: Progress,
     on_progress: Callable[[Progress], None],
@@ -463,7 +486,12 @@ async def _stream(
 
     async def frames() -> AsyncGenerator[bytes, None]:
         nonlocal count, total
-        encoded = _iterate_in_thread(delta.encode(image, list(ranges), level=level))
+        if isinstance(level, AdaptiveLevel):
+            adapt = level
+            frames_ = delta.encode(image, list(ranges), level=lambda: adapt.level)
+            encoded = _iterate_in_thread(frames_, on_item=adapt.observe)
+        else:
+            encoded = _iterate_in_thread(delta.encode(image, list(ranges), level=level))
         async with contextlib.aclosing(encoded):
             async for frame in encoded:
                 count += 1

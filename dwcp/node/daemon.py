@@ -38,6 +38,7 @@ from dwcp.errors import (
 )
 from dwcp.identity import NodeKey, PublicKey
 from dwcp.migrate import aio
+from dwcp.migrate.compression import MAX_LEVEL, MIN_LEVEL, AdaptiveLevel
 from dwcp.node import metrics
 from dwcp.node.config import NodeConfig, load_config, parse_rate
 from dwcp.node.control import ControlServer
@@ -426,9 +427,14 @@ class Node:
         peer = self.config.peer(str(args.get("to", "")))
         image = self._source_path(str(args.get("image", "")))
         name = check_image_name(str(args.get("name") or image.name))
-        level = int(args.get("level") or self.config.limits.level)
-        if not -7 <= level <= 19:
-            raise UsageError(f"--level {level}: expected -7..19")
+        level: int | AdaptiveLevel
+        if args.get("level"):  # an explicit --level is kept for the whole transfer
+            level = int(args["level"])
+            if not -7 <= level <= 19:
+                raise UsageError(f"--level {level}: expected -7..19")
+        else:  # adapt to whichever of the network and the CPU is the bottleneck
+            start = self.config.limits.level
+            level = AdaptiveLevel(start, lo=min(start, MIN_LEVEL), hi=max(start, MAX_LEVEL))
         try:
             bw = parse_rate(args["bwlimit"]) if args.get("bwlimit") else self.config.limits.bwlimit
         except ValueError as exc:
@@ -506,7 +512,11 @@ class Node:
             peer.name,
             result.bytes_wire,
             result.bytes_image,
-            extra={"event": "out_ok", "result": result.to_dict()},
+            extra={
+                "event": "out_ok",
+                "result": result.to_dict(),
+                "levels": level.history if isinstance(level, AdaptiveLevel) else [level],
+            },
         )
         return result.to_dict()
 
