@@ -451,6 +451,29 @@ async def send_image(
         hashing.cancel()  # a failed transfer need not finish hashing
 
 
+class HostCpu:
+    """The share of the host's CPU time that was idle between two calls (/proc/stat)."""
+
+    def __init__(self) -> None:
+        self._last = self._read()
+
+    @staticmethod
+    def _read() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat", "rb") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        return fields[3] + fields[4], sum(fields[:8])  # idle + iowait, total
+
+    def idle_share(self) -> float:
+        now, last = self._read(), self._last
+        self._last = now
+        if now is None or last is None or now[1] <= last[1]:
+            return 1.0  # unknown: do not hold the level back
+        return (now[0] - last[0]) / (now[1] - last[1])
+
+
 def _consume(fut: asyncio.Future[Any]) -> None:
     """Retrieve a background future's outcome so asyncio does not log it as lost."""
     if not fut.cancelled():
@@ -487,9 +510,13 @@ async def _stream(
     async def frames() -> AsyncGenerator[bytes, None]:
         nonlocal count, total
         if isinstance(level, AdaptiveLevel):
-            adapt = level
+            adapt, host = level, HostCpu()
+
+            def observe(busy: float, interval: float) -> None:
+                adapt.observe(busy, interval, host.idle_share())
+
             frames_ = delta.encode(image, list(ranges), level=lambda: adapt.level)
-            encoded = _iterate_in_thread(frames_, on_item=adapt.observe)
+            encoded = _iterate_in_thread(frames_, on_item=observe)
         else:
             encoded = _iterate_in_thread(delta.encode(image, list(ranges), level=level))
         async with contextlib.aclosing(encoded):

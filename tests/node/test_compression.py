@@ -64,3 +64,14 @@ def test_frames_of_changing_levels_decode(tmp_path: Path) -> None:
         for piece in decode_frame(frame):
             out[piece.offset : piece.offset + len(piece.data)] = piece.data
     assert bytes(out) == data
+
+
+def test_a_busy_host_holds_the_level_even_when_the_encoder_idles() -> None:
+    """The sender's QUIC stack may be the bottleneck: compressing more would steal its CPU."""
+    c = AdaptiveLevel(3)
+    for _ in range(1 + 4 * 10):
+        c.observe(0.005, 0.03, host_idle=0.1)
+    assert c.level == 3
+    for _ in range(4):
+        c.observe(0.005, 0.03, host_idle=0.5)
+    assert c.level == 4
