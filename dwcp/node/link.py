@@ -62,10 +62,11 @@ class QuicChannel(FramedChannel):
             sender = self.session.open_bulk()
             async for frame in frames:
                 await sender.write(frame)
-            # finish() sends BulkEnd at once, then waits for the receiver's final ack,
-            # which the transport may not send when the end arrives after the last
-            # chunk was read. The migration's Done message already makes the
-            # receiver wait for every frame, so do not wait for that ack here.
+            # finish() sends BulkEnd at once, then waits for the receiver's final ack.
+            # The migration's Done message already makes the receiver wait for every
+            # frame, so Done need not wait a round trip for that ack: it completes in
+            # the background, and the session is kept for reuse only once it did
+            # (``reusable``).
             self._finishing = asyncio.ensure_future(sender.finish())
             self._finishing.add_done_callback(_consume)
             await asyncio.sleep(0)
