@@ -11,7 +11,9 @@ Public API (stable; part B's simulator, network binding and benchmark use it):
 - ``Replica(config, replica_id, key: NodeKey, app: StateMachine, *, recovering=False)``:
   ``receive(data, now) -> list[Action]`` (one encoded message from a client or
   replica; bad input is dropped and counted in ``stats``, never raises, never
-  changes state), ``tick(now) -> list[Action]`` (timers), ``next_deadline() ->
+  changes state), ``receive_batch(datas, now)`` (``receive`` for each, then one
+  proposal: messages that arrived together, e.g. in one event-loop turn, share a
+  PRE-PREPARE), ``tick(now) -> list[Action]`` (timers), ``next_deadline() ->
   float | None``, ``recover(records, now) -> list[Action]`` (call once, right
   after construction, with the WAL's records). Read-only attributes: ``view``,
   ``last_executed``, ``stable_seq``, ``recovering``, ``stats``.

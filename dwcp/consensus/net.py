@@ -5,10 +5,12 @@ time (``loop.time()``, monotonic) and makes ``Persist``/``Compact`` durable.
 Actions produced while handling everything that arrived in one event-loop
 turn are performed together: the WAL is written and fsync'd once (group
 commit), and only then are that turn's messages sent, so "durable before it
-is sent" holds for every record without one fsync per message. Each turn's
-frames leave in one write per connection (a client pool's replies share its
-connection, and a batch's REPLIES goes to it once); a client pool likewise
-sends the requests of one turn in one write per replica.
+is sent" holds for every record without one fsync per message. The messages
+of one turn go to the core together (``Replica.receive_batch``), so requests
+that arrived together share one PRE-PREPARE. Each turn's frames leave in one
+write per connection (a client pool's replies share its connection, and a
+batch's REPLIES goes to it once); a client pool likewise sends the requests
+of one turn in one write per replica.
 
 Wire: each frame is ``u32 big-endian length`` + bytes. The first frame of a
 connection is a hello: ``b"R" + u16 replica id`` from a replica, or ``b"C" +
@@ -310,6 +312,7 @@ class ReplicaServer(_Endpoint):
         self.view = 0
         self.core_errors = 0
         self._pending: list[Action] = []
+        self._inbox: list[bytes] = []
         self._flush_scheduled = False
         self.sync_in_thread = sync_in_thread
         self._syncing = False
@@ -355,14 +358,22 @@ class ReplicaServer(_Endpoint):
             del self.clients[k]
 
     def on_frame(self, proto: FrameProtocol, data: bytes) -> None:
+        # Handled at the end of the loop turn, with everything else that arrived in it.
+        self._inbox.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._ev().call_soon(self._flush)
+
+    def _receive_inbox(self) -> None:
+        inbox, self._inbox = self._inbox, []
         try:
-            actions = self.replica.receive(data, self._time())
+            actions = self.replica.receive_batch(inbox, self._time())
         except Exception as exc:  # the core must not raise on input; never let a peer crash us
             self.core_errors += 1
             if self.core_errors == 1:
                 print(f"replica {self.id}: input raised {exc!r} (dropped)", file=sys.stderr)
             return
-        self._queue(actions)
+        self._pending.extend(actions)
 
     def _ev(self) -> asyncio.AbstractEventLoop:
         loop = self._loop
@@ -393,6 +404,8 @@ class ReplicaServer(_Endpoint):
         next one (a later action may depend on an earlier record, so nothing overtakes).
         """
         self._flush_scheduled = False
+        if self._inbox:
+            self._receive_inbox()
         self._rearm()
         if self._syncing or not self._pending:
             return

@@ -120,6 +120,10 @@ class Sim:
         # Hook: decides, per send, which instances of a multi-instance address
         # receive it (Twins). Default: all reachable ones.
         self.route_filter: Callable[[str, list[str], bytes], list[str]] | None = None
+        # > 0: a node with ``receive_batch`` (the replica) gets, together with a message,
+        # the others due to it within this many seconds, as a driver's event-loop turn
+        # would hand it everything that arrived meanwhile (they arrive early, never late).
+        self.batch_window = 0.0
 
     # --- topology --------------------------------------------------------
 
@@ -272,6 +276,25 @@ class Sim:
         self.perform(inst, actions)
         return actions
 
+    def _take_deliveries(self, dst: str, until: float) -> list[bytes]:
+        """Pop the deliveries to ``dst`` due by ``until`` (in order) that would be delivered."""
+        keep: list[tuple[float, int, str, Any]] = []
+        taken: list[bytes] = []
+        while self._heap and self._heap[0][0] <= until:
+            entry = heapq.heappop(self._heap)
+            _, _, kind, payload = entry
+            if kind == "deliver" and payload[1] == dst:
+                src, _, data = payload
+                if self.reachable(src, dst) and len(data) <= self.max_frame:
+                    self.delivered += 1
+                    self._trace.update(dst.encode() + len(data).to_bytes(4, "big") + data[-16:])
+                    taken.append(data)
+                    continue
+            keep.append(entry)  # not ours, or not deliverable now: it keeps its own time
+        for entry in keep:
+            heapq.heappush(self._heap, entry)
+        return taken
+
     def trace_digest(self) -> str:
         """A digest of every delivery so far: equal digests mean an identical run."""
         return self._trace.hexdigest()
@@ -294,7 +317,12 @@ class Sim:
             self.delivered += 1
             self._trace.update(dst.encode() + len(data).to_bytes(4, "big") + data[-16:])
             node = inst.node
-            self.perform(inst, node.receive(data, self.now))
+            batch = getattr(node, "receive_batch", None)
+            if batch is not None and self.batch_window > 0:
+                datas = [data, *self._take_deliveries(dst, self.now + self.batch_window)]
+                self.perform(inst, batch(datas, self.now))
+            else:
+                self.perform(inst, node.receive(data, self.now))
         elif kind == "timer":
             name, gen = payload
             inst = self.instances[name]

@@ -273,6 +273,32 @@ def test_batch_is_answered_by_one_signed_replies_message() -> None:
     _check_safety(net)
 
 
+def test_requests_received_together_share_one_pre_prepare() -> None:
+    """receive_batch proposes once after the last message, instead of per request."""
+    net = Net.make(n_clients=5, max_inflight=4)
+    raws = []
+    for ci in range(5):
+        (send,) = net.clients[ci].request(encode_op("register", f"vm{ci}", "hostA"), net.now)
+        assert isinstance(send, Send) and send.to == 0
+        raws.append(send.data)
+    actions = net.replica(0).receive_batch(raws, net.now)
+    pps = [CODEC.decode(a.data) for a in actions if isinstance(a, Broadcast)]
+    assert [p.kind for p in pps] == [Kind.PRE_PREPARE]
+    assert isinstance(pps[0].msg, PrePrepare) and len(pps[0].msg.requests) == 5
+    net.apply(0, actions)
+    net.run()
+    assert all(len(c) == 1 for c in net.completed)
+    # One by one, the first request is proposed alone (room in the pipeline).
+    net2 = Net.make(n_clients=5, max_inflight=4)
+    for ci in range(5):
+        net2.request(ci, encode_op("register", f"vm{ci}", "hostA"))
+    net2.run()
+    assert len(net2.executed[1]) == 5 and net2.executed[1][0].seq == 1
+    assert {e.seq for e in net2.executed[1]} != {1}
+    _check_safety(net)
+    _check_safety(net2)
+
+
 def test_client_ignores_replies_without_its_entry() -> None:
     net = Net.make(n_clients=2)
     net.request(0, encode_op("register", "vm1", "hostA"))
