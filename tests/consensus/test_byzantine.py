@@ -22,7 +22,7 @@ BOUND = 30.0  # virtual seconds; the schedules below heal by ~2 s
 def _cluster(seed: int, test: str, **kw: Any) -> Cluster:
     rng = random.Random(seed)
     link = LinkPolicy(drop=rng.choice([0.0, 0.02]), dup=rng.choice([0.0, 0.1]), delay_max=0.005)
-    return Cluster(
+    c = Cluster(
         seed,
         replay=f"DWCP_SEED={seed} {REPLAY} -k {test}",
         link=link,
@@ -30,6 +30,8 @@ def _cluster(seed: int, test: str, **kw: Any) -> Cluster:
         max_message_bytes=1 << 16,
         **kw,
     )
+    c.sim.batch_window = rng.choice([0.0, 0.002])  # honest replicas: receive_batch half the time
+    return c
 
 
 def _finish(c: Cluster, heal: float = 0.0) -> None:
