@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ import zstandard
 
 from dwcp.delta import native
 from dwcp.delta.reader import ImageReader, StatKey
-from dwcp.errors import ManifestError
+from dwcp.errors import ImageError, ManifestError
 
 BLOCK_SIZE = 4096
 TREE_FANOUT = 256
@@ -222,15 +223,25 @@ def content_id(m: Manifest) -> bytes:
     return h.digest()
 
 
-def image_sha256(path: str | os.PathLike[str], expect: StatKey | None = None) -> bytes:
+def image_sha256(
+    path: str | os.PathLike[str],
+    expect: StatKey | None = None,
+    stop: threading.Event | None = None,
+) -> bytes:
     """SHA-256 of an image (holes from memory); ``ImageError`` if it is not the file
-    state ``expect`` (a manifest's ``stat_key``) or changes while it is read."""
+    state ``expect`` (a manifest's ``stat_key``) or changes while it is read.
+
+    Setting ``stop`` ends the pass early (``ImageError``): a transfer that failed
+    must not leave a thread reading the rest of a large image.
+    """
     with ImageReader(path) as r:
         if expect is not None and r.key != expect:
             raise r.changed()
         sha = hashlib.sha256()
         buf = memoryview(bytearray(min(SCAN_WINDOW, r.size)))
         for off in range(0, r.size, SCAN_WINDOW):
+            if stop is not None and stop.is_set():
+                raise ImageError(f"hashing {path} was stopped")
             view = buf[: min(SCAN_WINDOW, r.size - off)]
             r.read_into(view, off)
             sha.update(view)

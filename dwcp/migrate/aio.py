@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import os
 import struct
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -331,7 +332,10 @@ async def send_image(
     scanned = await in_thread(lambda: delta.scan_image(image, digest=False))
     cid = delta.content_id(scanned)
     manifest = dataclasses.replace(scanned, sha256=cid)
-    hashing = asyncio.ensure_future(in_thread(delta.image_sha256, image, scanned.stat_key))
+    stop_hashing = threading.Event()
+    hashing = asyncio.ensure_future(
+        in_thread(delta.image_sha256, image, scanned.stat_key, stop_hashing)
+    )
     hashing.add_done_callback(_consume)
     _trace("src scan done")
     summary = summary_bytes(manifest)
@@ -448,7 +452,8 @@ async def send_image(
                 actions = sender.handle(proto.MessageReceived(m))
 
     finally:
-        hashing.cancel()  # a failed transfer need not finish hashing
+        stop_hashing.set()  # a failed transfer need not finish hashing
+        hashing.cancel()
 
 
 class HostCpu:

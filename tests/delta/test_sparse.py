@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import threading
 from pathlib import Path
 
-from dwcp.delta import scan_image
+import pytest
+
+from dwcp.delta import content_id, image_sha256, scan_image
 from dwcp.delta.reader import ImageReader
+from dwcp.errors import ImageError
 
 
 def _sparse_and_dense(tmp_path: Path) -> tuple[Path, Path]:
@@ -62,13 +67,6 @@ def _dense_zeros(tmp_path: Path, size: int) -> Path:
 
 
 def test_image_sha256_and_content_id(tmp_path: Path) -> None:
-    import hashlib
-
-    import pytest
-
-    from dwcp.delta import content_id, image_sha256
-    from dwcp.errors import ImageError
-
     sparse, dense = _sparse_and_dense(tmp_path)
     m = scan_image(sparse, digest=False)
     assert image_sha256(sparse, m.stat_key) == hashlib.sha256(dense.read_bytes()).digest()
@@ -78,3 +76,11 @@ def test_image_sha256_and_content_id(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="changed"):
         image_sha256(sparse, m.stat_key)
     assert content_id(scan_image(sparse, digest=False)) != content_id(m)
+
+
+def test_image_sha256_stops_when_asked(tmp_path: Path) -> None:
+    sparse, _ = _sparse_and_dense(tmp_path)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(ImageError, match="stopped"):
+        image_sha256(sparse, None, stop)
