@@ -31,6 +31,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "images_cmd",
     "status_cmd",
     "perf_cmd",
+    "cluster_cmd",
+    "owner_cmd",
 )
 
 

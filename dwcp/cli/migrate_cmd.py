@@ -82,7 +82,7 @@ class _Bar:
         self.progress.update(
             self.task,
             total=total
-            if data.get("phase") not in (None, "connecting", "scanning", "planning")
+            if data.get("phase") not in (None, "claiming", "connecting", "scanning", "planning")
             else None,
             completed=data.get("bytes_sent", 0),
             dedup=float(data.get("dedup_ratio", 0.0)) if data.get("phase") in _PLANNED else 0.0,
@@ -122,4 +122,6 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stdout,
     )
     print(f"sha256 {result['sha256']} verified by {result['peer']}")
+    if result.get("owner"):
+        print(f"VM {result['name']} now owned by {result['peer']} (epoch {result['epoch']})")
     return 0

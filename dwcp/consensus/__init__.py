@@ -25,7 +25,8 @@ Public API (stable; part B's simulator, network binding and benchmark use it):
   now) -> list[Completed]``, ``receive_decoded(signed, now)`` (the same for a
   message already parsed with ``Codec.decode``), ``tick(now) -> list[Action]``
   (re-sends to all replicas on timeout), ``next_deadline()``, ``busy``,
-  ``client_id`` (raw public key bytes). Clients of one process may share a
+  ``client_id`` (raw public key bytes), ``advance_timestamp(ts)`` (wall-clock
+  floor for the next timestamp), ``abandon()`` (stop waiting for a request). Clients of one process may share a
   ``codec`` so that a REPLIES message is verified once for all of them.
 - Actions (``dwcp.consensus.actions``, frozen dataclasses): ``Persist(record)``
   and ``Compact(records)`` (append to / atomically replace the WAL; durable
@@ -36,9 +37,13 @@ Public API (stable; part B's simulator, network binding and benchmark use it):
   digest)`` (one per batch, null requests included), ``ViewChanged(view,
   primary)``, ``StateTransferred(seq)``, ``Recovered(seq, view)``. Client
   event: ``Completed(timestamp, op, result, proof)``.
-- ``StateMachine`` protocol (``dwcp.consensus.app``) and ``VMRegistry``
+- ``StateMachine`` protocol (``dwcp.consensus.app``; ``execute(op, client)``
+  gets the signer's raw key for access control) and ``VMRegistry``
   (``dwcp.consensus.registry``, ops built with ``encode_op``, results parsed
-  with ``decode_result``).
+  with ``decode_result``; ``check_owner=True`` lets a client act only for its
+  own node id, as node clusters do: ``NetConfig.owner_check``).
+- Nodes use it through ``dwcp.node.ownership``: a migration claims the VM
+  before sending and commits ``MIGRATE`` after the destination verified it.
 - ``Wal(path, *, cluster_id, replica_id, public_key, create=False)``:
   ``replay()``, ``append(records)`` (one fsync), ``rewrite(records)``,
   ``perform(actions) -> list[Action]`` (makes Persist/Compact durable, returns

@@ -14,8 +14,12 @@ class StateMachine(Protocol):
     ``snapshot`` must be canonical too (its hash is the checkpoint digest).
     """
 
-    def execute(self, op: bytes) -> bytes:
-        """Apply ``op`` (any bytes a client sent, possibly malformed) and return the result."""
+    def execute(self, op: bytes, client: bytes = b"") -> bytes:
+        """Apply ``op`` (any bytes a client sent, possibly malformed) and return the result.
+
+        ``client`` is the raw public key that signed the request, for access control
+        (the same on every replica, so still deterministic).
+        """
         ...
 
     def snapshot(self) -> bytes:

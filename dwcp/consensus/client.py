@@ -47,6 +47,17 @@ class Client:
         """True while a request is outstanding."""
         return self._ts is not None
 
+    def advance_timestamp(self, ts: int) -> None:
+        """Make the next request's timestamp exceed ``ts`` (e.g. wall-clock microseconds,
+        so a restarted client is not mistaken for a replay of its earlier requests)."""
+        self._last_ts = max(self._last_ts, ts - 1)
+
+    def abandon(self) -> None:
+        """Stop waiting for the outstanding request (it may still execute, at most once)."""
+        self._ts = None
+        self._deadline = None
+        self._replies = {}
+
     def request(self, op: bytes, now: float) -> list[Action]:
         """Sign ``op`` and send it to the primary this client believes in."""
         if self._ts is not None:

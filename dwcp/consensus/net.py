@@ -46,6 +46,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -96,6 +97,8 @@ class NetConfig:
 
     cluster: ClusterConfig
     addresses: tuple[tuple[str, int], ...]
+    owner_check: bool = False
+    """Replicas run ``VMRegistry(check_owner=True)``: clients act only for themselves."""
 
     def __post_init__(self) -> None:
         if len(self.addresses) != self.cluster.n:
@@ -125,7 +128,10 @@ class NetConfig:
                 f"{p}: not a valid cluster file ({type(exc).__name__}: {exc}); "
                 "create one with 'python -m dwcp.consensus.net init DIR'"
             ) from exc
-        return cls(cluster, tuple(addrs))
+        owner_check = doc.get("owner_check", False)
+        if type(owner_check) is not bool:
+            raise ConfigError(f"{p}: owner_check: expected true or false")
+        return cls(cluster, tuple(addrs), owner_check)
 
     def dump(self, path: str | os.PathLike[str]) -> None:
         c = self.cluster
@@ -135,6 +141,7 @@ class NetConfig:
             "clients": [k.text for k in c.clients],
             "addresses": [f"{h}:{p}" for h, p in self.addresses],
             "tuning": {k: getattr(c, k) for k in _TUNING},
+            "owner_check": self.owner_check,
         }
         Path(path).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
 
@@ -293,7 +300,7 @@ class ReplicaServer(_Endpoint):
         cfg = net.cluster
         self.limit = cfg.max_message_bytes + 64
         self.id = replica_id
-        self.app = app if app is not None else VMRegistry()
+        self.app = app if app is not None else VMRegistry(check_owner=net.owner_check)
         self.replica = Replica(cfg, replica_id, key, self.app, recovering=recovering)
         wal_file = Path(wal_path)
         if recovering and wal_file.exists():
@@ -584,14 +591,36 @@ class ClientPool(_Endpoint):
                 if waiter is not None and not waiter.done():
                     waiter.set_result(ev)
 
-    async def request(self, op: bytes, client: int = 0) -> Completed:
-        """Submit ``op`` as ``clients[client]`` and wait for f + 1 matching replies."""
+    async def request(
+        self, op: bytes, client: int = 0, *, timeout: float | None = None
+    ) -> Completed:
+        """Submit ``op`` as ``clients[client]`` and wait for f + 1 matching replies.
+
+        After ``timeout`` seconds raise ``ConsensusError`` and stop waiting (the request
+        may still commit later; PBFT executes it at most once). Timestamps follow the
+        wall clock, so they keep rising across restarts of a long-lived client.
+        """
         c = self.clients[client]
         loop = self._ev()
         fut: asyncio.Future[Completed] = loop.create_future()
         self._waiters[c.index] = fut
+        c.advance_timestamp(int(time.time() * 1_000_000))
         self._perform(c, c.request(op, loop.time()))
-        return await fut
+        try:
+            async with asyncio.timeout(timeout):
+                return await fut
+        except TimeoutError:
+            raise ConsensusError(
+                f"no f+1 matching replies within {timeout:g} s: fewer than 2f+1 replicas "
+                "are reachable or agree; check 'dwcp status' on the replica nodes"
+            ) from None
+        finally:
+            if not fut.done():
+                self._waiters.pop(c.index, None)
+                timer = self._timers.pop(c.index, None)
+                if timer is not None:
+                    timer.cancel()
+                c.abandon()
 
     def close(self) -> None:
         for link in self.links.values():

@@ -13,6 +13,13 @@ Ops (``encode_op`` builds them):
 
 Results: ``["ok", owner, epoch]`` or ``["err", reason, owner, epoch]`` (owner ""
 and epoch 0 when the VM is unknown).
+
+Access control (``VMRegistry(check_owner=True)``, what node clusters run): owners
+are node ids (``dwcp.identity.node_id_of`` of the key that signed the request), and
+a client may only register a VM to itself, migrate a VM away from itself and release
+its own VMs (reason ``"forbidden"`` otherwise). Without it any member client may act
+for any owner name, which suits the simulator's symbolic owners. Every replica of a
+cluster must use the same setting (it is in the cluster file).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from typing import Any
 import msgpack
 
 from dwcp.errors import ProtocolError
+from dwcp.identity import node_id_of
 
 MAX_NAME = 256
 _MAX_OP = 4096
@@ -66,8 +74,12 @@ def _epoch(x: Any) -> bool:
 class VMRegistry:
     """Deterministic state machine mapping each VM to its single owner and epoch."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, check_owner: bool = False) -> None:
         self._vms: dict[str, tuple[str, int]] = {}
+        self.check_owner = check_owner
+
+    def _forbidden(self, owner: str, client: bytes) -> bool:
+        return self.check_owner and owner != node_id_of(client)
 
     def _ok(self, vm: str) -> bytes:
         owner, epoch = self._vms[vm]
@@ -77,8 +89,9 @@ class VMRegistry:
         owner, epoch = self._vms.get(vm, ("", 0)) if vm is not None else ("", 0)
         return msgpack.packb(["err", reason, owner, epoch], use_bin_type=True)
 
-    def execute(self, op: bytes) -> bytes:
-        """Apply one operation; malformed ops are answered with an error, never raised."""
+    def execute(self, op: bytes, client: bytes = b"") -> bytes:
+        """Apply one operation for ``client`` (raw public key); malformed ops are answered
+        with an error, never raised."""
         if len(op) > _MAX_OP:
             return self._err("malformed")
         try:
@@ -92,6 +105,8 @@ class VMRegistry:
             vm, owner = args
             if vm in self._vms:
                 return self._err("exists", vm)
+            if self._forbidden(owner, client):
+                return self._err("forbidden", vm)
             self._vms[vm] = (owner, 1)
             return self._ok(vm)
         if name == "migrate" and len(args) == 4 and all(map(_name, args[:3])) and _epoch(args[3]):
@@ -103,6 +118,8 @@ class VMRegistry:
                 return self._err("stale-epoch", vm)
             if owner != src:
                 return self._err("not-owner", vm)
+            if self._forbidden(src, client):
+                return self._err("forbidden", vm)
             self._vms[vm] = (dst, epoch + 1)
             return self._ok(vm)
         if name == "release" and len(args) == 2 and all(map(_name, args)):
@@ -111,6 +128,8 @@ class VMRegistry:
                 return self._err("unknown", vm)
             if self._vms[vm][0] != owner:
                 return self._err("not-owner", vm)
+            if self._forbidden(owner, client):
+                return self._err("forbidden", vm)
             result = self._ok(vm)
             del self._vms[vm]
             return result

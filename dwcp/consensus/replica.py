@@ -687,10 +687,10 @@ class Replica:
             if ts == last[0]:
                 replies.append((c, ts, last[1]))
             return
-        result = self.app.execute(req.op)
+        client = self.config.clients[c].raw
+        result = self.app.execute(req.op, client)
         self._clients[c] = (ts, result)
         if not self._replaying:
-            client = self.config.clients[c].raw
             out.append(Executed(seq, view, rd, client, ts, result))
         replies.append((c, ts, result))
 

@@ -218,6 +218,8 @@ class MigrationResult:
     seconds: float
     dedup_ratio: float
     resumed: bool
+    owner: str | None = None  # with consensus: the VM's owner node id after the commit
+    epoch: int | None = None  # ... and its epoch (fencing token)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -59,6 +59,15 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Consensus:
+    """``[consensus]``: the PBFT cluster (ACP) that records which node owns each VM."""
+
+    cluster: Path  # cluster file written by 'dwcp cluster init'
+    replica: int | None = None  # this node also runs replica N of that cluster
+    timeout: float = 30.0  # seconds to wait for a quorum before a migration fails
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """The validated contents of one ``node.toml``."""
 
@@ -71,6 +80,7 @@ class NodeConfig:
     name: str = "node"
     limits: Limits = field(default_factory=Limits)
     peers: tuple[Peer, ...] = ()
+    consensus: Consensus | None = None
 
     def peer(self, name: str) -> Peer:
         """The trusted peer called ``name``; ``ConfigError`` listing the known ones otherwise."""
@@ -197,8 +207,10 @@ def load_config(path: str | Path) -> NodeConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from None
     for k in doc:
-        if k not in ("node", "limits", "peers"):
-            raise ConfigError(f"{p}: [{k}]: unknown section; expected [node], [limits], [[peers]]")
+        if k not in ("node", "limits", "peers", "consensus"):
+            raise ConfigError(
+                f"{p}: [{k}]: unknown section; expected [node], [limits], [consensus], [[peers]]"
+            )
     base = p.parent
     node = _Reader(p, _table(p, doc, "node"), "node")
     node.check_keys({"name", "listen", "key", "data_dir", "control", "metrics_listen"})
@@ -243,7 +255,18 @@ def load_config(path: str | Path) -> NodeConfig:
         name=name,
         limits=limits,
         peers=_load_peers(p, doc.get("peers", [])),
+        consensus=_load_consensus(p, doc) if "consensus" in doc else None,
     )
+
+
+def _load_consensus(p: Path, doc: Mapping[str, Any]) -> Consensus:
+    r = _Reader(p, _table(p, doc, "consensus"), "consensus")
+    r.check_keys({"cluster", "replica", "timeout"})
+    cluster = (p.parent / r.text("cluster")).resolve()
+    if not cluster.is_file():
+        raise r.fail("cluster", "an existing cluster file (see 'dwcp cluster init')", str(cluster))
+    replica = r.integer("replica", 0, 0, 1000) if "replica" in r.table else None
+    return Consensus(cluster, replica, r.number("timeout", 30.0, 0.1, 3600.0))
 
 
 def _load_peers(p: Path, raw: object) -> tuple[Peer, ...]:
@@ -294,6 +317,12 @@ drain_seconds = 10     # SIGTERM: how long transfers get to stop cleanly
 bwlimit = 0            # outgoing bytes/s (0 = unlimited; 10M = 10 MiB/s, 100Mbit)
 level = 3              # zstd level of outgoing data
 idle_timeout = 30      # seconds of peer silence before a transfer counts as interrupted
+
+# VM ownership through a PBFT cluster (optional; see 'dwcp cluster init'):
+# [consensus]
+# cluster = "cluster.json"   # the cluster file shared by every member
+# replica = 0                # this node also runs replica 0 (its key is listed there)
+# timeout = 30               # seconds to wait for a quorum
 
 # Trusted peers: added with 'dwcp --config node.toml peers add NAME HOST:PORT PUBKEY'.
 """

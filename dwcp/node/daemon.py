@@ -43,6 +43,7 @@ from dwcp.node import metrics
 from dwcp.node.config import NodeConfig, load_config, parse_rate
 from dwcp.node.control import ControlServer
 from dwcp.node.link import NodeLink, QuicChannel
+from dwcp.node.ownership import Claim, Ownership
 from dwcp.node.store import Store, check_image_name
 
 EXIT_OK = 0
@@ -100,6 +101,7 @@ class Node:
         self.registry = metrics.make_registry(self.stats)
         self.index = aio.IndexWorker(self.store.index_path)
         self.link: NodeLink | None = None
+        self.ownership: Ownership | None = None
         self.control = ControlServer(
             config.control_path,
             {
@@ -108,6 +110,7 @@ class Node:
                 "peers": self.op_peers,
                 "migrate": self.op_migrate,
                 "reload": self.op_reload,
+                "owner": self.op_owner,
             },
         )
         self.should_exit = asyncio.Event()
@@ -154,6 +157,12 @@ class Node:
         for tid in self.store.drop_stale_transfers(max_age, time.time()):
             log.info("removed stale partial transfer %s", tid, extra={"event": "partial_gc"})
         await self.index.open(self.store.images_dir)
+        if self.config.consensus is not None:
+            self.ownership = Ownership(
+                self.config.consensus, self.key, self.config.data_dir / "consensus"
+            )
+            await self.ownership.start()
+            self.stats.consensus = self.ownership.status
         await self.control.start()
         from dwcp.transport import TransportConfig
 
@@ -221,6 +230,8 @@ class Node:
             self._metrics_server.close()
         if self.link is not None:
             await self.link.close()
+        if self.ownership is not None:
+            await self.ownership.close()
         await self.index.close()
         log.info("node stopped", extra={"event": "stopped"})
 
@@ -380,7 +391,7 @@ class Node:
             "partial_transfers": self.store.partial_transfers(),
             "peers": [p.name for p in c.peers],
             "stats": self.stats.snapshot(),
-            "consensus": None,
+            "consensus": self.ownership.status() if self.ownership is not None else None,
             "draining": self.draining,
         }
 
@@ -415,6 +426,17 @@ class Node:
             }
             for p, rtt in zip(peers, probes, strict=True)
         ]
+
+    async def op_owner(self, args: dict[str, Any], emit: Any) -> dict[str, Any]:
+        if self.ownership is None:
+            raise UsageError("this node has no [consensus] section: VM ownership is not tracked")
+        vm = check_image_name(str(args.get("vm", "")))
+        got = await self.ownership.owner(vm)
+        owner = got.owner or None
+        peer = next((p.name for p in self.config.peers if p.public_key.node_id == owner), None)
+        if owner is not None and owner == self.ownership.me:
+            peer = self.config.name
+        return {"vm": vm, "owner": owner, "owner_name": peer, "epoch": got.epoch}
 
     async def op_reload(self, args: dict[str, Any], emit: Any) -> dict[str, Any]:
         await self.reload()
@@ -465,6 +487,10 @@ class Node:
             async with self.slots:
                 self.stats.active_out += 1
                 try:
+                    claim: Claim | None = None
+                    if self.ownership is not None:
+                        emit({"phase": "claiming"})
+                        claim = await self.ownership.claim(name, peer.public_key)
                     emit({"phase": "connecting"})
                     chan = await self.link.open(peer)
                     ok = False
@@ -482,6 +508,11 @@ class Node:
                         ok = True
                     finally:
                         await self.link.release(chan, reuse=ok)
+                    if claim is not None:
+                        assert self.ownership is not None
+                        emit({"phase": "committing"})
+                        got = await self.ownership.hand_over(claim, peer.public_key)
+                        result.owner, result.epoch = got.owner, got.epoch
                 finally:
                     self.stats.active_out -= 1
         except asyncio.CancelledError:

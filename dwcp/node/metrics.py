@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -39,6 +40,7 @@ class NodeStats:
     active_out: int = 0
     migrations: dict[tuple[str, str], int] = field(default_factory=dict)
     links: Callable[[], list[LinkStats]] = field(default=lambda: [])
+    consensus: Callable[[], dict[str, Any]] | None = None  # Ownership.status, when configured
 
     def count_migration(self, direction: str, result: str) -> None:
         key = (direction, result)
@@ -116,6 +118,33 @@ class NodeCollector(Collector):
         for (d, r), n in sorted(s.migrations.items()):
             done.add_metric([d, r], n)
         yield done
+        if s.consensus is not None:
+            yield from _consensus_metrics(s.consensus())
+
+
+def _consensus_metrics(c: dict[str, Any]) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        "dwcp_consensus_replicas_connected",
+        "Replicas of the ownership cluster this node's client is connected to.",
+        value=c["connected"],
+    )
+    req = CounterMetricFamily(
+        "dwcp_consensus_requests",
+        "Committed ownership requests by operation and result.",
+        labels=["op", "result"],
+    )
+    for key, n in c["requests"].items():
+        req.add_metric(key.split(":", 1), n)
+    yield req
+    if "view" in c:
+        yield GaugeMetricFamily(
+            "dwcp_consensus_view", "Current PBFT view of this node's replica.", value=c["view"]
+        )
+        yield GaugeMetricFamily(
+            "dwcp_consensus_executed",
+            "Last sequence number executed by this node's replica.",
+            value=c["executed"],
+        )
 
 
 def make_registry(stats: NodeStats) -> CollectorRegistry:

@@ -57,9 +57,9 @@ class CheckedApp:
     def _state(self) -> dict[str, tuple[str, int]]:
         return {vm: (o, e) for vm, o, e in self.inner.items()}
 
-    def execute(self, op: bytes) -> bytes:
+    def execute(self, op: bytes, client: bytes = b"") -> bytes:
         before = self._state()
-        result = self.inner.execute(op)
+        result = self.inner.execute(op, client)
         after = self._state()
         self.ops += 1
         if not self.inst.byzantine:

@@ -79,3 +79,24 @@ def test_restore_rejects_garbage() -> None:
         with pytest.raises(ProtocolError):
             reg.restore(junk)
     assert reg.lookup("vm") == ("h", 1)
+
+
+def test_owner_check_lets_a_client_act_only_for_itself() -> None:
+    from dwcp.identity import NodeKey
+
+    a, b, mallory = NodeKey.generate(), NodeKey.generate(), NodeKey.generate()
+    reg = VMRegistry(check_owner=True)
+
+    def run(key: NodeKey, *items: str | int) -> tuple[bool, str, str, int]:
+        r = decode_result(reg.execute(encode_op(*items), key.public.raw))
+        return r.ok, r.reason, r.owner, r.epoch
+
+    assert run(mallory, "register", "vm", a.node_id)[:2] == (False, "forbidden")
+    assert run(a, "register", "vm", a.node_id) == (True, "", a.node_id, 1)
+    # Mallory knows the owner and the epoch, but cannot move the VM to itself.
+    assert run(mallory, "migrate", "vm", a.node_id, mallory.node_id, 1)[:2] == (False, "forbidden")
+    assert run(mallory, "release", "vm", a.node_id)[:2] == (False, "forbidden")
+    assert run(a, "migrate", "vm", a.node_id, b.node_id, 1) == (True, "", b.node_id, 2)
+    assert run(a, "migrate", "vm", a.node_id, b.node_id, 2)[:2] == (False, "not-owner")
+    assert run(mallory, "get", "vm") == (True, "", b.node_id, 2)
+    assert run(b, "release", "vm", b.node_id)[0]

@@ -101,3 +101,32 @@ def test_metrics_render() -> None:
     assert "dwcp_bytes_sent_total 10.0" in text
     assert "dwcp_compression_ratio 3.0" in text
     assert 'dwcp_active_transfers{direction="out"} 1.0' in text
+
+
+def test_consensus_section(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dwcp.node.ownership import Ownership
+
+    main(["init", str(tmp_path / "a"), "--listen", "127.0.0.1:7415"])
+    cfgp = tmp_path / "a" / "node.toml"
+    me = NodeKey.load(tmp_path / "a" / "node.key")
+    base = cfgp.read_text()
+    cfgp.write_text(base + '\n[consensus]\ncluster = "cluster.json"\n')
+    with pytest.raises(ConfigError, match=r"consensus\.cluster: expected an existing cluster"):
+        load_config(cfgp)
+    others = [NodeKey.generate().public.text for _ in range(3)]
+    replicas = [
+        f"--replica={k}@127.0.0.1:{7500 + i}" for i, k in enumerate([*others, me.public.text])
+    ]
+    assert main(["cluster", "init", str(tmp_path / "a" / "cluster.json"), *replicas]) == 0
+    assert "tolerates f = 1" in capsys.readouterr().out
+    cfgp.write_text(base + '\n[consensus]\ncluster = "cluster.json"\nreplica = 3\nquorum = 2\n')
+    with pytest.raises(ConfigError, match=r"consensus\.quorum: expected one of the known keys"):
+        load_config(cfgp)
+    cfgp.write_text(base + '\n[consensus]\ncluster = "cluster.json"\nreplica = 0\n')
+    cfg = load_config(cfgp)
+    assert cfg.consensus is not None and cfg.consensus.replica == 0
+    with pytest.raises(ConfigError, match="replica = 0: the cluster file lists another key"):
+        Ownership(cfg.consensus, me, tmp_path)
+    stranger = NodeKey.generate()
+    with pytest.raises(ConfigError, match="not among the cluster's clients"):
+        Ownership(cfg.consensus, stranger, tmp_path)

@@ -1,0 +1,75 @@
+"""``dwcp cluster init FILE``: the PBFT cluster file that nodes share for VM ownership.
+
+Every member gets the same file and points ``[consensus] cluster`` at it; the
+nodes listed as replicas also set ``[consensus] replica = N`` (N is the position
+of their key in ``--replica``). Replicas are clients too unless ``--client`` is
+given, so that each node can propose migrations of its own VMs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from dwcp.errors import UsageError
+from dwcp.identity import PublicKey
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "cluster", help="create the consensus cluster file that records VM ownership"
+    )
+    csub = p.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
+    init = csub.add_parser("init", help="write a cluster file (n = 3f+1 replicas)")
+    init.add_argument("file", metavar="FILE", help="where to write it (e.g. cluster.json)")
+    init.add_argument(
+        "--replica",
+        action="append",
+        required=True,
+        metavar="PUBKEY@HOST:PORT",
+        help="a replica: the node's public key and a TCP address for consensus "
+        "(repeat; 4, 7, 10... replicas)",
+    )
+    init.add_argument(
+        "--client",
+        action="append",
+        default=[],
+        metavar="PUBKEY",
+        help="a node allowed to propose (repeat; default: every replica)",
+    )
+    init.add_argument("--view-change-timeout", type=float, default=1.0, metavar="SECONDS")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    init.set_defaults(func=run_init)
+
+
+def _replica(text: str) -> tuple[PublicKey, tuple[str, int]]:
+    key, sep, addr = text.rpartition("@")
+    host, _, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--replica {text}: expected PUBKEY@HOST:PORT")
+    return PublicKey.parse(key), (host.strip("[]"), int(port))
+
+
+def run_init(args: argparse.Namespace) -> int:
+    from dwcp.consensus.config import ClusterConfig
+    from dwcp.consensus.net import NetConfig
+
+    replicas = [_replica(t) for t in args.replica]
+    n = len(replicas)
+    if n < 4 or (n - 1) % 3:
+        raise UsageError(f"{n} replicas: PBFT needs n = 3f+1 (4, 7, 10...) to survive f faults")
+    clients = [PublicKey.parse(t) for t in args.client] or [k for k, _ in replicas]
+    out = Path(args.file)
+    if out.exists() and not args.force:
+        raise UsageError(f"{out} exists; pass --force to overwrite it")
+    cfg = ClusterConfig(
+        os.urandom(8),
+        tuple(k for k, _ in replicas),
+        tuple(clients),
+        view_change_timeout=args.view_change_timeout,
+    )
+    NetConfig(cfg, tuple(a for _, a in replicas), owner_check=True).dump(out)
+    print(f"wrote {out}: {n} replicas (tolerates f = {cfg.f}), {len(clients)} clients")
+    return 0

@@ -1,0 +1,204 @@
+"""A node's view of VM ownership, kept by the PBFT cluster (ACP, adaptive consensus protocol).
+
+Why a cluster: an image can be copied to many hosts, but exactly one may run the VM.
+The registry (``dwcp.consensus.registry``, owners are node ids, epochs are fencing
+tokens) is replicated over n = 3f+1 replicas, so no single host, crashed or lying,
+can make two nodes believe they own the same VM.
+
+Around a migration the source node (the owner) does:
+
+1. ``claim(vm, dst)`` before any byte is sent: read the owner; an unknown VM is
+   registered to this node at epoch 1; a VM owned by a third node is refused.
+2. the transfer; the destination verifies and stores the image.
+3. ``hand_over(vm, dst, claim)``: ``MIGRATE(vm, me, dst, epoch)``, a compare-and-set
+   on the epoch. Only now does the destination own the VM.
+
+A crash between 2 and 3 leaves the source the owner (safe); re-running the migration
+sends nothing new and commits. A hand-over that timed out but committed anyway is
+found by the re-run (the destination already owns the VM) and reported as done.
+
+The node may also host one replica (``[consensus] replica = N``) in its own event
+loop. Its write-ahead log lives in ``DATA/consensus/``; a marker file records that the
+replica has voted before, so a log that disappeared (disk replaced, directory wiped)
+restarts the replica in recovering mode, never as a fresh one that forgot its votes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dwcp.consensus.net import ClientPool, NetConfig, ReplicaServer
+from dwcp.consensus.registry import Result, decode_result, encode_op
+from dwcp.errors import ConfigError, ConsensusError
+from dwcp.identity import NodeKey, PublicKey
+from dwcp.node.config import Consensus
+
+log = logging.getLogger("dwcp.node")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What ``claim`` found: the epoch to hand over from, or that it already moved."""
+
+    vm: str
+    epoch: int
+    moved: bool  # the destination owns the VM already (an earlier run committed)
+
+
+class Ownership:
+    """The node's consensus client (and optional replica)."""
+
+    def __init__(self, settings: Consensus, key: NodeKey, state_dir: Path) -> None:
+        self.settings = settings
+        self.net = NetConfig.load(settings.cluster)
+        cfg = self.net.cluster
+        self.me = key.node_id
+        self.key = key
+        self.state_dir = state_dir
+        if cfg.client_index(key.public.raw) is None:
+            raise ConfigError(
+                f"{settings.cluster}: this node's key {key.public.text} is not among the "
+                "cluster's clients; add it with 'dwcp cluster init ... --client PUBKEY'"
+            )
+        if not self.net.owner_check:
+            raise ConfigError(
+                f"{settings.cluster}: owner_check is false; node clusters must check that a "
+                "node acts only for itself (write the file with 'dwcp cluster init')"
+            )
+        r = settings.replica
+        if r is not None and (r >= cfg.n or cfg.replicas[r] != key.public):
+            raise ConfigError(
+                f"[consensus] replica = {r}: the cluster file lists "
+                f"{'another key' if r < cfg.n else f'only {cfg.n} replicas'} there; "
+                "use the index of this node's key in its 'replicas' list"
+            )
+        self.pool: ClientPool | None = None
+        self.server: ReplicaServer | None = None
+        self._lock = asyncio.Lock()  # one outstanding request per client key
+        self.requests: dict[str, int] = {}
+
+    async def start(self) -> None:
+        r = self.settings.replica
+        if r is not None:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            wal = self.state_dir / f"replica-{r}.wal"
+            marker = self.state_dir / f"replica-{r}.member"
+            recovering = not wal.exists() and marker.exists()
+            if recovering:
+                log.warning(
+                    "replica %d lost its log; it rejoins without voting until it caught up",
+                    r,
+                    extra={"event": "replica_recovering"},
+                )
+            server = ReplicaServer(
+                self.net, r, self.key, wal, recovering=recovering, create=not wal.exists()
+            )
+            await server.start()
+            assert server.stopped is not None
+            server.stopped.add_done_callback(_report_stop)
+            self.server = server
+            if not marker.exists():
+                _write_durably(marker, b"this node has been replica %d of the cluster\n" % r)
+        self.pool = ClientPool(self.net, [self.key])
+        for link in self.pool.links.values():
+            link.start()  # dial in the background: f replicas may be down
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+        if self.server is not None:
+            self.server.close()  # waits for an fsync in flight
+
+    async def _request(self, *op: str | int) -> Result:
+        assert self.pool is not None
+        async with self._lock:
+            done = await self.pool.request(encode_op(*op), timeout=self.settings.timeout)
+        result = decode_result(done.result)
+        key = f"{op[0]}:{'ok' if result.ok else result.reason}"
+        self.requests[key] = self.requests.get(key, 0) + 1
+        return result
+
+    async def owner(self, vm: str) -> Result:
+        """The committed owner and epoch of ``vm`` (a read ordered like any request)."""
+        return await self._request("get", vm)
+
+    async def claim(self, vm: str, dst: PublicKey) -> Claim:
+        """Make sure this node may hand ``vm`` to ``dst``; raise ``ConsensusError`` if not."""
+        got = await self.owner(vm)
+        if not got.ok and got.reason == "unknown":
+            got = await self._request("register", vm, self.me)
+            if got.ok:
+                log.info(
+                    "registered VM %s to this node",
+                    vm,
+                    extra={"event": "vm_registered", "vm": vm, "epoch": got.epoch},
+                )
+        if got.owner == self.me:
+            return Claim(vm, got.epoch, moved=False)
+        if got.owner == dst.node_id:
+            return Claim(vm, got.epoch, moved=True)
+        raise ConsensusError(
+            f"VM {vm} is owned by node {got.owner or '?'} (epoch {got.epoch}), not by this "
+            "node: migrate it from its owner"
+        )
+
+    async def hand_over(self, claim: Claim, dst: PublicKey) -> Result:
+        """Commit the move of ``claim.vm`` to ``dst`` (compare-and-set on the epoch)."""
+        if claim.moved:
+            return await self.owner(claim.vm)
+        got = await self._request("migrate", claim.vm, self.me, dst.node_id, claim.epoch)
+        if got.ok:
+            return got
+        if got.owner == dst.node_id:  # a retry of ours committed after all
+            return got
+        raise ConsensusError(
+            f"the image was copied, but ownership of VM {claim.vm} did not move "
+            f"({got.reason}: owner {got.owner or '?'}, epoch {got.epoch}); the VM stays "
+            "with its owner"
+        )
+
+    def status(self) -> dict[str, Any]:
+        cfg = self.net.cluster
+        out: dict[str, Any] = {
+            "cluster": str(self.settings.cluster),
+            "replicas": cfg.n,
+            "f": cfg.f,
+            "node_id": self.me,
+            "replica": self.settings.replica,
+            "requests": dict(sorted(self.requests.items())),
+            "connected": sum(
+                1 for link in (self.pool.links.values() if self.pool else ()) if link.proto
+            ),
+        }
+        if self.server is not None:
+            rep = self.server.replica
+            out.update(view=rep.view, executed=rep.last_executed, recovering=rep.recovering)
+        return out
+
+
+def _report_stop(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error(
+            "the consensus replica stopped: %s; this node still proposes as a client",
+            fut.exception(),
+            extra={"event": "replica_failed"},
+        )
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
