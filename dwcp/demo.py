@@ -1,12 +1,20 @@
-"""``python -m dwcp.demo``: two nodes on this machine migrate a VM image, cold then warm.
+"""``python -m dwcp.demo``: two nodes on this machine migrate a VM there and back.
 
 It creates a temporary directory, initialises nodes ``a`` and ``b`` on
-loopback, makes them trust each other, starts both ``dwcp-node`` daemons,
-builds a sample ext4 disk image from system files and a modified copy (new and
-deleted files, as a running VM would leave it), then migrates the first (cold)
-and the second (warm: ``b`` already has the first) with the progress bar, and
-ends with the verified SHA-256 and the bytes saved. Everything is removed at
-the end; every step is bounded in time.
+loopback, makes them trust each other and joins them to a 4-replica PBFT
+cluster that records who owns each VM (``a`` and ``b`` run replicas 0 and 1,
+two plain replica processes the others). It builds a sample ext4 disk image
+from system files and a modified copy (new and deleted files, as a running VM
+would leave it). Then, with the progress bar:
+
+1. cold: ``a`` owns VM ``vm.img`` and migrates it to ``b``, which has nothing;
+2. the VM runs on ``b`` and changes its disk (the modified copy);
+3. warm: ``b`` migrates it back to ``a``, which still has the old version.
+
+Each migration ends only when the destination verified the image and the
+cluster committed the new owner; the demo ends with the verified SHA-256, the
+bytes saved and the owner. Everything is removed at the end; every step is
+bounded in time.
 """
 
 from __future__ import annotations
@@ -210,11 +218,49 @@ class DemoNode:
                 self.proc.wait()
 
 
+def ownership_cluster(root: Path, a: DemoNode, b: DemoNode) -> list[subprocess.Popen[bytes]]:
+    """Write a 4-replica cluster file (a, b and two plain replicas), point a and b at it
+    and start the two plain replicas; return their processes."""
+    from dwcp.consensus.net import free_ports
+    from dwcp.identity import NodeKey
+
+    others = [NodeKey.generate() for _ in range(2)]
+    ports = free_ports(4)
+    keys = [a.pubkey, b.pubkey, *(k.public.text for k in others)]
+    cluster = root / "cluster.json"
+    dwcp(
+        "cluster",
+        "init",
+        str(cluster),
+        *(f"--replica={k}@127.0.0.1:{p}" for k, p in zip(keys, ports, strict=True)),
+        f"--client={a.pubkey}",
+        f"--client={b.pubkey}",
+    )
+    for i, node in enumerate((a, b)):
+        with open(node.config, "a", encoding="utf-8") as f:
+            f.write(f'\n[consensus]\ncluster = "{cluster}"\nreplica = {i}\n')
+    procs = []
+    for i, k in enumerate(others, start=2):
+        k.save(root / f"replica-{i}.key")
+        with open(root / f"replica-{i}.log", "ab") as log:
+            cmd = [sys.executable, "-m", "dwcp.consensus.net", "replica", "--new"]
+            cmd += ["--config", str(cluster), "--id", str(i)]
+            cmd += [
+                "--key",
+                str(root / f"replica-{i}.key"),
+                "--wal",
+                str(root / f"replica-{i}.wal"),
+            ]
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
 @contextlib.contextmanager
 def two_nodes(root: Path) -> Iterator[tuple[DemoNode, DemoNode]]:
     a, b = DemoNode(root, "a"), DemoNode(root, "b")
     dwcp("--config", str(a.config), "peers", "add", "b", f"127.0.0.1:{b.port}", b.pubkey)
     dwcp("--config", str(b.config), "peers", "add", "a", f"127.0.0.1:{a.port}", a.pubkey)
+    replicas = ownership_cluster(root, a, b)
     try:
         a.start(root / "a.log")
         b.start(root / "b.log")
@@ -222,13 +268,24 @@ def two_nodes(root: Path) -> Iterator[tuple[DemoNode, DemoNode]]:
     finally:
         a.stop()
         b.stop()
+        for p in replicas:
+            p.terminate()
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
 
 
-def migrate(a: DemoNode, image: Path, to: str, name: str) -> dict[str, Any]:
+def migrate(src: DemoNode, image: str, to: str) -> dict[str, Any]:
     out = dwcp(
-        "--config", str(a.config), "migrate", str(image), "--to", to, "--name", name, "--json"
+        "--config", str(src.config), "migrate", image, "--to", to, "--json", show_stderr=True
     )
     return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def owner(node: DemoNode, vm: str) -> str:
+    return dwcp("--config", str(node.config), "owner", vm).strip()
 
 
 def human(n: float) -> str:
@@ -246,31 +303,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"== building a {args.size} MiB ext4 image with ~{args.data} MiB of system files")
         v1, v2 = make_pair(root, args.size, args.data)
         print(f"   {v1.name} and a modified copy {v2.name} (files deleted and added)")
-        print("== starting two nodes on loopback: a -> b")
-        with two_nodes(root) as (a, _b):
-            print(f"== cold migration of {v1.name} (b has nothing yet)")
-            cold = migrate(a, v1, "b", "vm.img")
+        print("== starting nodes a and b on loopback, and a 4-replica ownership cluster")
+        with two_nodes(root) as (a, b):
+            images = {n: root / n / "data" / "images" for n in ("a", "b")}
+            os.replace(v1, images["a"] / "vm.img")  # the VM's disk, on a
+            print("== cold: a migrates VM vm.img to b (b has nothing yet)")
+            cold = migrate(a, "vm.img", "b")
             print(
                 f"   {human(cold['bytes_image'])} image, {human(cold['bytes_wire'])} on the wire, "
-                f"{cold['seconds']:.2f} s"
+                f"{cold['seconds']:.2f} s; {owner(a, 'vm.img')}"
             )
-            print(f"== warm migration of {v2.name} (b has the previous version)")
-            warm = migrate(a, v2, "b", "vm.img")
+            print("== the VM runs on b and changes its disk; warm: b migrates it back to a")
+            expected = sha256_file(v2)
+            os.replace(v2, images["b"] / "vm.img")
+            warm = migrate(b, "vm.img", "a")
             print(
                 f"   {human(warm['bytes_image'])} image, {human(warm['bytes_wire'])} on the wire, "
-                f"{warm['seconds']:.2f} s"
+                f"{warm['seconds']:.2f} s; {owner(b, 'vm.img')}"
             )
-            stored = root / "b" / "data" / "images" / "vm.img"
-            digest = sha256_file(stored)
-            ok = digest == sha256_file(v2) == warm["sha256"]
-            print(f"== result: b stores vm.img with sha256 {digest}")
+            digest = sha256_file(images["a"] / "vm.img")
+            ok = digest == expected == warm["sha256"]
+            print(f"== result: a stores vm.img with sha256 {digest}")
             print(f"   {'verified: identical to the source' if ok else 'MISMATCH'}")
             saved = warm["bytes_image"] - warm["bytes_wire"]
             print(
-                f"   warm update sent {human(warm['bytes_wire'])} instead of "
+                f"   warm migration sent {human(warm['bytes_wire'])} instead of "
                 f"{human(warm['bytes_image'])}: {human(saved)} saved "
                 f"({saved / warm['bytes_image']:.1%})"
             )
+            print(f"   ownership committed by PBFT: a -> b -> a, epoch {warm['epoch']}")
             return 0 if ok else 1
     finally:
         if args.keep:

@@ -26,8 +26,9 @@ Public API (stable; part B's simulator, network binding and benchmark use it):
   message already parsed with ``Codec.decode``), ``tick(now) -> list[Action]``
   (re-sends to all replicas on timeout), ``next_deadline()``, ``busy``,
   ``client_id`` (raw public key bytes), ``advance_timestamp(ts)`` (wall-clock
-  floor for the next timestamp), ``abandon()`` (stop waiting for a request). Clients of one process may share a
-  ``codec`` so that a REPLIES message is verified once for all of them.
+  floor for the next timestamp), ``abandon()`` (stop waiting for a request).
+  Clients of one process may share a ``codec`` so that a REPLIES message is
+  verified once for all of them.
 - Actions (``dwcp.consensus.actions``, frozen dataclasses): ``Persist(record)``
   and ``Compact(records)`` (append to / atomically replace the WAL; durable
   before any later action of the same list), ``Send(to, data)``,

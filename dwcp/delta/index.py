@@ -249,14 +249,24 @@ class ImageIndex:
         self._db.execute("DELETE FROM images WHERE id = ?", (row[0],))
         self.local.remove(int(row[0]))
 
-    def sync_dir(self, directory: str | os.PathLike[str]) -> None:
-        """Index every regular file in ``directory``; forget indexed files that are gone."""
+    def sync_dir(self, directory: str | os.PathLike[str], *, changed: bool = True) -> None:
+        """Index every regular file in ``directory``; forget indexed files that are gone.
+
+        ``changed=False`` indexes only files not indexed yet and leaves changed ones to
+        ``refresh`` (a running VM's disk changes all the time: re-reading it whenever
+        something is planned would cost a full scan each time, ``refresh`` costs one
+        only when a plan really copies from it).
+        """
         d = Path(directory).resolve()
         present = {p.resolve() for p in d.iterdir() if p.is_file()} if d.is_dir() else set()
+        known = set()
         for rec in self.images():
             if rec.path.parent == d and rec.path not in present:
                 self.remove(rec.path)
+            known.add(rec.path)
         for p in sorted(present):
+            if not changed and p in known:
+                continue
             try:
                 self.update(p)
             except ImageError as exc:  # one busy or unreadable file must not stop the node

@@ -643,10 +643,15 @@ async def receive_image(channel: Channel, peer_key: PublicKey, hooks: ReceiverHo
         _trace("dst offer")
         try:
             hooks.check_name(offer.name)
-            limit = hooks.max_image_bytes
-            assembler = await hooks.index.call(
-                lambda ix: ManifestAssembler(offer.summary, ix.local, max_image=limit)
-            )
+            limit, images = hooks.max_image_bytes, hooks.images_dir
+
+            def assemble_summary(ix: delta.ImageIndex) -> ManifestAssembler:
+                # Images put into images/ since the last look are sources too (changed ones
+                # are re-read only if the plan copies from them: fresh_plan).
+                ix.sync_dir(images, changed=False)
+                return ManifestAssembler(offer.summary, ix.local, max_image=limit)
+
+            assembler = await hooks.index.call(assemble_summary)
             if assembler.size != offer.size or assembler.sha256 != offer.content_id:
                 raise ManifestError("the manifest summary does not match the offer")
             await hooks.claim(offer.transfer_id)

@@ -14,8 +14,10 @@ Around a migration the source node (the owner) does:
    on the epoch. Only now does the destination own the VM.
 
 A crash between 2 and 3 leaves the source the owner (safe); re-running the migration
-sends nothing new and commits. A hand-over that timed out but committed anyway is
-found by the re-run (the destination already owns the VM) and reported as done.
+sends nothing new and commits. A node that does not own a VM cannot push an image
+under its name, not even to the owner: that would overwrite the disk of a VM the
+owner may be running. (So a hand-over that timed out but committed anyway makes the
+re-run fail with "owned by <destination>": the first run did complete.)
 
 The node may also host one replica (``[consensus] replica = N``) in its own event
 loop. Its write-ahead log lives in ``DATA/consensus/``; a marker file records that the
@@ -43,11 +45,10 @@ log = logging.getLogger("dwcp.node")
 
 @dataclass(frozen=True)
 class Claim:
-    """What ``claim`` found: the epoch to hand over from, or that it already moved."""
+    """This node owns ``vm`` at ``epoch``: the compare-and-set value of the hand-over."""
 
     vm: str
     epoch: int
-    moved: bool  # the destination owns the VM already (an earlier run committed)
 
 
 class Ownership:
@@ -139,18 +140,20 @@ class Ownership:
                     extra={"event": "vm_registered", "vm": vm, "epoch": got.epoch},
                 )
         if got.owner == self.me:
-            return Claim(vm, got.epoch, moved=False)
+            return Claim(vm, got.epoch)
         if got.owner == dst.node_id:
-            return Claim(vm, got.epoch, moved=True)
+            raise ConsensusError(
+                f"VM {vm} is already owned by the destination (node {got.owner}, epoch "
+                f"{got.epoch}); nothing was sent (if an earlier run failed while committing, "
+                "it had completed)"
+            )
         raise ConsensusError(
             f"VM {vm} is owned by node {got.owner or '?'} (epoch {got.epoch}), not by this "
-            "node: migrate it from its owner"
+            "node; nothing was sent: migrate it from its owner"
         )
 
     async def hand_over(self, claim: Claim, dst: PublicKey) -> Result:
         """Commit the move of ``claim.vm`` to ``dst`` (compare-and-set on the epoch)."""
-        if claim.moved:
-            return await self.owner(claim.vm)
         got = await self._request("migrate", claim.vm, self.me, dst.node_id, claim.epoch)
         if got.ok:
             return got

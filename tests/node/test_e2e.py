@@ -78,6 +78,20 @@ def test_cold_warm_and_cross_image(pair: tuple[NodeProc, NodeProc, Path]) -> Non
     assert peers["node_running"] and peers["peers"][0]["reachable"] is True
 
 
+def test_an_image_put_into_images_while_running_is_a_source(
+    pair: tuple[NodeProc, NodeProc, Path],
+) -> None:
+    a, b, root = pair
+    base = root / "dropped-base.img"
+    make_image(base, 4, seed=21)
+    os.link(base, b.images / "dropped.img")  # the operator puts an image there by hand
+    new = root / "dropped-new.img"
+    mutate(base, new, [7], seed=22)
+    out = a.migrate_json(str(new), "--to", "b", "--name", "dropped-2.img")
+    assert out["bytes_missing"] == 4096
+    assert sha256_file(b.images / "dropped-2.img") == sha256_file(new)
+
+
 def test_concurrent_migrations(pair: tuple[NodeProc, NodeProc, Path]) -> None:
     a, b, root = pair
     imgs = []

@@ -110,10 +110,10 @@ def test_a_migration_hands_ownership_to_the_destination(world: World) -> None:
     for node in (a, b):
         got = node.cli("owner", "vm1.img")
         assert "owned by b" in got.stdout and "epoch 2" in got.stdout
-    # a no longer owns it: moving it again from a is a no-op that reports b as owner...
-    again = a.migrate_json(str(img), "--to", "b")
-    assert again["owner"] == _node_id(b) and again["epoch"] == 2
-    # ...and b moves it back, raising the epoch (the fencing token) by one
+    # a no longer owns it: it cannot push an image under that name, not even to the owner
+    again = a.cli("migrate", str(img), "--to", "b", check=False)
+    assert again.returncode == 1 and "already owned by the destination" in again.stderr
+    # b moves it back, raising the epoch (the fencing token) by one
     back = b.migrate_json("vm1.img", "--to", "a")
     assert back["owner"] == _node_id(a) and back["epoch"] == 3
     status = a.status()["consensus"]
