@@ -114,6 +114,7 @@ class BulkSender:
         self.transfer_id = transfer_id
         self.window = SendWindow(offset, window)
         self.end: int | None = None
+        self.writing = False  # inside write(): more data is coming (not app-limited)
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @property
@@ -132,6 +133,13 @@ class BulkSender:
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         """Stripe ``data`` over the lanes; returns once it is all handed to QUIC."""
+        self.writing = True
+        try:
+            await self._write(data)
+        finally:
+            self.writing = False
+
+    async def _write(self, data: bytes | bytearray | memoryview) -> None:
         session = self._session
         view = memoryview(data).cast("B")
         chunk = session.config.chunk

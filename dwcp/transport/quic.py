@@ -97,6 +97,8 @@ class DwcpQuicConnection(QuicConnection):
         self.peer_key: PublicKey | None = None
         self.counters = LinkCounters()
         self.paced: dict[int, PacedStream] = {}
+        self.app_has_more: Callable[[], bool] = lambda: False
+        """Set by the session: True while a bulk writer still has data to hand over."""
         cc = self._loss._cc
         lost_hook: Callable[..., None] = cc.on_packets_lost
         sent_hook: Callable[..., None] = cc.on_packet_sent
@@ -117,8 +119,15 @@ class DwcpQuicConnection(QuicConnection):
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
         out = super().datagrams_to_send(now)
-        if self._bbr is not None and all(s.sender.buffer_is_empty for s in self._streams.values()):
-            self._bbr.mark_app_limited()  # nothing left to send: see bbr's docstring
+        # App-limited (see bbr's docstring) only if the application has nothing more:
+        # lanes are kept short on purpose, so a bulk sender's buffers run empty between
+        # chunks many times per round trip while its writer waits for room.
+        if (
+            self._bbr is not None
+            and all(s.sender.buffer_is_empty for s in self._streams.values())
+            and not self.app_has_more()
+        ):
+            self._bbr.mark_app_limited()
         return out
 
     def _set_peer(self, key: PublicKey) -> None:

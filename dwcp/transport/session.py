@@ -146,7 +146,11 @@ class Session:
         """Add a connection (the primary first) that has said Hello for this session."""
         conn.index = len(self.conns)
         conn.listener = self
+        conn.quic.app_has_more = self._writing
         self.conns.append(conn)
+
+    def _writing(self) -> bool:
+        return any(s.writing for s in self._senders.values())
 
     def _check(self) -> None:
         if self.error is not None:

@@ -220,3 +220,22 @@ def test_app_limited_samples_neither_lower_nor_age_a_measured_estimate() -> None
     assert cc.mode == bbr.PROBE_BW and measured > 0.8 * RATE
     _messages(cc, 3 * bbr.BW_ROUNDS, t0=4.0, pn0=10**6, rtt=RTT)
     assert cc.bandwidth >= 0.99 * measured
+
+
+def test_a_connection_is_app_limited_only_when_the_application_has_nothing_more() -> None:
+    """Lanes are kept short, so a bulk sender's buffers run empty between chunks: that is
+    not app-limited while its writer still has data (else STARTUP never sees its queue)."""
+    from aioquic.quic.configuration import QuicConfiguration
+
+    from dwcp.transport.quic import DwcpQuicConnection
+
+    def marked(has_more: bool) -> bool:
+        conf = QuicConfiguration(is_client=True, congestion_control_algorithm="dwcp-bbr")
+        conn = DwcpQuicConnection(configuration=conf, trusted=[])
+        conn.app_has_more = lambda: has_more
+        conn.datagrams_to_send(0.0)  # no stream holds data
+        assert conn._bbr is not None
+        return conn._bbr._app_limited_until > 0
+
+    assert marked(has_more=False)
+    assert not marked(has_more=True)
