@@ -233,7 +233,8 @@ def test_a_connection_is_app_limited_only_when_the_application_has_nothing_more(
         conf = QuicConfiguration(is_client=True, congestion_control_algorithm="dwcp-bbr")
         conn = DwcpQuicConnection(configuration=conf, trusted=[])
         conn.app_has_more = lambda: has_more
-        conn.datagrams_to_send(0.0)  # no stream holds data
+        conn.connect(("127.0.0.1", 9), now=0.0)
+        conn.datagrams_to_send(0.0)  # the handshake; no stream holds data
         assert conn._bbr is not None
         return conn._bbr._app_limited_until > 0
 
