@@ -586,8 +586,10 @@ class ReceiverHooks:
     release: Callable[[str], None] = lambda tid: None
     on_bytes: Callable[[int, int], None] = lambda wire, raw: None
     on_plan: Callable[[int, int], None] = lambda image, dedup: None
-    # Called once the image is stored and indexed, before the source gets its Ack: the
-    # seam where a cluster commits "image NAME = SHA256 is at this node" (consensus).
+    # Before anything is planned: may this peer send an image under this name? (With
+    # consensus, not over a VM this node owns, nor for a VM a third node owns.)
+    admit: Callable[[str, PublicKey], Awaitable[None]] = lambda n, k: asyncio.sleep(0)
+    # Called once the image is stored and indexed, before the source gets its Ack.
     commit: Callable[[str, bytes, PublicKey], Awaitable[None]] = lambda n, h, k: asyncio.sleep(0)
 
 
@@ -643,6 +645,7 @@ async def receive_image(channel: Channel, peer_key: PublicKey, hooks: ReceiverHo
         _trace("dst offer")
         try:
             hooks.check_name(offer.name)
+            await hooks.admit(offer.name, peer_key)
             limit, images = hooks.max_image_bytes, hooks.images_dir
 
             def assemble_summary(ix: delta.ImageIndex) -> ManifestAssembler:

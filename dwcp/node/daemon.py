@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 from dwcp import __version__
 from dwcp.errors import (
     ConfigError,
+    ConsensusError,
     DwcpError,
     ImageError,
     LocalError,
@@ -310,6 +311,7 @@ class Node:
             release=self._release,
             on_bytes=self._on_bytes_in,
             on_plan=self._on_plan_in,
+            admit=self._admit,
             commit=self.commit_migration,
         )
         self.stats.active_in += 1
@@ -334,9 +336,30 @@ class Node:
                 extra={"event": "in_ok", "image": name, "peer": peer_name},
             )
 
+    async def _admit(self, name: str, source: PublicKey) -> None:
+        """With consensus, refuse an image over a VM this node owns (it may be running it)
+        or for a VM that a third node owns: defence in depth, since a source that claims
+        first never sends such an offer, but a source without ``[consensus]`` would."""
+        if self.ownership is None:
+            return
+        try:
+            got = await self.ownership.owner(name)
+        except ConsensusError as exc:
+            raise UsageError(f"cannot check who owns VM {name}: {exc}") from None
+        if got.owner == self.ownership.me:
+            raise UsageError(
+                f"the destination owns VM {name} (epoch {got.epoch}) and will not overwrite "
+                "its disk; migrate it from the destination instead"
+            )
+        if got.owner and got.owner != source.node_id:
+            raise UsageError(
+                f"VM {name} is owned by node {got.owner} (epoch {got.epoch}), not by the "
+                "sending node; migrate it from its owner"
+            )
+
     async def commit_migration(self, name: str, sha256: bytes, source: PublicKey) -> None:
-        """Record a received image. Without a cluster this is the log line; with consensus
-        (dwcp.consensus) this is where the record is proposed and awaited before the Ack."""
+        """Record a received image (the log line; with consensus the source commits the
+        ownership move after this node's Ack: ``dwcp.node.ownership``)."""
         log.info(
             "stored image %s sha256 %s from %s",
             name,

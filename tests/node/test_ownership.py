@@ -160,6 +160,27 @@ def test_a_replica_that_lost_its_log_rejoins_as_recovering(world: World) -> None
     assert back["owner"] == _node_id(world.a) and back["epoch"] == 3
 
 
+def test_a_destination_refuses_images_over_vms_it_does_not_let_go(world: World) -> None:
+    """Defence in depth: a sender without [consensus] skips the claim, the destination
+    still checks (a owns vm1.img after the first test, mallory owns vm2.img)."""
+    a = world.a
+    c = NodeProc(world.root, "c")
+    c.trust(a)
+    a.trust(c)
+    c.start()
+    try:
+        img = world.root / "vm-c.img"
+        make_image(img, 1, seed=15)
+        over = c.cli("migrate", str(img), "--to", "a", "--name", "vm1.img", check=False)
+        assert over.returncode == 1 and "the destination owns VM vm1.img" in over.stderr
+        third = c.cli("migrate", str(img), "--to", "a", "--name", "vm2.img", check=False)
+        assert third.returncode == 1 and "not by the sending node" in third.stderr
+        assert c.migrate_json(str(img), "--to", "a", "--name", "fresh.img")["owner"] is None
+        assert sha256_file(a.images / "vm1.img") != sha256_file(img)
+    finally:
+        c.stop()
+
+
 def test_cluster_init_checks_its_input(tmp_path: Path) -> None:
     keys = [NodeKey.generate().public.text for _ in range(3)]
     r = dwcp(
