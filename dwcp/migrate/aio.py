@@ -306,7 +306,7 @@ async def _iterate_in_thread(
 
 
 async def send_image(
-    channel: Channel,
+    opening: Channel | Awaitable[Channel],
     key: NodeKey,
     image: Path,
     *,
@@ -316,7 +316,13 @@ async def send_image(
     bwlimit: int = 0,
     on_progress: Callable[[Progress], None] = lambda p: None,
 ) -> MigrationResult:
-    """Migrate ``image`` over ``channel`` as ``name``; returns once the peer acknowledged it."""
+    """Migrate ``image`` over the channel ``opening`` as ``name``; returns once the peer
+    acknowledged it.
+
+    ``opening`` may be an awaitable of the channel (a connection being set up): the scan
+    runs meanwhile and the channel is awaited once the offer is ready. The caller owns
+    the channel either way.
+    """
     t0 = time.monotonic()
     prog = Progress(name, peer)
     try:
@@ -349,6 +355,7 @@ async def send_image(
     wire = 0
 
     try:
+        channel: Channel = await opening if isinstance(opening, Awaitable) else opening
 
         async def send(m: msg.Message) -> None:
             nonlocal wire

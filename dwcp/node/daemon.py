@@ -510,16 +510,18 @@ class Node:
             async with self.slots:
                 self.stats.active_out += 1
                 try:
-                    claim: Claim | None = None
-                    if self.ownership is not None:
-                        emit({"phase": "claiming"})
-                        claim = await self.ownership.claim(name, peer.public_key)
+                    # Connect while the VM is claimed and the image scanned (~0.1 s and
+                    # a handshake's round trips saved on a cold migration).
                     emit({"phase": "connecting"})
-                    chan = await self.link.open(peer)
+                    opening = asyncio.ensure_future(self.link.open(peer))
                     ok = False
                     try:
+                        claim: Claim | None = None
+                        if self.ownership is not None:
+                            emit({"phase": "claiming"})
+                            claim = await self.ownership.claim(name, peer.public_key)
                         result = await aio.send_image(
-                            chan,
+                            opening,
                             self.key,
                             image,
                             name=name,
@@ -530,7 +532,7 @@ class Node:
                         )
                         ok = True
                     finally:
-                        await self.link.release(chan, reuse=ok)
+                        await self._release_channel(opening, reuse=ok)
                     if claim is not None:
                         assert self.ownership is not None
                         emit({"phase": "committing"})
@@ -573,6 +575,15 @@ class Node:
             },
         )
         return result.to_dict()
+
+    async def _release_channel(self, opening: asyncio.Future[QuicChannel], reuse: bool) -> None:
+        """Give the migration's channel back, also when it ended before using it."""
+        assert self.link is not None
+        try:
+            chan = await opening
+        except (asyncio.CancelledError, DwcpError, OSError):
+            return  # never opened: nothing to give back
+        await self.link.release(chan, reuse=reuse)
 
     def _source_path(self, image: str) -> Path:
         """An absolute path as given, or the name of an image in this node's ``images/``."""
