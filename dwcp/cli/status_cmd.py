@@ -64,4 +64,16 @@ def run(args: argparse.Namespace) -> int:
             f"  link {link['peer']}: {link['streams']} streams, rtt "
             f"{'?' if rtt is None else f'{rtt * 1000:.1f} ms'}"
         )
+    c = st.get("consensus")
+    if c:
+        print(
+            f"  ownership cluster: {c['replicas']} replicas (f = {c['f']}), "
+            f"{c['connected']} connected"
+            + (
+                f"; replica {c['replica']} in view {c['view']}, executed {c['executed']}"
+                + (", recovering" if c["recovering"] else "")
+                if c["replica"] is not None
+                else ""
+            )
+        )
     return 0

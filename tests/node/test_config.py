@@ -101,6 +101,17 @@ def test_metrics_render() -> None:
     assert "dwcp_bytes_sent_total 10.0" in text
     assert "dwcp_compression_ratio 3.0" in text
     assert 'dwcp_active_transfers{direction="out"} 1.0' in text
+    assert "dwcp_consensus" not in text  # no [consensus]: no such families
+    stats.consensus = lambda: {
+        "connected": 4,
+        "requests": {"migrate:ok": 2, "get:unknown": 1},
+        "view": 1,
+        "executed": 7,
+    }
+    text = render(make_registry(stats)).decode()
+    assert "dwcp_consensus_replicas_connected 4.0" in text
+    assert 'dwcp_consensus_requests_total{op="migrate",result="ok"} 2.0' in text
+    assert "dwcp_consensus_view 1.0" in text and "dwcp_consensus_executed 7.0" in text
 
 
 def test_consensus_section(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

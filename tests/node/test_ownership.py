@@ -118,6 +118,7 @@ def test_a_migration_hands_ownership_to_the_destination(world: World) -> None:
     assert back["owner"] == _node_id(a) and back["epoch"] == 3
     status = a.status()["consensus"]
     assert status["replica"] == 0 and status["executed"] > 0 and not status["recovering"]
+    assert "ownership cluster: 4 replicas (f = 1)" in a.cli("status").stdout
 
 
 def test_a_vm_owned_by_another_node_is_refused_before_sending(world: World) -> None:
