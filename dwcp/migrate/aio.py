@@ -545,11 +545,13 @@ async def _stream(
                     raise ImageError(_changed(image))
                 await pacer.pace(len(frame))
 
+    if not ranges:
+        # No bulk transfer when nothing is missing: a session reused later pairs bulk
+        # transfers with channels by order, so an empty one would shift that pairing.
+        return count, total
     stream = frames()
     async with contextlib.aclosing(stream):
-        if not ranges:
-            pass  # no bulk transfer: a session reused later pairs bulks with channels by order
-        elif isinstance(channel, BulkChannel):
+        if isinstance(channel, BulkChannel):
             await channel.send_frames(stream)
         else:
             async for frame in stream:

@@ -186,9 +186,9 @@ class BbrCongestionControl(QuicCongestionControl):
             self._round_max = 0.0
             if self.mode == STARTUP:
                 self.mode = DRAIN
-        elif app_limited and self._round_max <= 0:
-            pass  # nothing learned: the model does not age while the sender idles
-        else:
+        elif not app_limited or self._round_max > 0:
+            # (An app-limited round that learned nothing leaves the filter as it is: the
+            # model does not age while the sender idles.)
             self._bw_rounds.append(self._round_max)
             self._round_max = 0.0
         if self.mode == STARTUP and not app_limited:

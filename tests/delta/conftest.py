@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from dwcp.delta import ImageIndex
+
 BS = 4096
 
 
@@ -21,6 +23,25 @@ def make_image(rng: random.Random, blocks: int, zero_ratio: float = 0.3) -> byte
         else:
             out += rng.randbytes(BS)
     return out
+
+
+def old_and_new(
+    tmp_path: Path, *, blocks: int, seed: int, changed: int, tail: int = 0
+) -> tuple[Path, Path, ImageIndex]:
+    """An indexed ``images/old.img``, a source ``src.img`` with 1/``changed`` of its
+    blocks rewritten (plus ``tail`` bytes), and where the rebuilt image should go."""
+    rng = random.Random(seed)
+    old = make_image(rng, blocks)
+    new = bytearray(old)
+    for i in rng.sample(range(blocks), blocks // changed):
+        new[i * BS : (i + 1) * BS] = rng.randbytes(BS)
+    new += rng.randbytes(tail)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "old.img").write_bytes(old)
+    (tmp_path / "src.img").write_bytes(new)
+    index = ImageIndex(tmp_path / "index.db")
+    index.sync_dir(tmp_path / "images")
+    return tmp_path / "src.img", tmp_path / "images" / "new.img", index
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 
 from dwcp.delta import ImageIndex, Rebuilder, encode, finisher, plan, scan_image
 from dwcp.errors import ImageError, IntegrityError, LocalImageChangedError
-from tests.delta.conftest import BS, make_image
+from tests.delta.conftest import BS, old_and_new
 
 
 @pytest.fixture(autouse=True)
@@ -19,18 +19,7 @@ def small_windows(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _setup(tmp_path: Path, blocks: int = 700) -> tuple[Path, Path, ImageIndex]:
-    rng = random.Random(5)
-    old = make_image(rng, blocks)
-    new = bytearray(old)
-    for i in rng.sample(range(blocks), blocks // 4):
-        new[i * BS : (i + 1) * BS] = rng.randbytes(BS)
-    new += rng.randbytes(1000)  # a partial last block
-    (tmp_path / "images").mkdir()
-    (tmp_path / "images" / "old.img").write_bytes(old)
-    (tmp_path / "src.img").write_bytes(new)
-    index = ImageIndex(tmp_path / "index.db")
-    index.sync_dir(tmp_path / "images")
-    return tmp_path / "src.img", tmp_path / "images" / "new.img", index
+    return old_and_new(tmp_path, blocks=blocks, seed=5, changed=4, tail=1000)
 
 
 def test_started_early_the_image_is_rebuilt_whatever_the_order(tmp_path: Path) -> None:

@@ -17,21 +17,11 @@ from dwcp.errors import (
     LocalImageChangedError,
     ProtocolError,
 )
-from tests.delta.conftest import BS, make_image
+from tests.delta.conftest import make_image, old_and_new
 
 
 def _setup(tmp_path: Path, blocks: int = 600) -> tuple[Path, Path, ImageIndex]:
-    rng = random.Random(11)
-    old = make_image(rng, blocks)
-    new = bytearray(old)
-    for i in rng.sample(range(blocks), blocks // 3):
-        new[i * BS : (i + 1) * BS] = rng.randbytes(BS)
-    (tmp_path / "images").mkdir()
-    (tmp_path / "images" / "old.img").write_bytes(old)
-    (tmp_path / "src.img").write_bytes(new)
-    index = ImageIndex(tmp_path / "index.db")
-    index.sync_dir(tmp_path / "images")
-    return tmp_path / "src.img", tmp_path / "images" / "new.img", index
+    return old_and_new(tmp_path, blocks=blocks, seed=11, changed=3)
 
 
 def test_resume_after_interruption(tmp_path: Path) -> None:
