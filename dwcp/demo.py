@@ -239,6 +239,7 @@ def ownership_cluster(root: Path, a: DemoNode, b: DemoNode) -> list[subprocess.P
     for i, node in enumerate((a, b)):
         with open(node.config, "a", encoding="utf-8") as f:
             f.write(f'\n[consensus]\ncluster = "{cluster}"\nreplica = {i}\n')
+        dwcp("--config", str(node.config), "cluster", "join")  # first start: an empty log
     procs = []
     for i, k in enumerate(others, start=2):
         k.save(root / f"replica-{i}.key")

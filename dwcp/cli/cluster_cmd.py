@@ -1,9 +1,13 @@
-"""``dwcp cluster init FILE``: the PBFT cluster file that nodes share for VM ownership.
+"""``dwcp cluster init FILE`` and ``dwcp cluster join``: the PBFT cluster that records
+VM ownership.
 
 Every member gets the same file and points ``[consensus] cluster`` at it; the
 nodes listed as replicas also set ``[consensus] replica = N`` (N is the position
 of their key in ``--replica``). Replicas are clients too unless ``--client`` is
-given, so that each node can propose migrations of its own VMs.
+given, so that each node can propose migrations of its own VMs. Before a replica
+node's first start, ``dwcp --config NODE.toml cluster join`` creates the replica's
+empty log: a node that later finds no log takes it as lost and rejoins without
+voting until it has caught up (a fresh log would let it vote twice).
 """
 
 from __future__ import annotations
@@ -42,6 +46,23 @@ def register(sub: Any) -> None:
     init.add_argument("--view-change-timeout", type=float, default=1.0, metavar="SECONDS")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
     init.set_defaults(func=run_init)
+    join = csub.add_parser("join", help="before a replica node's first start: create its empty log")
+    join.set_defaults(func=run_join)
+
+
+def run_join(args: argparse.Namespace) -> int:
+    from dwcp.cli._node import require_config
+    from dwcp.errors import ConfigError
+    from dwcp.identity import NodeKey
+    from dwcp.node.ownership import Ownership
+
+    config = require_config(args)
+    if config.consensus is None:
+        raise ConfigError(f"{config.path}: no [consensus] section to join")
+    own = Ownership(config.consensus, NodeKey.load(config.key_path), config.data_dir / "consensus")
+    wal = own.create_log()
+    print(f"replica {config.consensus.replica} joins with an empty log: {wal}")
+    return 0
 
 
 def _replica(text: str) -> tuple[PublicKey, tuple[str, int]]:

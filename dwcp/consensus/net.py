@@ -330,6 +330,8 @@ class ReplicaServer(_Endpoint):
         self._server: asyncio.Server | None = None
         self._records = self.wal.replay()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._accepted: set[FrameProtocol] = set()
+        self._closed = False
 
     async def start(self) -> None:
         # Cached: asyncio.get_running_loop() costs a getpid() per call on Python 3.11.
@@ -337,7 +339,7 @@ class ReplicaServer(_Endpoint):
         self.stopped = loop.create_future()
         host, port = self.net.addresses[self.id]
         self._server = await loop.create_server(
-            lambda: FrameProtocol(self.limit, self.on_frame, self._lost, self._hello),
+            self._accept,
             host,
             port,
             reuse_address=True,
@@ -350,6 +352,11 @@ class ReplicaServer(_Endpoint):
                 link.start()
         self._queue(self.replica.recover(self._records, loop.time()))
 
+    def _accept(self) -> FrameProtocol:
+        proto = FrameProtocol(self.limit, self.on_frame, self._lost, self._hello)
+        self._accepted.add(proto)
+        return proto
+
     def _hello(self, proto: FrameProtocol, data: bytes) -> None:
         if data[:1] == b"C" and (len(data) - 1) % 32 == 0:
             cfg = self.net.cluster
@@ -361,10 +368,13 @@ class ReplicaServer(_Endpoint):
             proto.close()
 
     def _lost(self, proto: FrameProtocol) -> None:
+        self._accepted.discard(proto)
         for k in [k for k, p in self.clients.items() if p is proto]:
             del self.clients[k]
 
     def on_frame(self, proto: FrameProtocol, data: bytes) -> None:
+        if self._closed:
+            return
         # Handled at the end of the loop turn, with everything else that arrived in it.
         self._inbox.append(data)
         if not self._flush_scheduled:
@@ -411,6 +421,8 @@ class ReplicaServer(_Endpoint):
         next one (a later action may depend on an earlier record, so nothing overtakes).
         """
         self._flush_scheduled = False
+        if self._closed:
+            return
         if self._inbox:
             self._receive_inbox()
         self._rearm()
@@ -483,10 +495,16 @@ class ReplicaServer(_Endpoint):
             self._timer = self._ev().call_at(dl, self._on_timer)
 
     def close(self) -> None:
+        """Stop: no more input is handled, connections close, the log is closed last."""
+        if self._closed:
+            return
+        self._closed = True
         for link in self.links.values():
             link.stop()
         if self._server is not None:
             self._server.close()
+        for proto in list(self._accepted):
+            proto.close()
         if self._timer is not None:
             self._timer.cancel()
         self._executor.shutdown(wait=True)  # let an fsync in flight finish first

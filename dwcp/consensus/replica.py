@@ -201,7 +201,12 @@ class Replica:
         self._hold_proposals = True
         try:
             for data in datas:
-                out.extend(self.receive(data, now))
+                try:
+                    out.extend(self.receive(data, now))
+                except Exception:
+                    # A bug on one input must not drop the actions (WAL records among
+                    # them) of the messages before it: count it, keep the rest.
+                    self.stats["internal_errors"] += 1
         finally:
             self._hold_proposals = False
         if self._proposal_held:

@@ -718,11 +718,14 @@ async def receive_image(channel: Channel, peer_key: PublicKey, hooks: ReceiverHo
         return proto.FrameWritten(n)
 
     async def finish(sha256: bytes) -> proto.Event:
-        assert rebuilder is not None and manifest is not None
+        assert rebuilder is not None and manifest is not None and offered is not None
         _trace("dst finish start")
         rebuilder.sha256 = sha256  # the offer named the content; Done told its SHA-256
         stored = dataclasses.replace(manifest, sha256=sha256)
         try:
+            # Again just before the image replaces a stored one: ownership may have moved
+            # here meanwhile (another migration of the same VM committed first).
+            await hooks.admit(offered.name, peer_key)
             path = await in_thread(rebuilder.finish)
             _trace("dst finished")
             await hooks.index.call(lambda ix: ix.record(path, stored))  # verified: no re-scan

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import faulthandler
 import json
 import logging
@@ -120,6 +121,7 @@ class Node:
         self.started = time.time()
         self.incoming: dict[str, asyncio.Task[Any]] = {}
         self.outgoing: set[asyncio.Task[Any]] = set()
+        self.migrating: set[str] = set()  # names being sent: one migration per VM at a time
         self.slots = asyncio.Semaphore(config.limits.max_transfers)
         self._metrics_server: asyncio.base_events.Server | None = None
         self._config_mtime = self._mtime()
@@ -265,6 +267,13 @@ class Node:
         if mtime == self._config_mtime:
             return
         new = load_config(self.config.path)
+        if new.consensus != self.config.consensus:
+            log.warning(
+                "[consensus] changed in %s: restart the node to apply it",
+                new.path,
+                extra={"event": "reload_consensus"},
+            )
+            new = dataclasses.replace(new, consensus=self.config.consensus)
         self.config = new
         self._config_mtime = mtime
         if self.link is not None:
@@ -484,9 +493,15 @@ class Node:
             bw = parse_rate(args["bwlimit"]) if args.get("bwlimit") else self.config.limits.bwlimit
         except ValueError as exc:
             raise UsageError(f"--bwlimit: {exc}") from None
+        if name in self.migrating:
+            raise UsageError(
+                f"{name} is already being migrated from this node; wait for that migration "
+                "(two at once could both copy it, and only one can move its ownership)"
+            )
         task = asyncio.current_task()
         assert task is not None and self.key is not None and self.link is not None
         self.outgoing.add(task)
+        self.migrating.add(name)
         last: dict[str, Any] = {"t": 0.0, "phase": ""}
 
         def progress(p: aio.Progress) -> None:
@@ -555,6 +570,7 @@ class Node:
             raise
         finally:
             self.outgoing.discard(task)
+            self.migrating.discard(name)
         result.seconds = round(time.monotonic() - t0, 3)
         s = self.stats
         s.count_migration("out", "ok")
@@ -577,13 +593,16 @@ class Node:
         return result.to_dict()
 
     async def _release_channel(self, opening: asyncio.Future[QuicChannel], reuse: bool) -> None:
-        """Give the migration's channel back, also when it ended before using it."""
+        """Give the migration's channel back, also when it ended before using it; a
+        connection still being set up for a failed migration is abandoned, not awaited."""
         assert self.link is not None
-        try:
-            chan = await opening
-        except (asyncio.CancelledError, DwcpError, OSError):
+        if not opening.done():
+            if not reuse:
+                opening.cancel()
+            await asyncio.wait([opening])  # our own cancellation still propagates
+        if opening.cancelled() or opening.exception() is not None:
             return  # never opened: nothing to give back
-        await self.link.release(chan, reuse=reuse)
+        await self.link.release(opening.result(), reuse=reuse)
 
     def _source_path(self, image: str) -> Path:
         """An absolute path as given, or the name of an image in this node's ``images/``."""

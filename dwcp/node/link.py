@@ -193,9 +193,9 @@ class NodeLink:
         self.sessions[id(session)] = (peer.name, session)
         try:
             chan = await session.open_channel(CHANNEL_NAME)
-        except DwcpError:
+        except BaseException:  # cancelled too: a session nobody uses must not stay open
             self.sessions.pop(id(session), None)
-            await session.close("channel failed")
+            await asyncio.shield(session.close("channel failed"))
             raise
         return QuicChannel(session, chan.reader, chan.writer)
 

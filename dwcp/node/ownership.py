@@ -20,22 +20,24 @@ owner may be running. (So a hand-over that timed out but committed anyway makes 
 re-run fail with "owned by <destination>": the first run did complete.)
 
 The node may also host one replica (``[consensus] replica = N``) in its own event
-loop. Its write-ahead log lives in ``DATA/consensus/``; a marker file records that the
-replica has voted before, so a log that disappeared (disk replaced, directory wiped)
-restarts the replica in recovering mode, never as a fresh one that forgot its votes.
+loop (WAL fsyncs in a worker thread, so transfers are not held up). Its write-ahead
+log lives in ``DATA/consensus/`` and is created once, explicitly, by ``dwcp cluster
+join`` (``create_log``) before the first start. A node that finds no log at start
+treats it as lost (disk replaced, directory wiped) and restarts the replica in
+recovering mode: it never votes as a fresh replica that forgot its votes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dwcp.consensus.net import ClientPool, NetConfig, ReplicaServer
 from dwcp.consensus.registry import Result, decode_result, encode_op
+from dwcp.consensus.wal import Wal
 from dwcp.errors import ConfigError, ConsensusError
 from dwcp.identity import NodeKey, PublicKey
 from dwcp.node.config import Consensus
@@ -83,28 +85,52 @@ class Ownership:
         self._lock = asyncio.Lock()  # one outstanding request per client key
         self.requests: dict[str, int] = {}
 
-    async def start(self) -> None:
+    def wal_path(self) -> Path | None:
         r = self.settings.replica
-        if r is not None:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            wal = self.state_dir / f"replica-{r}.wal"
-            marker = self.state_dir / f"replica-{r}.member"
-            recovering = not wal.exists() and marker.exists()
+        return None if r is None else self.state_dir / f"replica-{r}.wal"
+
+    def create_log(self) -> Path:
+        """First start of this node's replica: create its empty log (``dwcp cluster join``).
+        Refuses if one exists: replacing it would forget the replica's votes."""
+        wal = self.wal_path()
+        if wal is None:
+            raise ConfigError("[consensus] has no 'replica = N': this node runs no replica")
+        if wal.exists():
+            raise ConfigError(f"{wal} exists: this replica has joined already")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        cfg = self.net.cluster
+        Wal(
+            wal,
+            cluster_id=cfg.cluster_id,
+            replica_id=self.settings.replica or 0,
+            public_key=self.key.public.raw,
+            create=True,
+        ).close()
+        return wal
+
+    async def start(self) -> None:
+        wal = self.wal_path()
+        if wal is not None:
+            r = self.settings.replica
+            assert r is not None
+            recovering = not wal.exists()
             if recovering:
                 log.warning(
-                    "replica %d lost its log; it rejoins without voting until it caught up",
+                    "replica %d has no log (%s): taken as lost, it rejoins without voting "
+                    "until it has caught up. On the cluster's first start, stop the node and "
+                    "run 'dwcp --config NODE.toml cluster join' on every replica node first.",
                     r,
+                    wal,
                     extra={"event": "replica_recovering"},
                 )
+                self.state_dir.mkdir(parents=True, exist_ok=True)
             server = ReplicaServer(
-                self.net, r, self.key, wal, recovering=recovering, create=not wal.exists()
+                self.net, r, self.key, wal, recovering=recovering, sync_in_thread=True
             )
             await server.start()
             assert server.stopped is not None
             server.stopped.add_done_callback(_report_stop)
             self.server = server
-            if not marker.exists():
-                _write_durably(marker, b"this node has been replica %d of the cluster\n" % r)
         self.pool = ClientPool(self.net, [self.key])
         for link in self.pool.links.values():
             link.start()  # dial in the background: f replicas may be down
@@ -117,8 +143,16 @@ class Ownership:
 
     async def _request(self, *op: str | int) -> Result:
         assert self.pool is not None
-        async with self._lock:
-            done = await self.pool.request(encode_op(*op), timeout=self.settings.timeout)
+        timeout = self.settings.timeout
+        try:
+            async with asyncio.timeout(timeout):  # the wait for the lock included
+                async with self._lock:
+                    done = await self.pool.request(encode_op(*op))
+        except TimeoutError:
+            raise ConsensusError(
+                f"no answer from the ownership cluster within {timeout:g} s ([consensus] "
+                "timeout): fewer than 2f+1 replicas are reachable; check 'dwcp status'"
+            ) from None
         result = decode_result(done.result)
         key = f"{op[0]}:{'ok' if result.ok else result.reason}"
         self.requests[key] = self.requests.get(key, 0) + 1
@@ -157,8 +191,6 @@ class Ownership:
         got = await self._request("migrate", claim.vm, self.me, dst.node_id, claim.epoch)
         if got.ok:
             return got
-        if got.owner == dst.node_id:  # a retry of ours committed after all
-            return got
         raise ConsensusError(
             f"the image was copied, but ownership of VM {claim.vm} did not move "
             f"({got.reason}: owner {got.owner or '?'}, epoch {got.epoch}); the VM stays "
@@ -191,17 +223,3 @@ def _report_stop(fut: asyncio.Future[None]) -> None:
             fut.exception(),
             extra={"event": "replica_failed"},
         )
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -107,6 +107,23 @@ def test_concurrent_migrations(pair: tuple[NodeProc, NodeProc, Path]) -> None:
         assert sha256_file(b.images / p.name) == sha256_file(p)
 
 
+def test_one_migration_per_image_name_at_a_time(pair: tuple[NodeProc, NodeProc, Path]) -> None:
+    a, b, root = pair
+    img = root / "once.img"
+    make_image(img, 4, seed=31)
+    slow = a.popen_cli("migrate", str(img), "--to", "b", "--bwlimit", "1M", "--json")
+    try:
+        wait_until(
+            lambda: a.status()["stats"]["active_transfers"]["out"] >= 1, "the first migration"
+        )
+        second = a.cli("migrate", str(img), "--to", "b", check=False)
+        assert second.returncode == 2 and "already being migrated" in second.stderr
+    finally:
+        _out, err = slow.communicate(timeout=300)
+    assert slow.returncode == 0, err
+    assert sha256_file(b.images / "once.img") == sha256_file(img)
+
+
 def test_clear_errors(pair: tuple[NodeProc, NodeProc, Path]) -> None:
     a, _b, root = pair
     r = a.cli("migrate", str(root / "nope.img"), "--to", "b", check=False)

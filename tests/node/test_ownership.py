@@ -48,6 +48,7 @@ class World:
         for i, node in enumerate((self.a, self.b)):
             with open(node.config, "a", encoding="utf-8") as f:
                 f.write(f'\n[consensus]\ncluster = "{self.cluster}"\nreplica = {i}\ntimeout = 60\n')
+            node.cli("cluster", "join")  # first start: an empty log
         self.replicas: dict[int, subprocess.Popen[bytes]] = {}
 
     def start_replica(self, i: int) -> None:
@@ -148,6 +149,8 @@ def test_commits_with_one_replica_down(world: World) -> None:
 
 def test_a_replica_that_lost_its_log_rejoins_as_recovering(world: World) -> None:
     b = world.b
+    again = b.cli("cluster", "join", check=False)
+    assert again.returncode == 2 and "joined already" in again.stderr
     b.stop()
     (b.dir / "data" / "consensus" / "replica-1.wal").unlink()
     b.start()
