@@ -740,3 +740,28 @@ def test_restarted_replica_is_silent_in_its_crash_view() -> None:
     assert len(net.completed[0]) == 3
     assert r3.view >= 1 and Kind.COMMIT in sent
     _check_safety(net)
+
+
+def test_a_core_error_on_one_message_keeps_the_batch_s_other_actions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug triggered by one input must not drop the actions (and WAL records) of the
+    messages handled before it in the same batch."""
+    net = Net.make(n_clients=3, max_inflight=4)
+    raws = []
+    for ci in range(3):
+        (send,) = net.clients[ci].request(encode_op("register", f"vm{ci}", "hostA"), net.now)
+        raws.append(send.data)
+    rep = net.replica(0)
+    real = rep.receive
+
+    def flaky(data: bytes, now: float) -> list[Action]:
+        if data == raws[1]:
+            raise RuntimeError("a bug")
+        return real(data, now)
+
+    monkeypatch.setattr(rep, "receive", flaky)
+    actions = rep.receive_batch(raws, net.now)
+    assert rep.stats["internal_errors"] == 1
+    pps = [CODEC.decode(a.data) for a in actions if isinstance(a, Broadcast)]
+    assert isinstance(pps[0].msg, PrePrepare) and len(pps[0].msg.requests) == 2
