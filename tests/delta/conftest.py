@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dwcp.delta import ImageIndex
+from dwcp.delta import ImageIndex, Rebuilder, encode
 
 BS = 4096
 
@@ -42,6 +42,14 @@ def old_and_new(
     index = ImageIndex(tmp_path / "index.db")
     index.sync_dir(tmp_path / "images")
     return tmp_path / "src.img", tmp_path / "images" / "new.img", index
+
+
+def finish_from(rb: Rebuilder, src: Path, out: Path) -> None:
+    """Send ``rb`` what it still lacks from ``src``, finish it, and check ``out`` is ``src``."""
+    for frame in encode(src, rb.pending()):
+        rb.feed(frame)
+    rb.finish()
+    assert out.read_bytes() == src.read_bytes()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 
 from dwcp.delta import ImageIndex, Rebuilder, encode, finisher, plan, scan_image
 from dwcp.errors import ImageError, IntegrityError, LocalImageChangedError
-from tests.delta.conftest import BS, old_and_new
+from tests.delta.conftest import BS, finish_from, old_and_new
 
 
 @pytest.fixture(autouse=True)
@@ -51,10 +51,7 @@ def test_close_while_waiting_for_data_then_resume(tmp_path: Path) -> None:
     assert not out.exists()
     rb2 = Rebuilder.for_manifest(m, p, out)
     rb2.start()
-    for f in encode(src, rb2.pending()):
-        rb2.feed(f)
-    rb2.finish()
-    assert out.read_bytes() == src.read_bytes()
+    finish_from(rb2, src, out)
 
 
 def test_base_changed_after_planning_keeps_what_was_received(tmp_path: Path) -> None:
@@ -76,10 +73,7 @@ def test_base_changed_after_planning_keeps_what_was_received(tmp_path: Path) -> 
     index.update(base)
     rb2 = Rebuilder.for_manifest(m, plan(m, index.local), out)
     assert 0 < rb2.bytes_pending <= BS  # only the block the base lost
-    for f_ in encode(src, rb2.pending()):
-        rb2.feed(f_)
-    rb2.finish()
-    assert out.read_bytes() == src.read_bytes()
+    finish_from(rb2, src, out)
 
 
 def test_base_removed_after_planning_is_an_image_error(tmp_path: Path) -> None:

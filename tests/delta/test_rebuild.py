@@ -17,7 +17,7 @@ from dwcp.errors import (
     LocalImageChangedError,
     ProtocolError,
 )
-from tests.delta.conftest import make_image, old_and_new
+from tests.delta.conftest import finish_from, make_image, old_and_new
 
 
 def _setup(tmp_path: Path, blocks: int = 600) -> tuple[Path, Path, ImageIndex]:
@@ -95,10 +95,7 @@ def test_base_changed_after_indexing_is_caught(tmp_path: Path) -> None:
     p2 = plan(m, index.local)
     rb2 = Rebuilder.for_manifest(m, p2, out)
     assert 0 < rb2.bytes_pending <= 4096
-    for f_ in encode(src, rb2.pending()):
-        rb2.feed(f_)
-    rb2.finish()
-    assert out.read_bytes() == src.read_bytes()
+    finish_from(rb2, src, out)
 
 
 def test_index_is_persistent_and_incremental(tmp_path: Path) -> None:
@@ -253,10 +250,7 @@ def test_coalesce_bounds_the_number_of_ranges(tmp_path: Path) -> None:
     assert c.bytes_missing >= p.bytes_missing
     assert sum(e.length for e in c.extents) == p.size
     rb = Rebuilder.for_manifest(m, c, out)
-    for f in encode(src, rb.pending()):
-        rb.feed(f)
-    rb.finish()
-    assert out.read_bytes() == src.read_bytes()
+    finish_from(rb, src, out)
 
 
 def test_record_and_refresh(tmp_path: Path) -> None:
