@@ -91,7 +91,7 @@ def encode(
     """Yield frames carrying ``ranges`` of ``image``, compressed at zstd ``level``.
 
     ``level`` may be a callable, asked before each frame (an adaptive choice:
-    ``dwcp.migrate.compression``); the level is in each frame's header.
+    ``dwcp.pba.compression``); the level is in each frame's header.
 
     ``threads > 1`` compresses several batches at once (zstd releases the GIL),
     keeping at most ``2 * threads`` batches in flight so memory stays bounded.

@@ -42,7 +42,8 @@ from dwcp.errors import (
 from dwcp.identity import NodeKey, PublicKey
 from dwcp.migrate import messages as msg
 from dwcp.migrate import protocol as proto
-from dwcp.migrate.compression import AdaptiveLevel
+from dwcp.pba.compression import AdaptiveLevel
+from dwcp.pba.hostcpu import HostCpu
 
 T = TypeVar("T")
 _LEN = struct.Struct("<I")
@@ -463,29 +464,6 @@ async def send_image(
     finally:
         stop_hashing.set()  # a failed transfer need not finish hashing
         hashing.cancel()
-
-
-class HostCpu:
-    """The share of the host's CPU time that was idle between two calls (/proc/stat)."""
-
-    def __init__(self) -> None:
-        self._last = self._read()
-
-    @staticmethod
-    def _read() -> tuple[int, int] | None:
-        try:
-            with open("/proc/stat", "rb") as f:
-                fields = [int(x) for x in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        return fields[3] + fields[4], sum(fields[:8])  # idle + iowait, total
-
-    def idle_share(self) -> float:
-        now, last = self._read(), self._last
-        self._last = now
-        if now is None or last is None or now[1] <= last[1]:
-            return 1.0  # unknown: do not hold the level back
-        return (now[0] - last[0]) / (now[1] - last[1])
 
 
 def _consume(fut: asyncio.Future[Any]) -> None:

@@ -40,13 +40,13 @@ from dwcp.errors import (
 )
 from dwcp.identity import NodeKey, PublicKey
 from dwcp.migrate import aio
-from dwcp.migrate.compression import MAX_LEVEL, MIN_LEVEL, AdaptiveLevel
 from dwcp.node import metrics
 from dwcp.node.config import NodeConfig, load_config, parse_rate
 from dwcp.node.control import ControlServer
 from dwcp.node.link import NodeLink, QuicChannel
 from dwcp.node.ownership import Claim, Ownership
 from dwcp.node.store import Store, check_image_name
+from dwcp.pba.compression import MAX_LEVEL, MIN_LEVEL, AdaptiveLevel
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

@@ -27,7 +27,7 @@ Public API (stable; other components build on it)::
 ``TransportConfig`` (frozen): ``idle_timeout``, ``connect_timeout``, the link
 hints ``bandwidth_bps`` / ``rtt`` (flow-control windows, the bulk window and
 UDP buffers are sized from their product), ``chunk``, ``window``, ``policy``
-("probe" or "fixed", or any name given to ``adapt.register_policy``),
+("probe" or "fixed", or any name given to ``dwcp.pba.parallelism.register_policy``),
 ``initial_connections`` / ``initial_streams``, ``max_connections`` /
 ``max_streams``, ``interval`` (adaptation period), ``congestion`` ("dwcp-bbr"
 by default; "cubic", "reno"), ``alpn``.
@@ -39,7 +39,7 @@ failure: reconnect and ``send`` the rest with ``offset=`` the receiver's
 ``BulkReceiver.offset`` (the bytes its application consumed).
 
 Layers: ``dwcp.wire`` (sans-IO frames), ``stripe`` (sans-IO striping and
-reassembly), ``adapt`` (sans-IO parallelism controller, policies by name),
+reassembly), ``dwcp.pba.parallelism`` (sans-IO parallelism controller, policies by name),
 ``bbr`` (rate-based congestion controller for aioquic), ``tls`` (certificates
 from Ed25519 keys, trust check), ``quic`` (aioquic connection with paced
 streams and link counters), ``aio`` (sockets, batched reads, timers),

@@ -30,7 +30,7 @@ from dwcp.errors import (
     UsageError,
 )
 from dwcp.identity import PublicKey
-from dwcp.transport.adapt import Controller, Limits, LinkSample, Snapshot
+from dwcp.pba.parallelism import Controller, Limits, LinkSample, Snapshot
 from dwcp.transport.aio import Conn, now
 from dwcp.transport.bulk import BulkReceiver, BulkSender
 from dwcp.transport.channel import Channel, ChannelReader, ChannelWriter

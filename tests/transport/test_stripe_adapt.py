@@ -8,7 +8,7 @@ import random
 import pytest
 
 from dwcp.errors import FrameError, UsageError
-from dwcp.transport.adapt import Controller, Limits, LinkSample, create_policy, register_policy
+from dwcp.pba.parallelism import Controller, Limits, LinkSample, create_policy, register_policy
 from dwcp.transport.stripe import Reassembler, SendWindow
 
 
@@ -115,7 +115,7 @@ def test_failed_probes_hold_longer_each_time() -> None:
 def test_policies_are_pluggable_by_name() -> None:
     class Always3:
         def decide(self, sample: LinkSample, limits: Limits) -> object:
-            from dwcp.transport.adapt import Decision
+            from dwcp.pba.parallelism import Decision
 
             return Decision(3, 99, "test")
 

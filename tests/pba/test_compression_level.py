@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dwcp.delta import decode_frame, encode
-from dwcp.migrate.compression import MAX_LEVEL, AdaptiveLevel
+from dwcp.pba.compression import MAX_LEVEL, AdaptiveLevel
 
 
 def _feed(c: AdaptiveLevel, frames: int, busy: float, interval: float) -> None:

@@ -1,0 +1,10 @@
+"""PBA: predictive bandwidth allocation, what dwcp knows and decides about a path.
+
+Today this gathers the pieces that exist: the parallelism policy that sets a
+session's connections x streams from measured goodput (``parallelism``), the
+zstd level that follows the encoder's and the host's CPU (``compression``,
+``hostcpu``). The per-connection path model itself (BBR's windowed max of the
+delivery rate and min of the RTT) paces every QUIC connection and lives with
+the transport (``dwcp.transport.bbr``), whose snapshots feed this package.
+All modules here are sans-IO: they take samples and ``now``, never read a clock.
+"""
