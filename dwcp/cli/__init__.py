@@ -1,8 +1,9 @@
 """The ``dwcp`` command line.
 
 Subcommands are thin: each converts its flags and calls the Python API, so the
-logic is testable without a shell. Every command module exposes
-``register(subparsers)``; the list below is the whole command set. Errors from
+logic is testable without a shell. Every module ``dwcp.cli.*_cmd`` exposes
+``register(subparsers)`` and is found by name, so a new command is one new
+file; ``ORDER`` only sets the order of the help listing. Errors from
 ``dwcp.errors`` become one line on stderr and a named exit code.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import pkgutil
 import sys
 from collections.abc import Sequence
 
@@ -21,8 +23,8 @@ EXIT_FAILURE = 1  # the operation failed (bad data, peer, integrity...)
 EXIT_USAGE = 2  # bad arguments or configuration
 EXIT_INTERRUPTED = 130
 
-# Modules under dwcp.cli that provide ``register(subparsers)``.
-COMMAND_MODULES: tuple[str, ...] = (
+# The help listing's order; any other ``*_cmd`` module follows, sorted by name.
+ORDER: tuple[str, ...] = (
     "keygen_cmd",
     "delta_cmd",
     "init_cmd",
@@ -36,6 +38,13 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+def command_modules() -> tuple[str, ...]:
+    """Every command module under ``dwcp.cli``, in help order."""
+    here = pkgutil.iter_modules(__path__)
+    found = sorted(m.name for m in here if m.name.endswith("_cmd"))
+    return tuple(n for n in ORDER if n in found) + tuple(n for n in found if n not in ORDER)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dwcp",
@@ -43,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", metavar="FILE", help="node configuration (node.toml)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
+    for name in command_modules():
         module = importlib.import_module(f"dwcp.cli.{name}")
         module.register(sub)
     return parser
