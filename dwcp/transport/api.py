@@ -15,8 +15,7 @@ import socket
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
-from aioquic._buffer import Buffer
-from aioquic.quic.packet import QuicPacketType, pull_quic_header
+from aioquic.quic.packet import QuicPacketType
 
 from dwcp import wire
 from dwcp.errors import (
@@ -38,7 +37,7 @@ from dwcp.transport.aio import (
     random_session_id,
 )
 from dwcp.transport.config import TransportConfig
-from dwcp.transport.quic import DwcpQuicConnection
+from dwcp.transport.quic import DwcpQuicConnection, parse_header
 from dwcp.transport.session import CONTROL_STREAM, RequestHandler, Session
 from dwcp.transport.tls import make_configuration
 
@@ -286,9 +285,8 @@ class Server:
                 conn.receive(data, addr, t)
                 touched[id(conn)] = conn
                 continue
-            try:
-                header = pull_quic_header(Buffer(data=data), host_cid_length=cid_len)
-            except ValueError:
+            header = parse_header(data, cid_len)
+            if header is None:
                 continue
             conn = by_cid.get(header.destination_cid)
             if conn is None:

@@ -208,16 +208,7 @@ class Session:
 
     def _unflushed(self) -> bool:
         """True while some connection holds written data the peer has not acknowledged."""
-        for conn in self.conns:
-            if conn.closed:
-                continue
-            for stream in conn.quic._streams.values():
-                out = stream.sender
-                if out.is_finished or out._reset_error_code is not None:
-                    continue
-                if out._buffer_stop > out._buffer_start or out._buffer_fin is not None:
-                    return True
-        return False
+        return any(not conn.closed and conn.quic.unflushed() for conn in self.conns)
 
     async def _flush(self, linger: float) -> None:
         for conn in self.conns:
@@ -518,8 +509,7 @@ class Session:
         sid = self._out_lanes.get((conn.index, i))
         if sid is None:
             sid = conn.quic.get_next_available_stream_id(is_unidirectional=True)
-            # Reserve the id now: aioquic only advances it when the stream exists.
-            conn.quic._get_or_create_stream_for_send(sid)
+            conn.quic.reserve_stream(sid)
             self._out_lanes[(conn.index, i)] = sid
         return conn, sid
 
