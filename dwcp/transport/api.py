@@ -37,13 +37,13 @@ from dwcp.transport.aio import (
     random_session_id,
 )
 from dwcp.transport.config import TransportConfig
+from dwcp.transport.core import CONTROL_STREAM
 from dwcp.transport.quic import DwcpQuicConnection, parse_header
-from dwcp.transport.session import CONTROL_STREAM, RequestHandler, Session
+from dwcp.transport.session import RequestHandler, Session
 from dwcp.transport.tls import make_configuration
 
 log = logging.getLogger("dwcp.transport")
 SessionHandler = Callable[[Session], Awaitable[None]]
-ConnOpener = Callable[[Session, int], Awaitable[Conn]]
 _T = TypeVar("_T")
 BACKLOG_LIMIT = 4 << 20
 MAX_CONNECTIONS = 64  # per session, whatever the client asks for
@@ -359,7 +359,7 @@ class Server:
                 peer_window=hello.window,
             )
             self.sessions[hello.session_id] = session
-            session._failed.add_done_callback(lambda _f: self.sessions.pop(hello.session_id, None))
+            session.add_close_callback(self._forget)
             conn.quic.send_stream_data(CONTROL_STREAM, wire.encode(echo))
             greeter.hand_over(session, conn, decoder)
             if self._handler is not None:
@@ -374,6 +374,9 @@ class Server:
             conn.quic.send_stream_data(CONTROL_STREAM, wire.encode(echo))
             greeter.hand_over(session, conn, decoder)
         conn.transmit_soon()
+
+    def _forget(self, session: Session) -> None:
+        self.sessions.pop(session.session_id, None)
 
     async def _run_handler(self, session: Session) -> None:
         assert self._handler is not None
