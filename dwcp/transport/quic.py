@@ -22,6 +22,7 @@ Still sans-IO: the asyncio glue in ``aio.py`` feeds it datagrams and ``now``.
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -31,9 +32,10 @@ from aioquic import tls
 from aioquic._buffer import Buffer  # aioquic.buffer re-exports it without __all__
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection
-from aioquic.quic.packet import QuicFrameType, QuicHeader, pull_quic_header
+from aioquic.quic.packet import QuicFrameType, QuicHeader, encode_quic_retry, pull_quic_header
 from aioquic.quic.packet_builder import QuicPacketBuilder, QuicSentPacket
 from aioquic.quic.recovery import K_MICRO_SECOND, K_SECOND, QuicPacketPacer, QuicPacketSpace
+from aioquic.quic.retry import QuicRetryTokenHandler
 from aioquic.quic.stream import QuicStream, QuicStreamSender
 
 from dwcp.identity import PublicKey
@@ -174,6 +176,43 @@ def parse_header(data: bytes, host_cid_length: int) -> QuicHeader | None:
         return pull_quic_header(Buffer(data=data), host_cid_length=host_cid_length)
     except ValueError:
         return None
+
+
+class RetryTokens:
+    """Stateless address validation (QUIC Retry, RFC 9000 8.1) with aioquic's token handler.
+
+    The token seals the client's address and its original connection id under
+    a key that never leaves this object; nothing is stored per client.
+    """
+
+    def __init__(self) -> None:
+        self._handler = QuicRetryTokenHandler()
+
+    def retry_packet(self, header: QuicHeader, addr: Any, now: float) -> bytes:
+        """A Retry answering ``header``'s Initial from ``addr``."""
+        source_cid = os.urandom(8)
+        token = self._handler.create_token(
+            address=addr,
+            original_destination_connection_id=header.destination_cid,
+            retry_source_connection_id=source_cid,
+            now=now,
+        )
+        return encode_quic_retry(
+            version=header.version or 1,
+            source_cid=source_cid,
+            destination_cid=header.source_cid,
+            original_destination_cid=header.destination_cid,
+            retry_token=token,
+        )
+
+    def validate(self, header: QuicHeader, addr: Any, now: float) -> bytes | None:
+        """The original destination connection id if the Initial's token is good, else None."""
+        try:
+            return self._handler.validate_token(
+                address=addr, destination_cid=header.destination_cid, token=header.token, now=now
+            )
+        except ValueError:
+            return None
 
 
 def install_trust_check(
