@@ -7,11 +7,14 @@ concurrent transfer 20x) must be bounded before the handshake:
 
 - Above ``retry_above`` pending handshakes, a client must first prove its
   address with a QUIC Retry (a stateless round trip: the server keeps nothing
-  until the client echoes the token), so spoofed floods cost one packet each.
+  until the client echoes the token), so spoofed floods cost one packet each
+  and hold at most ``retry_above`` connections.
 - At most ``max_pending`` connections are pending (handshaking, or waiting
-  for their Hello) at once, at most ``per_address`` from one IP address, and
-  one address may start at most ``rate_per_address`` handshakes per second
-  (a bucket of ``per_address`` tokens).
+  for their Hello) at once; of those whose address is proven, at most
+  ``per_address`` from one IP address, and one address may start at most
+  ``rate_per_address`` handshakes per second (a bucket of ``per_address``
+  tokens). Unproven addresses are not counted per address: a spoofer must not
+  be able to lock a victim's address out.
 - Once a peer has proven its key and joined a session, at most ``per_key``
   connections and ``sessions_per_key`` sessions per key.
 
@@ -65,8 +68,8 @@ class Ticket:
 
     __slots__ = ("ip", "key", "session")
 
-    def __init__(self, ip: str) -> None:
-        self.ip = ip
+    def __init__(self, ip: str | None) -> None:
+        self.ip = ip  # None: the address was not proven (not counted per address)
         self.key: PublicKey | None = None  # set once it joined a session
         self.session = False  # it is the first connection of a session
 
@@ -89,13 +92,14 @@ class Admission:
         """
         lim = self.limits
         st = self.stats
-        if st.pending >= lim.max_pending or self._pending_by_ip.get(ip, 0) >= lim.per_address:
+        if st.pending >= lim.max_pending:
             st.dropped += 1
             return Verdict.DROP
-        if not validated and st.pending >= lim.retry_above:
-            st.retries += 1
-            return Verdict.RETRY
-        if not self._take_token(ip, now):
+        if not validated:
+            if st.pending >= lim.retry_above:
+                st.retries += 1
+                return Verdict.RETRY
+        elif self._pending_by_ip.get(ip, 0) >= lim.per_address or not self._take_token(ip, now):
             st.dropped += 1
             return Verdict.DROP
         st.accepted += 1
@@ -124,11 +128,13 @@ class Admission:
             if t + (now - at) * lim.rate_per_address < full
         }
 
-    def open(self, ip: str) -> Ticket:
+    def open(self, ip: str, validated: bool) -> Ticket:
         """An accepted Initial became a connection: it is pending until it joins a session."""
         st = self.stats
         st.pending += 1
         st.most_pending = max(st.most_pending, st.pending)
+        if not validated:
+            return Ticket(None)
         self._pending_by_ip[ip] = self._pending_by_ip.get(ip, 0) + 1
         return Ticket(ip)
 
@@ -163,9 +169,10 @@ class Admission:
         if ticket.session:
             _decrement(self._sessions_by_key, key)
 
-    def _unpend(self, ip: str) -> None:
+    def _unpend(self, ip: str | None) -> None:
         self.stats.pending -= 1
-        _decrement(self._pending_by_ip, ip)
+        if ip is not None:
+            _decrement(self._pending_by_ip, ip)
 
 
 def _decrement(counts: dict[K, int], key: K) -> None:

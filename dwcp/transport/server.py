@@ -129,10 +129,11 @@ class Server:
             return None
         if verdict is Verdict.DROP:
             return None
-        return self._new_conn(header.destination_cid, original, retry_cid, addr[0])
+        ticket = self._admission.open(addr[0], retry_cid is not None)
+        return self._new_conn(header.destination_cid, original, retry_cid, ticket)
 
     def _new_conn(
-        self, dest_cid: bytes, original_cid: bytes, retry_cid: bytes | None, ip: str
+        self, dest_cid: bytes, original_cid: bytes, retry_cid: bytes | None, ticket: Ticket
     ) -> Conn:
         assert self._endpoint is not None
         quic = DwcpQuicConnection(
@@ -148,7 +149,7 @@ class Server:
             keepalive=self.config.idle_timeout / 3,
             owns_endpoint=False,
         )
-        self._tickets[id(conn)] = self._admission.open(ip)
+        self._tickets[id(conn)] = ticket
         by_cid = self._by_cid
         by_cid[dest_cid] = conn
         by_cid[quic.host_cid] = conn
