@@ -1,11 +1,16 @@
 """Goodput over the emulated WAN: dwcp vs one plain aioquic connection vs iperf3 TCP.
 
     python benchmarks/transport_bench.py [--seconds 10 | --quick] [--json]
+    python benchmarks/transport_bench.py --flood [--hellos 3000] [--flood-seconds 7] [--json]
 
 Each cell gets a fresh dwcp.netemu.Link (same seed, so the same loss pattern)
 per tool; each tool runs for --seconds and reports received bytes over its own
 transfer time (slow start included). Ratios are goodput / link rate. Needs root
 (network namespaces); prints why and exits 0 when it cannot run.
+
+``--flood`` (loopback, no root): a ``dwcp perf`` server's RSS and a 4 MiB
+transfer's time, alone and while this process sends --hellos ClientHellos over
+--flood-seconds (issue 19 item 7); the ratio is flooded / quiet transfer time.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -151,6 +157,141 @@ def measure(cell: Cell, tool: str, seconds: float, keys: Path) -> dict[str, Any]
     return res
 
 
+def _proc_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _perf_client(port: int, keys: Path) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-m", "dwcp", "perf", f"127.0.0.1:{port}", "--bytes", "4M"]
+    argv += ["--key", str(keys / "a.key"), "--trust", f"{keys / 'b.key'}.pub", "--json"]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish_client(proc: subprocess.Popen[str], started: float, ended: float) -> dict[str, Any]:
+    """The client's result; its wall time runs from ``started`` to ``ended``."""
+    out, err = proc.communicate(timeout=300)
+    if proc.returncode != 0:
+        return {"error": err.strip()[-300:]}
+    res = json.loads(out.strip().splitlines()[-1])
+    return {"wall_s": round(ended - started, 3), "transfer_s": round(res["seconds"], 3)}
+
+
+def _transfers(port: int, keys: Path, count: int) -> list[dict[str, Any]]:
+    """``count`` 4 MiB transfers one after the other."""
+    out = []
+    for _ in range(count):
+        t = time.monotonic()
+        proc = _perf_client(port, keys)
+        proc.wait(timeout=300)
+        out.append(_finish_client(proc, t, time.monotonic()))
+    return out
+
+
+def _median(runs: list[dict[str, Any]], key: str) -> float | None:
+    values = sorted(r[key] for r in runs if key in r)
+    return values[len(values) // 2] if values else None
+
+
+def run_flood(hellos: int, seconds: float) -> dict[str, Any]:
+    """Server RSS and 4 MiB transfers, quiet, then back to back under a ClientHello flood."""
+    from dwcp.transport.testing import HelloFlood
+
+    with tempfile.TemporaryDirectory() as tmp:
+        keys = Path(tmp)
+        for name in ("a", "b"):
+            subprocess.run(
+                [sys.executable, "-m", "dwcp", "keygen", str(keys / f"{name}.key")],
+                check=True,
+                capture_output=True,
+            )
+        listen = [sys.executable, "-m", "dwcp", "perf", "--listen", f"127.0.0.1:{PORT}"]
+        listen += ["--key", str(keys / "b.key"), "--trust", f"{keys / 'a.key'}.pub"]
+        server = subprocess.Popen(listen, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            assert server.stdout is not None
+            server.stdout.readline()  # "dwcp perf listening on ..."
+            rss_start = _proc_kib(server.pid, "VmRSS")
+            quiet = _transfers(PORT, keys, 3)
+            rss_quiet = _proc_kib(server.pid, "VmRSS")
+            cpu_before = _cpu_s(server.pid)
+            flood = HelloFlood(("127.0.0.1", PORT), answer=False)
+            flooded: list[dict[str, Any]] = []
+            client: subprocess.Popen[str] | None = None
+            client_t = 0.0
+            t0 = time.monotonic()
+            while flood.sent < hellos:  # paced: hellos spread evenly over the seconds
+                if client is not None and client.poll() is not None:
+                    flooded.append(_finish_client(client, client_t, time.monotonic()))
+                    client = None
+                if client is None and flood.sent >= hellos // 7 and flood.sent < hellos * 6 // 7:
+                    client, client_t = _perf_client(PORT, keys), time.monotonic()
+                due = t0 + seconds * flood.sent / hellos
+                if time.monotonic() < due:
+                    flood.pump()
+                    time.sleep(min(0.002, max(0.0, due - time.monotonic())))
+                    continue
+                flood.hello()
+            flood_s = time.monotonic() - t0
+            rss_flood = _proc_kib(server.pid, "VmRSS")
+            cpu_flood = _cpu_s(server.pid) - cpu_before
+            if client is not None:
+                client.wait(timeout=300)
+                flooded.append(_finish_client(client, client_t, time.monotonic()))
+            flood.close()
+            time.sleep(1.0)
+            after = _transfers(PORT, keys, 3)
+            peak = _proc_kib(server.pid, "VmHWM")
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    q, f = _median(quiet, "transfer_s"), _median(flooded, "transfer_s")
+    return {
+        "hellos": hellos,
+        "flood_s": round(flood_s, 2),
+        "quiet": quiet,
+        "flooded": flooded,
+        "after": after,
+        "slowdown": round(f / q, 2) if q and f else None,
+        "server_cpu_s_during_flood": round(cpu_flood, 2),
+        "server_rss_mib": {
+            "start": round(rss_start / 1024, 1),
+            "after_quiet_transfers": round(rss_quiet / 1024, 1),
+            "after_flood": round(rss_flood / 1024, 1),
+            "peak": round(peak / 1024, 1),
+        },
+    }
+
+
+def _flood_main(a: argparse.Namespace) -> int:
+    res = run_flood(a.hellos, a.flood_seconds)
+    rss = res["server_rss_mib"]
+    print(f"\nClientHello flood: {res['hellos']} hellos in {res['flood_s']} s, loopback")
+    print(f"{'4 MiB transfers':<18} {'runs':>4} {'median s':>9} {'median wall s':>14} errors")
+    for label in ("quiet", "flooded", "after"):
+        runs = res[label]
+        errors = sum("error" in r for r in runs)
+        med, wall = _median(runs, "transfer_s"), _median(runs, "wall_s")
+        print(f"{label:<18} {len(runs):>4} {med!s:>9} {wall!s:>14} {errors}")
+    print(f"slowdown under the flood (median transfer time): {res['slowdown']}x")
+    print(f"server CPU during the flood: {res['server_cpu_s_during_flood']} s")
+    print(
+        f"server RSS MiB: start {rss['start']}, after quiet transfers "
+        f"{rss['after_quiet_transfers']}, after flood {rss['after_flood']}, peak {rss['peak']}"
+    )
+    if a.json:
+        print(json.dumps({"flood": res}))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=10.0, help="duration of each cell")
@@ -163,7 +304,12 @@ def main() -> int:
         help="run every endpoint at SCHED_FIFO 1 (chrt): measures the protocols, not the "
         "machine's scheduling latency, which on a loaded host caps paced Python senders",
     )
+    ap.add_argument("--flood", action="store_true", help="ClientHello flood (loopback)")
+    ap.add_argument("--hellos", type=int, default=3000, help="ClientHellos in the flood")
+    ap.add_argument("--flood-seconds", type=float, default=7.0, help="duration of the flood")
     a = ap.parse_args()
+    if a.flood:
+        return _flood_main(a)
     if a.rt:
         ENDPOINT[:] = ["chrt", "-f", "1"]
     seconds = 3.0 if a.quick else a.seconds

@@ -4,16 +4,26 @@ Public API (stable; other components build on it)::
 
     from dwcp.transport import serve, connect, run, Session, TransportConfig
 
-    server = await serve(host, port, key, trusted, handler, *, config=None, on_request=None)
+    server = await serve(host, port, key, trusted, handler, *, config=None, on_request=None,
+                         limits=None)
         # handler: async (Session) -> None, run for each new session;
         # on_request: async (Session, bytes) -> bytes answers session.request();
-        # server.address -> (host, port); server.close(); await server.wait_closed()
+        # limits: AdmissionLimits (handshakes and connections a peer can make it hold);
+        # server.address -> (host, port); server.admission (AdmissionStats);
+        # server.close(); await server.wait_closed()  (waits for the handlers too)
+        # async with server: ...                       (closes and waits on exit)
     session = await connect(host, port, key, trusted, *, config=None, on_request=None)
+    async with session: ...                               # closes and waits on exit
 
     reply = await session.request(b"...", timeout=None)   # RemoteError if the handler failed
     chan = await session.open_channel("name")             # peer: await session.accept_channel()
     chan.writer.write(b"..."); await chan.writer.drain(); chan.writer.write_eof()
     data = await chan.reader.read(n) / readexactly(n)
+        # channels behave like asyncio's StreamReader / StreamWriter: read() (to the end),
+        # readexactly (any size, also above the window), readuntil, readline, async for
+        # line; writelines, can_write_eof, close, is_closing, wait_closed,
+        # get_extra_info("peer_key" | "channel" | "stream_id")
+        # Cancelling a pending read, accept or request leaves the session usable.
     end = await session.send(buffers, offset=0)          # returns after the peer consumed all
     sender = session.open_bulk(offset=0); await sender.write(buf); await sender.finish()
     receiver = await session.accept_bulk()                # peer side
@@ -38,13 +48,25 @@ ALPN), ``IdleTimeoutError`` (peer silent past ``config.idle_timeout``),
 failure: reconnect and ``send`` the rest with ``offset=`` the receiver's
 ``BulkReceiver.offset`` (the bytes its application consumed).
 
-Layers: ``dwcp.wire`` (sans-IO frames), ``stripe`` (sans-IO striping and
-reassembly), ``dwcp.pba.parallelism`` (sans-IO parallelism controller, policies by name),
+The sans-IO session core, for building on without asyncio (see ``core``):
+``SessionCore(config, is_client=, peer_window=, limits=PeerLimits())`` over
+QUIC connections (``add_connection``); ``receive(conn, stream, data, fin)`` and
+``reset(conn, stream)`` return ``events.SessionEvent`` lists; ``send_request``,
+``send_response``, ``open_channel``, ``channel_write``, ``channel_consumed``,
+``transfers.open/send/finish/read``, ``adapt(now)``, ``take_touched()``.
+
+Layers: ``dwcp.wire`` (sans-IO frames), ``stripe`` (sans-IO striping,
+reassembly, lane choice), ``transfers`` (sans-IO bulk transfers), ``core`` and
+``events`` (the sans-IO session protocol), ``admission`` (sans-IO handshake
+budget), ``dwcp.pba.parallelism`` (parallelism controller, policies by name),
 ``bbr`` (rate-based congestion controller for aioquic), ``tls`` (certificates
-from Ed25519 keys, trust check), ``quic`` (aioquic connection with paced
-streams and link counters), ``aio`` (sockets, batched reads, timers),
-``channel`` and ``bulk`` (application end-points), ``session`` (streams,
-lanes, adaptation loop), ``api`` (serve, connect, Hello exchange).
+from Ed25519 keys), ``quic`` (aioquic connection with trust check, paced
+streams, link counters, Retry tokens; the only module touching aioquic
+internals), ``aio`` (sockets, batched reads, timers), ``port`` (what channel
+and bulk ends need from a session), ``channel`` and ``bulk`` (application
+end-points), ``session`` (futures, queues and tasks over the core),
+``handshake`` (the Hello exchange), ``server`` and ``api`` (serve, connect).
+``testing`` holds a ClientHello flooder for tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -52,6 +74,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from dwcp.transport.admission import AdmissionLimits
     from dwcp.transport.api import Server, connect, run, serve
     from dwcp.transport.bulk import BulkReceiver, BulkSender
     from dwcp.transport.channel import Channel
@@ -59,6 +82,7 @@ if TYPE_CHECKING:
     from dwcp.transport.session import Session
 
 __all__ = [
+    "AdmissionLimits",
     "BulkReceiver",
     "BulkSender",
     "Channel",
@@ -71,6 +95,7 @@ __all__ = [
 ]
 
 _WHERE = {
+    "AdmissionLimits": "admission",
     "Server": "api",
     "connect": "api",
     "run": "api",

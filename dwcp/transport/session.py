@@ -1,12 +1,11 @@
-"""A session between two nodes: requests, channels and striped bulk transfers.
+"""A session between two nodes, in asyncio: futures, queues and tasks over ``core.SessionCore``.
 
-One session spans one or more QUIC connections (the first is the primary; it
-carries requests, channels and the bulk control frames). Each connection
-starts with a client-opened control stream whose first frame is ``Hello``.
-Bulk data travels in ``BulkData`` frames on unidirectional "lane" streams
-spread over the connections, and is reassembled in order by ``stripe``.
-If any connection of the session fails, the whole session fails with a typed
-``TransportError``; callers reconnect and resume from the receiver's offset.
+The protocol (stream kinds, demux, lanes, windows, peer limits, adaptation
+decisions) is the sans-IO core's; this layer turns its events into resolved
+futures and woken end-points, runs request handlers and the adaptation timer
+as tasks, and transmits what the core wrote. If any connection of the session
+fails, the whole session fails with a typed ``TransportError``; callers
+reconnect and resume from the receiver's offset.
 """
 
 from __future__ import annotations
@@ -14,77 +13,42 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import itertools
 import logging
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from dwcp import wire
 from dwcp.errors import (
     ConnectionLostError,
     DwcpError,
-    FrameError,
     RemoteError,
     SessionClosedError,
-    UsageError,
 )
 from dwcp.identity import PublicKey
-from dwcp.pba.parallelism import Controller, Limits, LinkSample, Snapshot
+from dwcp.pba.parallelism import Snapshot
+from dwcp.tasks import TaskSet, cancel_and_wait
+from dwcp.transport import events as ev
 from dwcp.transport.aio import Conn, now
 from dwcp.transport.bulk import BulkReceiver, BulkSender
 from dwcp.transport.channel import Channel, ChannelReader, ChannelWriter
 from dwcp.transport.config import TransportConfig
+from dwcp.transport.core import (
+    CONTROL_STREAM,
+    SessionCore,
+    SessionStats,
+    TimelinePoint,
+)
 
-if TYPE_CHECKING:
-    from dwcp.transport.api import ConnOpener
+__all__ = ["CONTROL_STREAM", "ConnOpener", "Session", "SessionStats", "TimelinePoint"]
 
 log = logging.getLogger("dwcp.transport")
 
 _T = TypeVar("_T")
 RequestHandler = Callable[["Session", bytes], Awaitable[bytes]]
-CONTROL_STREAM = 0  # the client's first bidirectional stream on every connection
-# Caps on what a peer can make this node hold (each also bounded in bytes by its window).
-MAX_CONCURRENT_REQUESTS = 256
-MAX_PENDING = 64
-TIMELINE_POINTS = 4096
+# Opens connection ``index`` of a session (the client's extra connections).
+ConnOpener = Callable[["Session", int], Awaitable[Conn]]
 # Seconds ``close`` waits by default for written data to be acknowledged.
 LINGER = 5.0
-
-
-class _Stream:
-    """Per-stream receive state: a decoder until the stream's kind is known."""
-
-    __slots__ = ("decoder", "kind", "target")
-
-    def __init__(self) -> None:
-        self.decoder: wire.FrameDecoder | None = wire.FrameDecoder()
-        self.kind = ""
-        self.target: object = None
-
-
-@dataclass
-class TimelinePoint:
-    t: float
-    connections: int
-    streams: int
-    goodput_bps: float
-    rtt_ms: float
-    loss: float
-
-
-@dataclass
-class SessionStats:
-    """Counters for ``dwcp perf`` and metrics."""
-
-    connections: int
-    streams: int
-    rtt_ms: float
-    loss: float
-    packets_sent: int
-    packets_lost: int
-    bulk_bytes_acked: int
-    timeline: list[TimelinePoint] = field(default_factory=list)
 
 
 class Session:
@@ -103,91 +67,196 @@ class Session:
         peer_window: int | None = None,
     ) -> None:
         self.session_id = session_id
-        self.peer = peer
+        self._peer = peer
         self.is_client = is_client
         self.config = config
+        self._core = SessionCore(config, is_client=is_client, peer_window=peer_window)
         self._on_request = on_request
         self._opener = opener
         self._loop = asyncio.get_running_loop()
         self.conns: list[Conn] = []
-        self._streams: dict[tuple[int, int], _Stream] = {}
-        self._pending: dict[tuple[int, int], asyncio.Future[bytes]] = {}
-        self._channels: asyncio.Queue[Channel] = asyncio.Queue()
-        self._incoming_bulk: asyncio.Queue[BulkReceiver] = asyncio.Queue()
+        self._requests: dict[ev.StreamKey, asyncio.Future[bytes]] = {}
+        self._channels: dict[ev.StreamKey, Channel] = {}
+        self._new_channels: collections.deque[Channel] = collections.deque()
+        self._new_bulk: collections.deque[BulkReceiver] = collections.deque()
+        self._arrived: asyncio.Future[None] | None = None
         self._receivers: dict[int, BulkReceiver] = {}
         self._senders: dict[int, BulkSender] = {}
-        self._transfer_ids = itertools.count(1 if is_client else 2, 2)
-        self._lanes: list[tuple[Conn, int]] = []
-        self._out_lanes: dict[tuple[int, int], int] = {}
-        # The sender may have at most this many unconsumed bytes at the receiver.
-        self.send_window = min(config.bulk_window, peer_window or config.bulk_window)
         self._progress: asyncio.Future[None] | None = None
         self._failed: asyncio.Future[None] = self._loop.create_future()
         self.error: DwcpError | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.controller = Controller(
-            config.policy,
-            limits=Limits(
-                max_connections=config.max_connections if is_client else 1,
-                max_streams=config.max_streams,
-            ),
-            initial=(config.initial_connections, config.initial_streams),
-        )
-        # Bounded: a long-lived session keeps the last TIMELINE_POINTS intervals.
-        self.timeline: collections.deque[TimelinePoint] = collections.deque(maxlen=TIMELINE_POINTS)
-        self._adapt_task: asyncio.Task[None] | None = None
+        self._tasks = TaskSet("session tasks")
+        self._adapting = False
         self._opening = 0
-        self._t0 = now()
         self.attach(primary)
 
-    # --- connections ------------------------------------------------------------
+    # --- the port end-points use (port.SessionPort) ------------------------------
 
-    def attach(self, conn: Conn) -> None:
-        """Add a connection (the primary first) that has said Hello for this session."""
-        conn.index = len(self.conns)
-        conn.listener = self
-        conn.quic.app_has_more = self._writing
-        self.conns.append(conn)
+    @property
+    def core(self) -> SessionCore:
+        return self._core
 
-    def _writing(self) -> bool:
-        return any(s.writing for s in self._senders.values())
+    @property
+    def peer(self) -> PublicKey:
+        return self._peer
 
-    def _check(self) -> None:
+    def check(self) -> None:
         if self.error is not None:
             raise self.error
 
+    def flush(self) -> None:
+        conns = self.conns
+        for index in self._core.take_touched():
+            conns[index].transmit_soon()
+
+    async def wait_progress(self) -> None:
+        self.check()
+        if self._progress is None:
+            self._progress = self._loop.create_future()
+        await asyncio.wait([self._progress, self._failed], return_when=asyncio.FIRST_COMPLETED)
+        self.check()
+
+    def _wake_progress(self) -> None:
+        fut, self._progress = self._progress, None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    # --- connections (aio.ConnListener) ----------------------------------------
+
+    def attach(self, conn: Conn) -> None:
+        """Add a connection (the primary first) that has said Hello for this session."""
+        conn.index = self._core.add_connection(conn.quic)
+        conn.listener = self
+        transfers = self._core.transfers
+        conn.quic.app_has_more = lambda: transfers.writing
+        self.conns.append(conn)
+
+    def adopt_control(self, conn: Conn, decoder: wire.FrameDecoder) -> None:
+        """Take over a connection's control stream after its Hello was read."""
+        self._handle(self._core.adopt_control(conn.index, decoder))
+
+    def stream_data(self, conn: Conn, stream_id: int, data: bytes, fin: bool) -> None:
+        self._handle(self._core.receive(conn.index, stream_id, data, fin))
+
+    def stream_reset(self, conn: Conn, stream_id: int) -> None:
+        self._handle(self._core.reset(conn.index, stream_id))
+
     def terminated(self, conn: Conn, error: DwcpError) -> None:
         self._fail(error)
+
+    def progress(self, conn: Conn) -> None:
+        """Called after each batch of datagrams: acknowledgements may have freed buffers."""
+        self._wake_progress()
+
+    # --- events ---------------------------------------------------------------
+
+    def _handle(self, events: list[ev.SessionEvent]) -> None:
+        for event in events:
+            if isinstance(event, ev.ChannelData):
+                chan = self._channels.get(event.stream)
+                if chan is not None:
+                    chan.reader.feed_data(event.data)
+                    if event.end_stream:
+                        chan.reader.feed_eof()
+                        del self._channels[event.stream]
+            elif isinstance(event, ev.BulkReadable):
+                receiver = self._receivers.get(event.transfer_id)
+                if receiver is not None:
+                    receiver.wake()
+            elif isinstance(event, ev.BulkAcked):
+                self._wake_progress()
+                sender = self._senders.get(event.transfer_id)
+                if sender is not None:
+                    sender.wake()
+                    if event.complete:
+                        del self._senders[event.transfer_id]
+            else:
+                self._handle_rare(event)
+        self.flush()
+
+    def _handle_rare(self, event: ev.SessionEvent) -> None:
+        if isinstance(event, ev.RequestReceived):
+            self._tasks.spawn(self._answer(event.stream, event.body))
+        elif isinstance(event, ev.ResponseReceived | ev.RequestFailed | ev.StreamReset):
+            self._resolve(event)
+        elif isinstance(event, ev.ChannelOpened):
+            self._new_channels.append(self._channel(event.stream, event.name))
+            self._wake_arrivals()
+        elif isinstance(event, ev.BulkStarted):
+            receiver = BulkReceiver(self, self._core.transfers.claim(event.transfer_id))
+            live = self._core.transfers.incoming
+            self._receivers = {t: r for t, r in self._receivers.items() if t in live}
+            self._receivers[event.transfer_id] = receiver
+            self._new_bulk.append(receiver)
+            self._wake_arrivals()
+        elif isinstance(event, ev.PeerClosed):
+            self._fail(ConnectionLostError(f"the peer closed the session: {event.reason}"))
+        elif isinstance(event, ev.ProtocolError):
+            log.warning("node %s broke the protocol: %s", self._peer.node_id, event.error)
+            self._fail(
+                ConnectionLostError(f"closed: the peer sent a malformed frame: {event.error}")
+            )
+
+    def _resolve(self, event: ev.ResponseReceived | ev.RequestFailed | ev.StreamReset) -> None:
+        if isinstance(event, ev.StreamReset) and event.kind is ev.StreamKind.CHANNEL:
+            chan = self._channels.pop(event.stream, None)
+            if chan is not None:
+                chan.reader.feed_eof()
+            return
+        fut = self._requests.pop(event.stream, None)
+        if fut is None or fut.done():
+            return
+        if isinstance(event, ev.ResponseReceived):
+            fut.set_result(event.body)
+        elif isinstance(event, ev.RequestFailed):
+            fut.set_exception(
+                RemoteError(event.code, f"the peer's handler failed: {event.message}")
+            )
+        else:
+            fut.set_exception(ConnectionLostError("the peer reset the request stream"))
+
+    def _wake_arrivals(self) -> None:
+        fut, self._arrived = self._arrived, None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    # --- the end ----------------------------------------------------------------
 
     def _fail(self, error: DwcpError) -> None:
         if self.error is not None:
             return
         self.error = error
         self._failed.set_result(None)
-        for fut in self._pending.values():
+        for fut in self._requests.values():
             if not fut.done():
                 fut.set_exception(error)
                 fut.exception()
-        self._pending.clear()
+        self._requests.clear()
         self._wake_progress()
-        for recv in self._receivers.values():
-            recv._wake()
-        for st in self._streams.values():
-            if isinstance(st.target, Channel):
-                st.target.reader._wake()
+        self._wake_arrivals()
+        for receiver in self._receivers.values():
+            receiver.wake()
+        for sender in self._senders.values():
+            sender.wake()
+        for chan in self._channels.values():
+            chan.reader.wake()
         for conn in self.conns:
             conn.close(str(error)[:100])
-        for task in list(self._tasks):
-            task.cancel()
-        if self._adapt_task is not None:
-            self._adapt_task.cancel()
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
 
     @property
     def closed(self) -> bool:
         return self.error is not None
 
+    def add_close_callback(self, callback: Callable[[Session], None]) -> None:
+        """Call ``callback(session)`` once the session has ended (at once if it has)."""
+        self._failed.add_done_callback(lambda _f: callback(self))
+
     async def close(self, reason: str = "session closed", *, linger: float = LINGER) -> None:
-        """Flush what was written, then close every connection.
+        """Flush what was written, then close every connection and stop the session's tasks.
 
         Closing a QUIC connection discards whatever it has not sent yet, so the
         last message written before ``close`` would often be lost. ``close`` first
@@ -196,40 +265,31 @@ class Session:
         requests and responses, bulk chunks and bulk acks. After ``linger`` (for
         instance when the peer stopped reading a channel) it closes anyway;
         ``linger=0`` closes at once and drops unsent data. Later calls on this
-        session raise ``SessionClosedError``.
+        session raise ``SessionClosedError``. If ``close`` itself is cancelled,
+        the session is closed at once and the cancellation goes on.
         """
-        if self.error is None and linger > 0:
-            await self._flush(linger)
-        if self.error is None:
-            for conn in self.conns:
-                conn.close(reason)
-            self._fail(SessionClosedError(f"the session was closed locally ({reason})"))
-        await asyncio.sleep(0)
-
-    def _unflushed(self) -> bool:
-        """True while some connection holds written data the peer has not acknowledged."""
-        for conn in self.conns:
-            if conn.closed:
-                continue
-            for stream in conn.quic._streams.values():
-                out = stream.sender
-                if out.is_finished or out._reset_error_code is not None:
-                    continue
-                if out._buffer_stop > out._buffer_start or out._buffer_fin is not None:
-                    return True
-        return False
+        try:
+            if self.error is None and linger > 0:
+                await self._flush(linger)
+        finally:
+            if self.error is None:
+                for conn in self.conns:
+                    conn.close(reason)
+                self._fail(SessionClosedError(f"the session was closed locally ({reason})"))
+        current = asyncio.current_task()
+        await cancel_and_wait(*[t for t in self._tasks if t is not current])
 
     async def _flush(self, linger: float) -> None:
         for conn in self.conns:
             conn.transmit_soon()
         with contextlib.suppress(TimeoutError, DwcpError):
             async with asyncio.timeout(linger):
-                while self._unflushed():
-                    await self._wait_progress()
+                while self._core.unflushed():
+                    await self.wait_progress()
 
     async def wait_closed(self) -> DwcpError:
         """Wait until the session ends; return the error that ended it."""
-        await asyncio.shield(self._failed)
+        await asyncio.wait([self._failed])
         assert self.error is not None
         return self.error
 
@@ -238,252 +298,98 @@ class Session:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+        await self.wait_closed()
 
-    # --- progress (send-side back-pressure) ----------------------------------
+    # --- requests -----------------------------------------------------------------
 
-    def progress(self, conn: Conn) -> None:
-        """Called after each batch of datagrams: acknowledgements may have freed buffers."""
-        self._wake_progress()
-
-    def _wake_progress(self) -> None:
-        fut = self._progress
-        if fut is not None:
-            self._progress = None
-            if not fut.done():
-                fut.set_result(None)
-
-    async def _wait_progress(self) -> None:
-        self._check()
-        if self._progress is None:
-            self._progress = self._loop.create_future()
-        await asyncio.wait([self._progress, self._failed], return_when=asyncio.FIRST_COMPLETED)
-        self._check()
-
-    # --- frames in ------------------------------------------------------------
-
-    def stream_reset(self, conn: Conn, stream_id: int) -> None:
-        st = self._streams.pop((conn.index, stream_id), None)
-        if st is not None and isinstance(st.target, Channel):
-            st.target.reader._feed(b"", True)
-        fut = self._pending.pop((conn.index, stream_id), None)
-        if fut is not None and not fut.done():
-            fut.set_exception(ConnectionLostError("the peer reset the request stream"))
-
-    def stream_data(self, conn: Conn, stream_id: int, data: bytes, fin: bool) -> None:
-        key = (conn.index, stream_id)
-        st = self._streams.get(key)
-        if st is None:
-            st = self._streams[key] = _Stream()
-        if st.kind == "channel":
-            assert isinstance(st.target, Channel)
-            st.target.reader._feed(data, fin)
-            return
-        decoder = st.decoder
-        assert decoder is not None
-        try:
-            if not st.kind:
-                # The first frame decides what the stream is.
-                first = decoder.feed(data, limit=1)
-                if not first:
-                    return
-                self._on_frame(conn, stream_id, st, first[0])
-                if isinstance(st.target, Channel):
-                    rest = decoder.detach()
-                    st.decoder = None
-                    assert isinstance(st.target, Channel)
-                    st.target.reader._feed(rest, fin)
-                    return
-                data = b""
-            for frame in decoder.feed(data):
-                self._on_frame(conn, stream_id, st, frame)
-        except (FrameError, UsageError) as exc:
-            log.warning("node %s broke the protocol: %s", self.peer.node_id, exc)
-            self._fail(ConnectionLostError(f"closed: the peer sent a malformed frame: {exc}"))
-            return
-        if fin:
-            self._streams.pop(key, None)
-
-    def adopt_control(self, conn: Conn, decoder: wire.FrameDecoder) -> None:
-        """Take over a connection's control stream after the server has read its Hello."""
-        st = self._streams[(conn.index, CONTROL_STREAM)] = _Stream()
-        st.kind = "control"
-        st.decoder = decoder
-        self.stream_data(conn, CONTROL_STREAM, b"", False)
-
-    def _on_frame(self, conn: Conn, sid: int, st: _Stream, frame: wire.Frame) -> None:
-        if isinstance(frame, wire.BulkData):
-            st.kind = "lane"
-            recv = self._receiver(frame.transfer_id)
-            recv.reasm.add(frame.offset, frame.data)
-            recv._deliver()
-        elif st.kind == "control" or (sid == CONTROL_STREAM and not st.kind):
-            st.kind = "control"
-            self._on_control(frame)
-        elif isinstance(frame, wire.Request) and not st.kind:
-            st.kind = "request"
-            if len(self._tasks) >= MAX_CONCURRENT_REQUESTS:
-                raise FrameError(
-                    f"the peer has more than {MAX_CONCURRENT_REQUESTS} requests in progress"
-                )
-            self._spawn(self._answer(conn, sid, frame.body))
-        elif isinstance(frame, wire.Response) and st.kind == "awaiting":
-            st.kind = "done"
-            fut = self._pending.pop((conn.index, sid), None)
-            if fut is not None and not fut.done():
-                if frame.ok:
-                    fut.set_result(frame.body)
-                else:
-                    code, _, msg = frame.body.decode(errors="replace").partition("\n")
-                    fut.set_exception(RemoteError(code, f"the peer's handler failed: {msg}"))
-        elif isinstance(frame, wire.ChannelOpen) and not st.kind:
-            st.kind = "channel"
-            conn.quic.pace_stream(sid, self.config.stream_window)
-            chan = self._make_channel(conn, sid, frame.name)
-            st.target = chan
-            if self._channels.qsize() >= MAX_PENDING:
-                raise FrameError(f"the peer opened more than {MAX_PENDING} unaccepted channels")
-            self._channels.put_nowait(chan)
-        else:
-            raise FrameError(f"unexpected {type(frame).__name__} frame on stream {sid}")
-
-    def _on_control(self, frame: wire.Frame) -> None:
-        if isinstance(frame, wire.BulkStart):
-            recv = self._receiver(frame.transfer_id)
-            recv.reasm.set_start(frame.offset)
-            recv._deliver()
-            self._incoming_bulk.put_nowait(recv)
-        elif isinstance(frame, wire.BulkEnd):
-            recv = self._receiver(frame.transfer_id)
-            recv.reasm.set_end(frame.end)
-            recv._deliver()
-        elif isinstance(frame, wire.BulkAck):
-            sender = self._senders.get(frame.transfer_id)
-            if sender is not None:
-                sender._on_ack(frame.offset)
-                if sender._done.done():
-                    self._senders.pop(frame.transfer_id, None)
-        elif isinstance(frame, wire.Close):
-            self._fail(ConnectionLostError(f"the peer closed the session: {frame.reason}"))
-        elif isinstance(frame, wire.Hello):
-            raise FrameError("Hello sent twice on a connection")
-        else:
-            raise FrameError(f"unexpected {type(frame).__name__} frame on the control stream")
-
-    def _receiver(self, transfer_id: int) -> BulkReceiver:
-        recv = self._receivers.get(transfer_id)
-        if recv is None:
-            if len(self._receivers) >= MAX_PENDING:
-                raise FrameError(
-                    f"the peer opened more than {MAX_PENDING} concurrent bulk transfers"
-                )
-            recv = self._receivers[transfer_id] = BulkReceiver(
-                self, transfer_id, self.config.bulk_window
-            )
-        return recv
-
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _answer(self, conn: Conn, sid: int, body: bytes) -> None:
+    async def _answer(self, key: ev.StreamKey, body: bytes) -> None:
         try:
             if self._on_request is None:
                 raise RemoteError("no_handler", "this node does not accept requests")
-            reply = wire.Response(True, await self._on_request(self, body))
+            ok, reply = True, await self._on_request(self, body)
         except RemoteError as exc:
-            reply = wire.Response(False, f"{exc.code}\n{exc}".encode())
+            ok, reply = False, f"{exc.code}\n{exc}".encode()
         except DwcpError as exc:
-            if self.error is not None:
-                return
-            reply = wire.Response(False, f"{type(exc).__name__}\n{exc}".encode())
+            ok, reply = False, f"{type(exc).__name__}\n{exc}".encode()
         except Exception as exc:
             log.exception("request handler failed")
-            reply = wire.Response(False, f"internal\n{type(exc).__name__}: {exc}".encode())
-        if self.error is None and not conn.closed:
-            conn.quic.send_stream_data(sid, wire.encode(reply), end_stream=True)
-            conn.transmit_soon()
-
-    # --- frames out -------------------------------------------------------------
-
-    def _send_control(self, frame: wire.Frame) -> None:
+            ok, reply = False, f"internal\n{type(exc).__name__}: {exc}".encode()
+        except asyncio.CancelledError:
+            self._core.drop_request(key)
+            raise
         if self.error is not None:
+            self._core.drop_request(key)
             return
-        conn = self.conns[0]
-        conn.quic.send_stream_data(CONTROL_STREAM, wire.encode(frame))
-        conn.transmit_soon()
+        self._core.send_response(key, ok, reply)
+        self.flush()
 
     async def request(self, body: bytes, *, timeout: float | None = None) -> bytes:
-        """Send ``body`` to the peer's request handler and return its reply."""
-        self._check()
-        conn = self.conns[0]
-        sid = conn.quic.get_next_available_stream_id()
-        st = self._streams[(conn.index, sid)] = _Stream()
-        st.kind = "awaiting"
-        fut: asyncio.Future[bytes] = self._loop.create_future()
-        self._pending[(conn.index, sid)] = fut
-        conn.quic.send_stream_data(sid, wire.encode(wire.Request(bytes(body))), end_stream=True)
-        conn.transmit_soon()
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
-        finally:
-            self._pending.pop((conn.index, sid), None)
-            self._streams.pop((conn.index, sid), None)
+        """Send ``body`` to the peer's request handler and return its reply.
 
-    def _make_channel(self, conn: Conn, sid: int, name: str) -> Channel:
-        return Channel(
+        On a timeout (``TimeoutError``) or a cancellation the session stays
+        usable; a late answer is dropped.
+        """
+        self.check()
+        key = self._core.send_request(body)
+        self.flush()
+        fut: asyncio.Future[bytes] = self._loop.create_future()
+        self._requests[key] = fut
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            if self._requests.pop(key, None) is not None:
+                self._core.abandon_request(key)
+
+    # --- channels -------------------------------------------------------------
+
+    def _channel(self, key: ev.StreamKey, name: str) -> Channel:
+        window = self.config.stream_window
+        chan = Channel(
             name,
-            ChannelReader(self, conn, sid),
-            ChannelWriter(self, conn, sid, self.config.stream_window),
+            ChannelReader(self, key, window),
+            ChannelWriter(self, key, name, window),
         )
+        self._channels[key] = chan
+        return chan
 
     async def open_channel(self, name: str = "") -> Channel:
         """Open an ordered byte channel; the peer gets it from ``accept_channel``."""
-        self._check()
-        conn = self.conns[0]
-        sid = conn.quic.get_next_available_stream_id()
-        conn.quic.pace_stream(sid, self.config.stream_window)
-        st = self._streams[(conn.index, sid)] = _Stream()
-        st.kind = "channel"
-        st.decoder = None
-        chan = st.target = self._make_channel(conn, sid, name)
-        conn.quic.send_stream_data(sid, wire.encode(wire.ChannelOpen(name)))
-        conn.transmit_soon()
+        self.check()
+        chan = self._channel(self._core.open_channel(name), name)
+        self.flush()
         return chan
 
     async def accept_channel(self) -> Channel:
-        """Wait for the peer to open a channel."""
-        return await self._next(self._channels)
+        """Wait for the peer to open a channel (cancelling the wait loses none)."""
+        chan = await self._next(self._new_channels)
+        self._core.channel_accepted()
+        return chan
 
     async def accept_bulk(self) -> BulkReceiver:
-        """Wait for the peer to start a bulk transfer."""
-        return await self._next(self._incoming_bulk)
+        """Wait for the peer to start a bulk transfer (cancelling the wait loses none)."""
+        return await self._next(self._new_bulk)
 
-    async def _next(self, queue: asyncio.Queue[_T]) -> _T:
-        self._check()
-        getter = asyncio.ensure_future(queue.get())
-        both: list[asyncio.Future[Any]] = [getter, self._failed]
-        try:
-            await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not getter.done():
-                getter.cancel()
-        if getter.done() and not getter.cancelled():
-            return getter.result()
-        self._check()
-        raise SessionClosedError("the session ended")
+    async def _next(self, arrivals: collections.deque[_T]) -> _T:
+        while not arrivals:
+            self.check()
+            if self._arrived is None:
+                self._arrived = self._loop.create_future()
+            waits: list[asyncio.Future[Any]] = [self._arrived, self._failed]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        return arrivals.popleft()
 
     # --- bulk -------------------------------------------------------------------
 
     def open_bulk(self, offset: int = 0) -> BulkSender:
         """Start a bulk transfer whose first byte is at ``offset`` (non-zero to resume)."""
-        self._check()
-        tid = next(self._transfer_ids)
-        sender = self._senders[tid] = BulkSender(self, tid, offset, self.send_window)
-        self._send_control(wire.BulkStart(tid, offset))
-        self._grow(self.controller.connections)
-        if self._adapt_task is None:
-            self._adapt_task = asyncio.ensure_future(self._adapt_loop())
+        self.check()
+        sender = BulkSender(self, self._core.transfers.open(offset))
+        self._senders[sender.transfer_id] = sender
+        self.flush()
+        self._grow(self._core.controller.connections)
+        if not self._adapting:
+            self._adapting = True
+            self._tasks.spawn(self._adapt_loop())
         return sender
 
     async def send(
@@ -508,117 +414,15 @@ class Session:
                 await sender.write(buf)
         return await sender.finish()
 
-    def _active_lanes(self) -> list[tuple[Conn, int]]:
-        """The lanes the controller's decision asks for, opening streams as needed."""
-        ctl = self.controller
-        conns = [c for c in self.conns[: ctl.connections] if not c.closed]
-        return [self._lane(c, i) for c in conns for i in range(ctl.streams)]
-
-    def _lane(self, conn: Conn, i: int) -> tuple[Conn, int]:
-        sid = self._out_lanes.get((conn.index, i))
-        if sid is None:
-            sid = conn.quic.get_next_available_stream_id(is_unidirectional=True)
-            # Reserve the id now: aioquic only advances it when the stream exists.
-            conn.quic._get_or_create_stream_for_send(sid)
-            self._out_lanes[(conn.index, i)] = sid
-        return conn, sid
-
-    async def _pick_lane(self) -> tuple[Conn, int]:
-        """The lane whose connection will send a new chunk soonest (waits if all are full).
-
-        Each connection may have about one congestion window of data waiting to be
-        sent; the chunk goes to the connection with the least waiting data relative to
-        its window, on its least-loaded stream. Striping in proportion to each
-        connection's speed keeps the receiver's reassembly gaps near one RTT of data;
-        equal shares would let a slow connection hold the whole window hostage.
-        """
-        floor = 2 * self.config.chunk
-        while True:
-            lanes = self._lanes
-            if not lanes:
-                lanes = self._lanes = self._active_lanes()
-            best: tuple[Conn, int] | None = None
-            best_score = 0.0
-            by_conn: dict[int, list[int]] = {}
-            conns: dict[int, Conn] = {}
-            for conn, sid in lanes:
-                if not conn.closed:
-                    by_conn.setdefault(conn.index, []).append(sid)
-                    conns[conn.index] = conn
-            for index, sids in by_conn.items():
-                quic = conns[index].quic
-                waiting = [quic.send_unsent(sid) for sid in sids]
-                allowed = max(quic.congestion_window, floor)
-                total = sum(waiting)
-                if total >= allowed:
-                    continue
-                score = total / allowed
-                if best is None or score < best_score:
-                    best = (conns[index], sids[waiting.index(min(waiting))])
-                    best_score = score
-            if best is not None:
-                return best
-            await self._wait_progress()
-
     # --- adaptation -------------------------------------------------------------
 
-    def _lane_acked(self) -> int:
-        """Bulk bytes (with frame headers) the peer's QUIC stack has acknowledged."""
-        return sum(self.conns[ci].quic.send_acked(sid) for (ci, _i), sid in self._out_lanes.items())
-
-    def _link(self) -> tuple[float, int, int]:
-        conns = [c for c in self.conns if not c.closed]
-        rtts = [c.quic.smoothed_rtt for c in conns if c.quic.smoothed_rtt > 0]
-        rtt = sum(rtts) / len(rtts) if rtts else 0.0
-        sent = sum(c.quic.counters.packets_sent for c in self.conns)
-        lost = sum(c.quic.counters.packets_lost for c in self.conns)
-        return rtt, sent, lost
-
     async def _adapt_loop(self) -> None:
-        """Every interval: measure, ask the controller, apply its decision."""
-        interval = self.config.interval
-        last_t, last_acked = now(), self._lane_acked()
-        _, last_sent, last_lost = self._link()
+        """Every interval, let the core measure and decide; open the connections it wants."""
+        core = self._core
+        core.adapt(now())
         while self.error is None:
-            await asyncio.sleep(interval)
-            t = now()
-            acked = self._lane_acked()
-            rtt, sent, lost = self._link()
-            dt = max(t - last_t, 1e-6)
-            goodput = (acked - last_acked) * 8 / dt
-            dsent = sent - last_sent
-            loss = (lost - last_lost) / dsent if dsent > 0 else 0.0
-            last_t, last_acked, last_sent, last_lost = t, acked, sent, lost
-            ctl = self.controller
-            if not self._senders and not goodput:
-                continue  # idle: nothing to record or learn from
-            self.timeline.append(
-                TimelinePoint(
-                    round(t - self._t0, 3),
-                    len([c for c in self.conns[: ctl.connections] if not c.closed]),
-                    ctl.streams,
-                    goodput,
-                    rtt * 1000,
-                    loss,
-                )
-            )
-            if not self._senders:
-                continue  # idle: nothing to learn from
-            sample = LinkSample(
-                now=t,
-                interval=dt,
-                goodput_bps=goodput,
-                rtt_s=rtt,
-                loss=loss,
-                connections=ctl.connections,
-                streams=ctl.streams,
-            )
-            before = (ctl.connections, ctl.streams)
-            decision = ctl.feed(sample)
-            if (decision.connections, decision.streams) != before:
-                log.debug("adapt: %s", decision)
-            self._grow(decision.connections)
-            self._lanes = []  # rebuild from the decision at the next pick
+            await asyncio.sleep(self.config.interval)
+            self._grow(core.adapt(now()))
 
     def _grow(self, connections: int) -> None:
         missing = connections - len(self.conns) - self._opening
@@ -626,7 +430,7 @@ class Session:
             return
         for _ in range(missing):
             self._opening += 1
-            self._spawn(self._open_one())
+            self._tasks.spawn(self._open_one())
 
     async def _open_one(self) -> None:
         assert self._opener is not None
@@ -641,21 +445,10 @@ class Session:
             conn.close("session ended")
             return
         self.attach(conn)
-        self._lanes = []
 
     def snapshot(self) -> Snapshot:
         """The adaptive controller's inputs and decisions."""
-        return self.controller.snapshot()
+        return self._core.snapshot()
 
     def stats(self) -> SessionStats:
-        rtt, sent, lost = self._link()
-        return SessionStats(
-            connections=len([c for c in self.conns if not c.closed]),
-            streams=self.controller.streams,
-            rtt_ms=rtt * 1000,
-            loss=lost / sent if sent else 0.0,
-            packets_sent=sent,
-            packets_lost=lost,
-            bulk_bytes_acked=self._lane_acked(),
-            timeline=list(self.timeline),
-        )
+        return self._core.stats()

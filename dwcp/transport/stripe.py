@@ -8,11 +8,49 @@ by one window: the sender never sends past ``acked + window`` (``SendWindow``),
 and the receiver refuses more than ``window`` buffered bytes (a peer that
 ignores the window gets a ``FrameError``). ``acked`` is what the receiving
 application has consumed, which is also where a resumed transfer restarts.
+``pick_lane`` chooses the lane for the next chunk from the lanes' loads.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 from dwcp.errors import FrameError, UsageError
+
+
+@dataclass(frozen=True, slots=True)
+class ConnLoad:
+    """One connection's lanes as the lane chooser sees them."""
+
+    window: int  # congestion window, bytes
+    unsent: Sequence[int]  # bytes written and not yet sent, per lane of this connection
+
+
+def pick_lane(conns: Sequence[ConnLoad], floor: int) -> tuple[int, int] | None:
+    """The (connection, lane) positions that will send a new chunk soonest; None if all full.
+
+    Each connection may have about one congestion window (at least ``floor``)
+    of data waiting to be sent; the chunk goes to the connection with the least
+    waiting data relative to its window, on its least-loaded lane. Striping in
+    proportion to each connection's speed keeps the receiver's reassembly gaps
+    near one RTT of data; equal shares would let a slow connection hold the
+    whole window hostage.
+    """
+    best: tuple[int, int] | None = None
+    best_score = 0.0
+    for ci, conn in enumerate(conns):
+        if not conn.unsent:
+            continue
+        allowed = max(conn.window, floor)
+        total = sum(conn.unsent)
+        if total >= allowed:
+            continue
+        score = total / allowed
+        if best is None or score < best_score:
+            best = (ci, list(conn.unsent).index(min(conn.unsent)))
+            best_score = score
+    return best
 
 
 class SendWindow:

@@ -1,18 +1,17 @@
 """TLS identity: a self-signed certificate made from the node's Ed25519 key, and mutual trust.
 
 There is no CA: a node is trusted because its public key is in the other
-node's trusted set. Both sides present certificates; the check runs inside
-aioquic's TLS state machine (on the peer's CertificateVerify / Finished
-message), so an untrusted or missing certificate aborts the handshake with a
-TLS alert before any stream data is accepted.
+node's trusted set. Both sides present certificates; the check
+(``quic.install_trust_check``) runs inside aioquic's TLS state machine (on the
+peer's CertificateVerify / Finished message), so an untrusted or missing
+certificate aborts the handshake with a TLS alert before any stream data is
+accepted.
 """
 
 from __future__ import annotations
 
 import datetime
 import ssl
-from collections.abc import Callable, Iterable
-from typing import Any
 
 from aioquic import tls
 from aioquic.quic.configuration import QuicConfiguration
@@ -92,45 +91,3 @@ def make_configuration(
         congestion_control_algorithm=congestion,
         max_datagram_size=1452,
     )
-
-
-def install_trust_check(
-    ctx: tls.Context,
-    *,
-    is_client: bool,
-    trusted: Iterable[PublicKey],
-    on_peer: Callable[[PublicKey], None],
-) -> None:
-    """Hook ``ctx`` so the handshake fails unless the peer shows a trusted key.
-
-    The server requests a client certificate and refuses an empty one; each
-    side compares the certificate's key (whose possession CertificateVerify
-    has just proven) with ``trusted`` and reports the accepted key to ``on_peer``.
-    """
-    allowed = frozenset(trusted)
-
-    def check() -> None:
-        peer = certificate_public_key(ctx._peer_certificate)
-        if peer is None:
-            raise AlertCertificateRequired("dwcp needs an Ed25519 certificate from the peer")
-        if peer not in allowed:
-            raise tls.AlertBadCertificate(f"node {peer.node_id} ({peer.text}) is not trusted")
-        on_peer(peer)
-
-    if is_client:
-        original_verify: Callable[[Any], None] = ctx._client_handle_certificate_verify
-
-        def client_verify(input_buf: Any) -> None:
-            original_verify(input_buf)
-            check()
-
-        ctx._client_handle_certificate_verify = client_verify  # type: ignore[method-assign]
-    else:
-        ctx._request_client_certificate = True
-        original_finished: Callable[[Any, Any], None] = ctx._server_handle_finished
-
-        def server_finished(input_buf: Any, output_buf: Any) -> None:
-            check()
-            original_finished(input_buf, output_buf)
-
-        ctx._server_handle_finished = server_finished  # type: ignore[method-assign]

@@ -67,7 +67,7 @@ def test_client_refuses_an_unknown_server_key() -> None:
 
 def test_missing_client_certificate_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = two_keys()
-    original = api._quic_config
+    original = api.quic_configuration
 
     def no_client_cert(key: NodeKey, config: TransportConfig, *, is_client: bool) -> Any:
         conf = original(key, config, is_client=is_client)
@@ -76,7 +76,7 @@ def test_missing_client_certificate_is_refused(monkeypatch: pytest.MonkeyPatch) 
             conf.private_key = None
         return conf
 
-    monkeypatch.setattr(api, "_quic_config", no_client_cert)
+    monkeypatch.setattr(api, "quic_configuration", no_client_cert)
     with pytest.raises(AuthenticationError):
         run(_attempt(a, b, b, a))
 

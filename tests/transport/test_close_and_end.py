@@ -23,6 +23,7 @@ def test_finish_returns_when_the_end_arrives_after_the_last_chunk_was_read(
     async def main() -> None:
         all_read = asyncio.Event()
         tail: list[bytes] = []
+        tail_read = asyncio.Event()
 
         async def handler(session: Session) -> None:
             recv = await session.accept_bulk()
@@ -31,6 +32,7 @@ def test_finish_returns_when_the_end_arrives_after_the_last_chunk_was_read(
             all_read.set()  # only now does the sender mark the end
             if read_again:
                 tail.append(await recv.read())
+                tail_read.set()
             else:
                 await session.wait_closed()
 
@@ -41,8 +43,7 @@ def test_finish_returns_when_the_end_arrives_after_the_last_chunk_was_read(
             assert await sender.finish() == len(payload)
             assert sender.acked == len(payload)
             if read_again:
-                while not tail:
-                    await asyncio.sleep(0.01)
+                await tail_read.wait()
                 assert tail == [b""]
 
     run(main(), timeout=30)
