@@ -17,7 +17,9 @@ import msgpack
 
 from dwcp.errors import ProtocolError
 
-VERSION = 2  # 2: the offer names the content, Done carries the signed SHA-256
+# 2: the offer names the content, Done carries the signed SHA-256;
+# 3: messages framed by dwcp.framing (u32 length in network byte order)
+VERSION = 3
 MAX_MESSAGE = 256 * 1024 * 1024  # the largest encoded message accepted
 MAX_FRAME = 64 * 1024 * 1024  # the largest data frame accepted
 MAX_RANGES = 1 << 20  # missing ranges in one plan (16 MiB packed)

@@ -13,7 +13,7 @@ rebuilds, verifies against that SHA-256, fsyncs, renames, indexes and answers
 ``Ack``.
 
 Each machine is fed events (``handle``) and returns actions; it never touches a
-file, a socket or a clock. The glue (``dwcp.migrate.aio``) performs the actions
+file, a socket or a clock. The glue (``source`` and ``destination``) performs the actions
 (plan, write a frame, finish the image, send a message) and feeds their results
 back as events. Transitions live in one table per role, as in h11: an event not
 in the table for the current state is a protocol error that names both.
@@ -30,14 +30,19 @@ from typing import Any, ClassVar
 from dwcp.errors import (
     AuthenticationError,
     ConnectionLostError,
+    DiskFullError,
     DwcpError,
+    FrameError,
     ImageError,
     IntegrityError,
+    ManifestError,
     ProtocolError,
     RemoteError,
+    UsageError,
 )
 from dwcp.identity import PublicKey
 from dwcp.migrate.messages import (
+    ERROR_CODES,
     Ack,
     Data,
     Done,
@@ -175,6 +180,11 @@ class SendMessage(Action):
 
 
 @dataclass(frozen=True)
+class ExpectFrames(Action):
+    """Receiver glue: data frames follow the plan just sent; start reading the bulk path."""
+
+
+@dataclass(frozen=True)
 class PrepareTransfer(Action):
     """Receiver glue: decode the manifest, open or resume the Rebuilder, plan."""
 
@@ -246,6 +256,37 @@ class State(Enum):
 
 TERMINAL = (State.COMPLETE, State.FAILED)
 
+LINGER_SECONDS = 5.0  # how long the side that sent the final Error waits for the peer's close
+
+
+class Ending(Enum):
+    """Who ends the channel once a machine stopped.
+
+    Closing a QUIC session drops data still queued, so the side that sends the
+    final ``Error`` lets the side that receives it close: it lingers (reads until
+    the peer closes, at most ``LINGER_SECONDS``), the receiving side closes.
+    """
+
+    KEEP = "keep"  # completed, or the link is gone: nothing to do
+    LINGER = "linger"  # we sent the final Error: wait (bounded) for the peer's close
+    CLOSE = "close"  # the peer sent the final Error: close the channel
+
+
+def failure_for(exc: BaseException) -> LocalFailure:
+    """The wire error for a local exception (and whether the partial state is worthless)."""
+    text = str(exc)[:4000]
+    if isinstance(exc, RemoteError) and exc.code in ERROR_CODES:
+        return LocalFailure(exc.code, text)
+    if isinstance(exc, DiskFullError):
+        return LocalFailure("disk_full", text, discard=True)
+    if isinstance(exc, IntegrityError):
+        return LocalFailure("integrity", text, discard=True)
+    if isinstance(exc, FrameError | ManifestError | ProtocolError):
+        return LocalFailure("protocol", text, discard=True)
+    if isinstance(exc, UsageError):
+        return LocalFailure("refused", text)
+    return LocalFailure("io", text)
+
 
 def _remote_error(msg: Error) -> DwcpError:
     return RemoteError(msg.code, f"the peer stopped the transfer ({msg.code}): {msg.message}")
@@ -264,6 +305,7 @@ class _Machine:
         self.transfer_id = transfer_id
         self.state = State.IDLE
         self.error: DwcpError | None = None
+        self.ending = Ending.KEEP
 
     def handle(self, event: Event) -> list[Action]:
         """Feed one event; return the actions the glue must perform, in order."""
@@ -276,6 +318,7 @@ class _Machine:
         if isinstance(event, MessageReceived) and isinstance(event.message, Error):
             # A changed source image is never offered again under this id: drop its data.
             discard = event.message.code == "image_changed"
+            self.ending = Ending.CLOSE
             return self._fail(_remote_error(event.message), discard=discard)
         if isinstance(event, ConnectionLost):
             return self._fail(ConnectionLostError(f"connection lost: {event.reason}"))
@@ -298,11 +341,17 @@ class _Machine:
 
     def _protocol_error(self, detail: str) -> list[Action]:
         err = ProtocolError(f"{self.role}: the peer broke the migration protocol: {detail}")
+        self.ending = Ending.LINGER
         return [SendMessage(Error(self.transfer_id, "protocol", str(err)[:4000])), *self._fail(err)]
+
+    def _refuse(self, error: DwcpError, text: str) -> list[Action]:
+        self.ending = Ending.LINGER
+        return [SendMessage(Error(self.transfer_id, "refused", text)), *self._fail(error)]
 
     def _local_failure(self, ev: LocalFailure) -> list[Action]:
         err = _local_error(ev)
         send = SendMessage(Error(self.transfer_id, ev.code, ev.message[:4000]))
+        self.ending = Ending.LINGER
         return [send, *self._fail(err, discard=ev.discard)]
 
 
@@ -460,10 +509,7 @@ class Receiver(_Machine):
         try:
             self.peer_key.verify(payload, offer.signature)
         except AuthenticationError as exc:
-            return [
-                SendMessage(Error(offer.transfer_id, "refused", "the offer's signature is bad")),
-                *self._fail(exc),
-            ]
+            return self._refuse(exc, "the offer's signature is bad")
         expected = transfer_id_for(self.peer_key.raw, offer.name, offer.content_id, offer.size)
         if offer.transfer_id != expected:
             return self._protocol_error("the transfer id does not match the offer")
@@ -493,7 +539,8 @@ class Receiver(_Machine):
         s.bytes_pending = plan.bytes_pending
         s.wire_limit = s.bytes_pending + int(s.bytes_pending * WIRE_ALLOWANCE) + WIRE_SLACK
         self.state = State.RECEIVING
-        return [SendMessage(plan)]
+        # The source opens no bulk transfer for an empty plan (see ExpectFrames).
+        return [SendMessage(plan), ExpectFrames()] if plan.missing else [SendMessage(plan)]
 
     def _on_data(self, ev: Data | FrameReceived) -> list[Action]:
         s = self.stats
@@ -520,12 +567,7 @@ class Receiver(_Machine):
                 done_signing_payload(done.transfer_id, done.sha256), done.signature
             )
         except AuthenticationError as exc:
-            return [
-                SendMessage(
-                    Error(done.transfer_id, "refused", "the Done message's signature is bad")
-                ),
-                *self._fail(exc),
-            ]
+            return self._refuse(exc, "the Done message's signature is bad")
         self.sha256 = done.sha256
         s = self.stats
         if s.frames > done.frames or s.wire_bytes > done.wire_bytes:

@@ -22,11 +22,12 @@ import contextlib
 import json
 import os
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from dwcp import errors
+from dwcp.tasks import TaskSet, cancel_and_wait
 
 MAX_LINE = 1 << 20
 _SUN_PATH_MAX = 100  # sockaddr_un holds 108 bytes; leave room
@@ -116,13 +117,22 @@ def error_from_line(line: dict[str, Any]) -> errors.DwcpError:
 
 
 class ControlServer:
-    """Serves the control socket by dispatching each request to a named handler."""
+    """Serves the control socket by dispatching each request to a named handler.
 
-    def __init__(self, path: Path, handlers: dict[str, Handler]) -> None:
+    Handlers are registered by name (``add``), before or after ``start``.
+    """
+
+    def __init__(self, path: Path, handlers: Mapping[str, Handler] | None = None) -> None:
         self.path = path
-        self.handlers = handlers
+        self.handlers: dict[str, Handler] = dict(handlers or {})
         self._server: asyncio.base_events.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._clients = TaskSet("control clients")
+
+    def add(self, op: str, handler: Handler) -> None:
+        """Answer control operation ``op`` with ``handler``; one handler per name."""
+        if op in self.handlers:
+            raise ValueError(f"control operation {op!r} already has a handler")
+        self.handlers[op] = handler
 
     async def start(self) -> None:
         sock = bind_unix(self.path)
@@ -132,24 +142,24 @@ class ControlServer:
         """Stop accepting, cancel requests in progress, remove the socket file."""
         if self._server is not None:
             self._server.close()
-        for t in list(self._tasks):
-            t.cancel()
-        for t in list(self._tasks):
-            with contextlib.suppress(BaseException):
-                await t
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        await self._clients.aclose()
+        if self._server is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+        # asyncio runs each client in its own task: adopt it so close() can end it.
         try:
-            await self._serve(reader, writer)
+            task = self._clients.spawn(self._serve(reader, writer), name="control request")
+        except RuntimeError:  # closing: no new requests
+            writer.close()
+            return
+        try:
+            await asyncio.wait([task])
         finally:
-            self._tasks.discard(task)
-            with contextlib.suppress(Exception):
-                writer.close()
+            if not task.done():
+                await cancel_and_wait(task)
+            writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         def send(obj: dict[str, Any]) -> None:
@@ -177,9 +187,11 @@ class ControlServer:
         try:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
             if not work.done():  # the client hung up: stop the request
-                work.cancel()
-                with contextlib.suppress(BaseException):
-                    await work
+                await cancel_and_wait(work)
+                return
+            if work.cancelled():  # e.g. a job cancelled on the node: say so, do not hang up
+                send(error_line(errors.DwcpError(f"{op} was cancelled on the node")))
+                await writer.drain()
                 return
             try:
                 send({"event": "result", "data": work.result()})
@@ -191,9 +203,7 @@ class ControlServer:
                 send(error_line(errors.DwcpError(f"internal error in {op}: {exc!r}")))
             await writer.drain()
         finally:
-            gone.cancel()
-            if not work.done():
-                work.cancel()
+            await cancel_and_wait(gone, work)
 
 
 def call(
