@@ -49,12 +49,15 @@ class LocalIndex:
         self._add_blocks(source, manifest)
 
     def _add_blocks(self, source: int, manifest: Manifest) -> None:
-        self.blocks.add_blocks(manifest.fps, manifest.flags, source, manifest.block_size)
-        if manifest.n_blocks:
-            group = manifest.block_size * TREE_FANOUT
-            self.parents.add_blocks(
-                manifest.levels[0], bytes(len(manifest.levels[0]) // 16), source, group
-            )
+        bs, fp, fps = manifest.block_size, native.FP_BYTES, manifest.fps
+        for a, b, at in manifest.iter_runs():
+            self.blocks.add_blocks(fps[at * fp : (at + b - a) * fp], None, source, bs, a * bs)
+        ids = manifest.group_ids
+        if ids:
+            group = bs * TREE_FANOUT
+            offsets = array("Q", (g * group for g in ids))
+            lens = array("I", [group]) * len(ids)
+            self.parents.add_chunks(manifest.parents, bytes(len(ids)), offsets, lens, source)
 
     def remove(self, source: int) -> None:
         if source not in self.paths:

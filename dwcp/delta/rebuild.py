@@ -235,9 +235,7 @@ class Rebuilder:
         if not full:
             return
         fps, flags, _ = native.block_fingerprints(data[:full], bs)
-        first = off // bs
-        want = m.fps[first * native.FP_BYTES : first * native.FP_BYTES + len(fps)]
-        want_flags = m.flags[first : first + len(flags)]
+        want, want_flags = m.window(off // bs, len(flags))
         if fps != want or flags != want_flags:
             raise IntegrityError(
                 f"bytes {off}..{off + full} from the sender do not match the manifest's "

@@ -10,15 +10,15 @@ Messages and bulk frames are read by two pump tasks into one bounded queue
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from dwcp import delta
-from dwcp.delta.summary import ManifestAssembler
-from dwcp.errors import ConnectionLostError, DwcpError, ManifestError, ProtocolError
+from dwcp.delta.planner import coalesce
+from dwcp.delta.summary import ManifestAssembler, need_parts, with_sha256
+from dwcp.errors import ConnectionLostError, DwcpError, ProtocolError
 from dwcp.identity import PublicKey
 from dwcp.migrate import messages as msg
 from dwcp.migrate import protocol as proto
@@ -56,6 +56,11 @@ class ReceiverHooks:
     admit: Callable[[str, PublicKey], Awaitable[None]] = _nothing
     # Called once the image is stored and indexed, before the source gets its Ack.
     commit: Callable[[str, bytes, PublicKey], Awaitable[None]] = _nothing
+    # Memory: the most one incoming transfer may hold, and the node-wide budget
+    # (``reserve(n)`` returns the release; it raises RemoteError("busy") when the
+    # node holds too much for other transfers right now).
+    max_transfer_memory: int = 1 << 62
+    reserve: Callable[[int], Callable[[], None]] = lambda n: lambda: None
 
 
 class Receiving:
@@ -65,7 +70,12 @@ class Receiving:
         self.channel = channel
         self.peer_key = peer_key
         self.hooks = hooks
-        self.receiver = proto.Receiver(peer_key, max_image_bytes=hooks.max_image_bytes)
+        self.receiver = proto.Receiver(
+            peer_key,
+            max_image_bytes=hooks.max_image_bytes,
+            max_transfer_memory=hooks.max_transfer_memory,
+        )
+        self._unreserve: Callable[[], None] = lambda: None
         self.events: asyncio.Queue[proto.Event] = asyncio.Queue(maxsize=QUEUE_DEPTH)
         self.rebuilder: delta.Rebuilder | None = None
         self.assembler: ManifestAssembler | None = None
@@ -103,34 +113,76 @@ class Receiving:
     async def prepare(self, offer: msg.Offer) -> proto.Event:
         trace("dst offer")
         hooks = self.hooks
+        header = proto.header_of(offer)
         try:
             hooks.check_name(offer.name)
             await hooks.admit(offer.name, self.peer_key)
+            await hooks.claim(offer.transfer_id)
+            self.claimed = offer.transfer_id
+            self._unreserve = hooks.reserve(header.memory)
             limit, images = hooks.max_image_bytes, hooks.images_dir
 
-            def assemble_summary(ix: delta.ImageIndex) -> ManifestAssembler:
+            def open_assembler(ix: delta.ImageIndex) -> ManifestAssembler:
                 # Images put into images/ since the last look are sources too (changed ones
                 # are re-read only if the plan copies from them: fresh_plan).
                 ix.sync_dir(images, changed=False)
-                return ManifestAssembler(offer.summary, ix.local, max_image=limit)
+                return ManifestAssembler(
+                    header, ix.local, summary_sha256=offer.summary_sha256, max_image=limit
+                )
 
-            asm = self.assembler = await hooks.index.call(assemble_summary)
-            if asm.size != offer.size or asm.sha256 != offer.content_id:
-                raise ManifestError("the manifest summary does not match the offer")
-            await hooks.claim(offer.transfer_id)
-            self.claimed = offer.transfer_id
+            self.assembler = await hooks.index.call(open_assembler)
             self.offer = offer
         except (DwcpError, OSError) as exc:
             return proto.failure_for(exc)
-        return proto.LeavesNeeded(tuple(asm.needed))
+        return proto.Admitted()
 
-    async def assemble(self, leaves: bytes) -> proto.Event:
+    async def feed_summary(self, data: bytes, last: bool) -> proto.Event:
+        asm = self.assembler
+        assert asm is not None
+
+        def feed(ix: delta.ImageIndex) -> int:
+            asm.feed_summary(data)
+            if last:
+                asm.end_summary()
+            return len(asm.needed)
+
+        try:
+            needed = await self.hooks.index.call(feed)
+        except DwcpError as exc:
+            return proto.failure_for(exc)
+        if last:
+            trace(f"dst summary matched, {needed} groups needed")
+        return proto.SummaryFed(last, needed)
+
+    async def send_need(self) -> proto.Event | None:
+        asm, offer = self.assembler, self.offer
+        assert asm is not None and offer is not None
+        pieces = list(need_parts(asm.needed_runs()))  # 16 bytes per run of groups
+        for i, piece in enumerate(pieces):
+            follow = await self.send(
+                msg.Part(offer.transfer_id, msg.NEED, i == len(pieces) - 1, piece)
+            )
+            if follow is not None:
+                return follow
+        return None
+
+    async def feed_leaves(self, data: bytes, last: bool) -> proto.Event:
+        asm = self.assembler
+        assert asm is not None
+        try:
+            await self.hooks.index.call(lambda ix: asm.feed_leaves(data))
+        except DwcpError as exc:
+            return proto.failure_for(exc)
+        return proto.LeavesFed(last)
+
+    async def assemble(self) -> proto.Event:
         asm, offer = self.assembler, self.offer
         assert asm is not None and offer is not None
         trace("dst leaves")
         hooks = self.hooks
         try:
-            m = self.manifest = await hooks.index.call(lambda ix: asm.complete(leaves))
+            m = self.manifest = await hooks.index.call(lambda ix: asm.complete())
+            self.assembler = None
 
             def fresh_plan(ix: delta.ImageIndex) -> delta.Plan:
                 # A local image the plan copies from may have changed since it was indexed
@@ -138,7 +190,7 @@ class Receiving:
                 p = delta.plan(m, ix.local)
                 if ix.refresh(p.paths.values()):
                     p = delta.plan(m, ix.local)
-                return p
+                return coalesce(p, msg.MAX_RANGES)
 
             plan = await hooks.index.call(fresh_plan)
             out = hooks.images_dir / hooks.check_name(offer.name)
@@ -173,7 +225,7 @@ class Receiving:
         assert rb is not None and manifest is not None and offer is not None
         trace("dst finish start")
         rb.sha256 = sha256  # the offer named the content; Done told its SHA-256
-        stored = dataclasses.replace(manifest, sha256=sha256)
+        stored = with_sha256(manifest, sha256)
         try:
             # Again just before the image replaces a stored one: ownership may have moved
             # here meanwhile (another migration of the same VM committed first).
@@ -206,8 +258,14 @@ class Receiving:
             return None
         if isinstance(a, proto.PrepareTransfer):
             return await self.prepare(a.offer)
+        if isinstance(a, proto.FeedSummary):
+            return await self.feed_summary(a.data, a.last)
+        if isinstance(a, proto.SendNeed):
+            return await self.send_need()
+        if isinstance(a, proto.FeedLeaves):
+            return await self.feed_leaves(a.data, a.last)
         if isinstance(a, proto.AssembleManifest):
-            return await self.assemble(a.leaves)
+            return await self.assemble()
         if isinstance(a, proto.WriteFrame):
             return await self.write(a.frame)
         if isinstance(a, proto.FinishTransfer):
@@ -240,6 +298,7 @@ class Receiving:
                 await in_thread(rb.close)  # keep what was received: the transfer resumes
             if self.claimed is not None:
                 self.hooks.release(self.claimed)
+            self._unreserve()
             if machine.ending is proto.Ending.CLOSE:
                 await self.channel.close()
 

@@ -64,6 +64,40 @@ class MigrationEvent:
 
 
 Listener = Callable[[MigrationEvent], None]
+MiB = 1 << 20
+
+
+class MemoryBudget:
+    """Memory the node lets incoming transfers hold together (``[limits] transfer_memory``).
+
+    A transfer reserves what its offer says its manifest needs before anything is
+    held; one that does not fit beside the running ones is refused as ``busy``
+    (the source may retry), one over the whole budget as ``too_large`` (by the
+    protocol, before it gets here).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def reserve(self, n: int) -> Callable[[], None]:
+        if self.used + n > self.limit:
+            raise RemoteError(
+                "busy",
+                f"the destination holds {self.used / MiB:.1f} MiB for other incoming "
+                f"transfers; this one needs {n / MiB:.1f} MiB of the "
+                f"{self.limit / MiB:.1f} MiB allowed ([limits] transfer_memory); retry later",
+            )
+        self.used += n
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.used -= n
+
+        return release
 
 
 class Migrations(BaseService):
@@ -75,6 +109,7 @@ class Migrations(BaseService):
         self.outgoing: dict[str, asyncio.Task[Any]] = {}  # by migration id
         self.migrating: set[str] = set()  # names being sent: one migration per VM at a time
         self.slots = asyncio.Semaphore(ctx.config.limits.max_transfers)
+        self.memory = MemoryBudget(ctx.config.limits.transfer_memory)
         self._listeners: list[Listener] = []
         ctx.sessions.add_channel_handler(CHANNEL_NAME, self._on_channel)
 
@@ -147,6 +182,8 @@ class Migrations(BaseService):
             on_plan=self._on_plan_in,
             admit=self._admit,
             commit=self._commit,
+            max_transfer_memory=ctx.config.limits.transfer_memory,
+            reserve=self.memory.reserve,
         )
         ctx.stats.active_in += 1
         t0 = time.monotonic()
