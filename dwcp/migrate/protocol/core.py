@@ -289,12 +289,15 @@ class Ending(Enum):
 
 
 def failure_for(exc: BaseException) -> LocalFailure:
-    """The wire error for a local exception, and whether the partial state is worthless."""
+    """The wire error for a local exception, and whether the partial state is worthless.
+
+    A full disk keeps what was written: the same migration resumes once there is room.
+    """
     text = str(exc)[:4000]
     if isinstance(exc, RemoteError) and exc.code in ERROR_CODES:
         return LocalFailure(exc.code, text)
     if isinstance(exc, DiskFullError):
-        return LocalFailure("disk_full", text, discard=True)
+        return LocalFailure("disk_full", text)
     if isinstance(exc, IntegrityError):
         return LocalFailure("integrity", text, discard=True)
     if isinstance(exc, FrameError | ManifestError | ProtocolError):
