@@ -9,9 +9,11 @@ operator's comments.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,18 +252,41 @@ def load_config(path: str | Path) -> NodeConfig:
         idle_timeout=lim.number("idle_timeout", 30.0, 1.0, 3600.0),
         partial_max_age_days=lim.number("partial_max_age_days", 7.0, 0.0, 3650.0),
     )
+    control = node.rel_path("control", str(data_dir / "control.sock"), base)
+    key_path = node.rel_path("key", "node.key", base)
+    _check_kind(node, "control", control, stat.S_ISSOCK, "a socket")
+    _check_kind(node, "data_dir", data_dir, stat.S_ISDIR, "a directory")
+    _check_kind(node, "key", key_path, stat.S_ISREG, "a regular file")
     return NodeConfig(
         path=p,
         listen=node.address("listen"),
-        key_path=node.rel_path("key", "node.key", base),
+        key_path=key_path,
         data_dir=data_dir,
-        control_path=node.rel_path("control", str(data_dir / "control.sock"), base),
+        control_path=control,
         metrics_listen=metrics,
         name=name,
         limits=limits,
         peers=_load_peers(p, doc.get("peers", [])),
         consensus=_load_consensus(p, doc) if "consensus" in doc else None,
     )
+
+
+def _check_kind(r: _Reader, key: str, path: Path, ok: Callable[[int], bool], noun: str) -> None:
+    """A path the node creates or uses must be of its kind if it exists: the node never
+    removes or replaces a file it did not create."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(
+            f"{r.path}: {r.prefix}.{key}: cannot inspect {path}: {exc.strerror}"
+        ) from None
+    if not ok(st.st_mode):
+        raise ConfigError(
+            f"{r.path}: {r.prefix}.{key}: {path} exists and is not {noun}; the node never "
+            "removes or replaces a file it did not create: choose another path"
+        )
 
 
 def _load_consensus(p: Path, doc: Mapping[str, Any]) -> Consensus:

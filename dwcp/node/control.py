@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import socket
+import stat
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -54,13 +55,32 @@ def _short_path(path: Path) -> Iterator[str]:
         os.close(fd)
 
 
-def bind_unix(path: Path) -> socket.socket:
-    """Bind a listening unix socket at ``path``, mode 0600; refuse if a node already serves it."""
-    if path.exists():
+def _not_a_socket(path: Path) -> errors.UsageError:
+    return errors.UsageError(
+        f"{path} exists and is not a socket; the node creates its control socket itself "
+        "and never removes a file it did not create: set [node] control in node.toml "
+        "to a path that does not exist"
+    )
+
+
+def bind_unix(path: Path) -> tuple[socket.socket, tuple[int, int]]:
+    """Bind a listening unix socket at ``path``, mode 0600; refuse if a node already serves it.
+
+    Only a socket nobody answers on (a node that was killed) is replaced; anything
+    else at ``path`` is refused and left as it is. Returns the socket and the
+    (device, inode) of the socket file, so the node removes only that file later.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise _not_a_socket(path)
         try:
             connect_unix(path).close()
         except NodeNotRunningError:
-            path.unlink()
+            unlink_socket(path, (st.st_dev, st.st_ino))
         else:
             raise errors.UsageError(f"a node is already running with control socket {path}")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -68,6 +88,7 @@ def bind_unix(path: Path) -> socket.socket:
     try:
         with _short_path(path) as p:
             sock.bind(p)
+        made = os.lstat(path)
     except OSError:
         sock.close()
         raise
@@ -76,7 +97,17 @@ def bind_unix(path: Path) -> socket.socket:
     os.chmod(path, 0o600)
     sock.listen(16)
     sock.setblocking(False)
-    return sock
+    return sock, (made.st_dev, made.st_ino)
+
+
+def unlink_socket(path: Path, identity: tuple[int, int]) -> None:
+    """Remove ``path`` if it is still the socket file ``identity`` names (and nothing else)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == identity:
+        path.unlink(missing_ok=True)
 
 
 def connect_unix(path: Path, timeout: float | None = 5.0) -> socket.socket:
@@ -126,6 +157,7 @@ class ControlServer:
         self.path = path
         self.handlers: dict[str, Handler] = dict(handlers or {})
         self._server: asyncio.base_events.Server | None = None
+        self._made: tuple[int, int] | None = None  # the socket file this server created
         self._clients = TaskSet("control clients")
 
     def add(self, op: str, handler: Handler) -> None:
@@ -135,7 +167,7 @@ class ControlServer:
         self.handlers[op] = handler
 
     async def start(self) -> None:
-        sock = bind_unix(self.path)
+        sock, self._made = bind_unix(self.path)
         self._server = await asyncio.start_unix_server(self._client, sock=sock, limit=MAX_LINE)
 
     async def close(self) -> None:
@@ -143,9 +175,8 @@ class ControlServer:
         if self._server is not None:
             self._server.close()
         await self._clients.aclose()
-        if self._server is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
+        if self._made is not None:
+            unlink_socket(self.path, self._made)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # asyncio runs each client in its own task: adopt it so close() can end it.
