@@ -20,8 +20,9 @@ from pathlib import Path
 
 from dwcp.delta import native
 from dwcp.delta.chunking import ChunkList, chunk_file
-from dwcp.delta.manifest import TREE_FANOUT, Manifest, scan_image
+from dwcp.delta.manifest import Manifest, scan_image
 from dwcp.delta.reader import StatKey, stat_key
+from dwcp.delta.tree import TREE_FANOUT
 from dwcp.errors import ImageError, StorageError
 
 log = logging.getLogger(__name__)

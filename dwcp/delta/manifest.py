@@ -32,20 +32,17 @@ import zstandard
 
 from dwcp.delta import native
 from dwcp.delta.reader import ImageReader, StatKey
+from dwcp.delta.tree import TREE_FANOUT, sparse_tree
 from dwcp.errors import ImageError, ManifestError
 
 BLOCK_SIZE = 4096
-TREE_FANOUT = 256
 FP = native.FP_BYTES
 MAGIC_V1 = b"DWCPMAN\x01"  # dense block map (read for indexes written by older versions)
 MAGIC = b"DWCPMAN\x02"  # runs of non-zero blocks
 # Largest image a decoded manifest may describe unless the caller allows more.
 DEFAULT_MAX_IMAGE = 4 << 40
 SCAN_WINDOW = 8 << 20
-ZERO_FP = bytes(FP)
 _NONZERO_RUN = re.compile(b"\\x00+")
-_EMPTY_ROOT = hashlib.blake2b(b"dwcp-empty-tree", digest_size=16).digest()
-_TREE_BATCH = 256  # tree nodes hashed per C call
 
 _HEADER_V1 = struct.Struct("<8sHHIQQ32s16sI")  # magic ver flags bs size nonzero sha root flags_len
 _HEADER = struct.Struct("<8sIQQQ32s16sI")  # magic bs size nonzero runs sha root runs_len
@@ -66,55 +63,6 @@ def n_groups(size: int, block_size: int) -> int:
     """Tree parents (1 MiB groups at 4 KiB blocks) of an image."""
     blocks = -(-size // block_size)
     return -(-blocks // TREE_FANOUT)
-
-
-def _hash_nodes(children: bytes | bytearray, count: int) -> bytes:
-    """Parents of consecutive full groups of ``TREE_FANOUT`` children (``count`` children)."""
-    return native.tree_level(bytes(children[: count * FP]), TREE_FANOUT)
-
-
-def _next_level(
-    ids: array[int], values: bytes, n: int, zero: bytes
-) -> tuple[array[int], bytes, int, bytes]:
-    """One tree level up from a sparse level.
-
-    ``ids``/``values``: the nodes that are not the all-zero subtree value ``zero``,
-    always including the last node ``n - 1``. Returns the same for the parents.
-    """
-    n_up = -(-n // TREE_FANOUT)
-    out_ids: array[int] = array("Q")
-    out: list[bytes] = []
-    batch = bytearray()
-    batch_ids: list[int] = []
-
-    def flush() -> None:
-        if batch_ids:
-            out.append(_hash_nodes(batch, len(batch_ids) * TREE_FANOUT))
-            out_ids.extend(batch_ids)
-            batch.clear()
-            batch_ids.clear()
-
-    i, k = 0, len(ids)
-    while i < k:
-        parent = ids[i] // TREE_FANOUT
-        first = parent * TREE_FANOUT
-        count = min(TREE_FANOUT, n - first)
-        buf = bytearray(zero * count)
-        while i < k and ids[i] // TREE_FANOUT == parent:
-            at = (ids[i] - first) * FP
-            buf[at : at + FP] = values[i * FP : (i + 1) * FP]
-            i += 1
-        if count == TREE_FANOUT:
-            batch += buf
-            batch_ids.append(parent)
-            if len(batch_ids) >= _TREE_BATCH:
-                flush()
-        else:  # the last, partial parent
-            flush()
-            out.append(native.tree_level(bytes(buf), TREE_FANOUT))
-            out_ids.append(parent)
-    flush()
-    return out_ids, b"".join(out), n_up, native.tree_level(zero * TREE_FANOUT, TREE_FANOUT)
 
 
 @dataclass(frozen=True)
@@ -162,53 +110,10 @@ class Manifest:
                 f"manifest lists {total} non-zero blocks and {len(self.fps) // FP} fingerprints"
             )
         object.__setattr__(self, "cum", cum)
-        ids, values, root = self._tree(n)
+        ids, values, root = sparse_tree(n, self.iter_runs(), self.fps)
         object.__setattr__(self, "group_ids", ids)
         object.__setattr__(self, "parents", values)
         object.__setattr__(self, "root", root)
-
-    # --- the tree -------------------------------------------------------------------
-
-    def _tree(self, n: int) -> tuple[array[int], bytes, bytes]:
-        if n == 0:
-            return array("Q"), b"", _EMPTY_ROOT
-        ids: array[int] = array("Q")
-        batch = bytearray()
-        out: list[bytes] = []
-        cur = -1  # group being filled in ``batch`` (full groups only)
-        last = (n - 1) // TREE_FANOUT
-        last_buf = bytearray(FP * (n - last * TREE_FANOUT))
-        for a, b, fp_at in self.iter_runs():
-            pos = a
-            while pos < b:
-                g = pos // TREE_FANOUT
-                stop = min(b, (g + 1) * TREE_FANOUT)
-                src = self.fps[(fp_at + pos - a) * FP : (fp_at + stop - a) * FP]
-                at = (pos - g * TREE_FANOUT) * FP
-                if g == last:
-                    last_buf[at : at + len(src)] = src
-                else:
-                    if g != cur:
-                        if len(batch) >= _TREE_BATCH * TREE_FANOUT * FP:
-                            out.append(_hash_nodes(batch, len(batch) // FP))
-                            batch.clear()
-                        batch += bytes(TREE_FANOUT * FP)
-                        ids.append(g)
-                        cur = g
-                    base = len(batch) - TREE_FANOUT * FP
-                    batch[base + at : base + at + len(src)] = src
-                pos = stop
-        if batch:
-            out.append(_hash_nodes(batch, len(batch) // FP))
-        out.append(native.tree_level(bytes(last_buf), TREE_FANOUT))
-        ids.append(last)
-        parents = b"".join(out)
-        # Levels above: sparse, with the all-zero subtree value of each level.
-        zero = native.tree_level(ZERO_FP * TREE_FANOUT, TREE_FANOUT)
-        lvl_ids, lvl, count = ids, parents, last + 1
-        while count > 1:
-            lvl_ids, lvl, count, zero = _next_level(lvl_ids, lvl, count, zero)
-        return ids, parents, lvl[-FP:]
 
     # --- blocks -----------------------------------------------------------------------
 

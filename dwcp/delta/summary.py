@@ -28,13 +28,13 @@ from dwcp.delta import native
 from dwcp.delta.index import LocalIndex
 from dwcp.delta.manifest import (
     DEFAULT_MAX_IMAGE,
-    TREE_FANOUT,
     Manifest,
     ManifestBuilder,
     manifest_memory,
     n_groups,
     nonzero_runs,
 )
+from dwcp.delta.tree import TREE_FANOUT
 from dwcp.errors import ManifestError
 
 FP = native.FP_BYTES

@@ -24,7 +24,6 @@ from dwcp.migrate import messages as msg
 from dwcp.migrate import protocol as proto
 from dwcp.migrate.channel import BulkChannel, Channel
 from dwcp.migrate.threads import IndexWorker, in_thread
-from dwcp.tasks import cancel_and_wait
 
 log = logging.getLogger("dwcp.migrate")
 QUEUE_DEPTH = 8  # events (frames among them) read ahead of the writer
@@ -84,6 +83,7 @@ class Receiving:
         self.claimed: str | None = None
         self.result: str | None = None
         self._frames: asyncio.Task[None] | None = None
+        self._group: asyncio.TaskGroup | None = None
 
     # --- pumps --------------------------------------------------------------------------
 
@@ -254,7 +254,8 @@ class Receiving:
             return await self.send(a.message)
         if isinstance(a, proto.ExpectFrames):
             if isinstance(self.channel, BulkChannel) and self._frames is None:
-                self._frames = asyncio.create_task(self.pump_frames(self.channel))
+                assert self._group is not None
+                self._frames = self._group.create_task(self.pump_frames(self.channel))
             return None
         if isinstance(a, proto.PrepareTransfer):
             return await self.prepare(a.offer)
@@ -282,17 +283,24 @@ class Receiving:
     async def run(self) -> str | None:
         """Serve the migration; the stored image's name, or None if it failed."""
         machine = self.receiver
-        messages = asyncio.create_task(self.pump_messages())
         try:
-            while machine.state not in proto.TERMINAL:
-                actions = machine.handle(await self.events.get())
-                while actions:
-                    follow = await self.perform(actions.pop(0))
-                    if follow is not None:
-                        actions.extend(machine.handle(follow))
+            # The pumps live as long as the transfer: a pump that fails on a bug ends it.
+            async with asyncio.TaskGroup() as self._group:
+                messages = self._group.create_task(self.pump_messages())
+                try:
+                    while machine.state not in proto.TERMINAL:
+                        actions = machine.handle(await self.events.get())
+                        while actions:
+                            follow = await self.perform(actions.pop(0))
+                            if follow is not None:
+                                actions.extend(machine.handle(follow))
+                finally:
+                    for t in (messages, self._frames):
+                        if t is not None:
+                            t.cancel()
             return self.result
         finally:
-            await cancel_and_wait(*(t for t in (messages, self._frames) if t is not None))
+            self._group = None
             if self.rebuilder is not None:
                 rb, self.rebuilder = self.rebuilder, None
                 await in_thread(rb.close)  # keep what was received: the transfer resumes

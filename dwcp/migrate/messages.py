@@ -145,7 +145,7 @@ def done_signing_payload(transfer_id: str, sha256: bytes) -> bytes:
 
 
 @dataclass(frozen=True)
-class Plan(Message):
+class PlanHeader(Message):
     """Destination -> source: what it already had; the ranges it still needs follow as
     ``Part(RANGES)`` pieces (``bytes_pending`` in all)."""
 
@@ -285,7 +285,9 @@ class Error(Message):
         return [self.transfer_id, self.code, self.message]
 
 
-_TYPES: dict[int, type[Message]] = {m.TYPE: m for m in (Offer, Plan, Data, Done, Ack, Error, Part)}
+_TYPES: dict[int, type[Message]] = {
+    m.TYPE: m for m in (Offer, PlanHeader, Data, Done, Ack, Error, Part)
+}
 
 
 def encode(msg: Message) -> bytes:

@@ -149,6 +149,7 @@ class Sending:
         self.stop_hashing = threading.Event()
         self._streaming: asyncio.Task[None] | None = None
         self._pump: asyncio.Task[None] | None = None
+        self._group: asyncio.TaskGroup | None = None
         self.hashing: asyncio.Future[bytes] | None = None
 
     # --- scanning -------------------------------------------------------------------
@@ -313,6 +314,14 @@ class Sending:
     async def perform(
         self, m: delta.Manifest, sender: proto.Sender, a: proto.Action
     ) -> proto.Event | None:
+        try:
+            return await self._perform(m, sender, a)
+        except ConnectionLostError as exc:
+            return proto.ConnectionLost(str(exc))
+
+    async def _perform(
+        self, m: delta.Manifest, sender: proto.Sender, a: proto.Action
+    ) -> proto.Event | None:
         tid = sender.transfer_id
         if isinstance(a, proto.SendMessage):
             await self.send(a.message)
@@ -323,7 +332,8 @@ class Sending:
             await self.send_pieces(msg.LEAVES, leaves_parts(m, a.runs), tid)
             return proto.LeavesSent()
         elif isinstance(a, proto.StreamRanges):
-            self._streaming = asyncio.create_task(self.stream(sender, a.ranges))
+            assert self._group is not None
+            self._streaming = self._group.create_task(self.stream(sender, a.ranges))
         return None
 
     async def run(self, opening: Channel | Awaitable[Channel]) -> MigrationResult:
@@ -331,33 +341,53 @@ class Sending:
         try:
             m, sender = await self.scan()
             self.channel: Channel = await opening if isinstance(opening, Awaitable) else opening
-            self._pump = asyncio.create_task(self.pump())
-            actions = sender.handle(proto.Start())
-            while True:
-                for a in actions:
-                    if isinstance(a, proto.Completed):
-                        trace("src completed")
-                        return self._result(m, sender, t0)
-                    if isinstance(a, proto.Failed):
-                        await self._failed(sender, a.error)
-                    follow = await self.perform(m, sender, a)
-                    if follow is not None:
-                        actions.extend(sender.handle(follow))
-                actions = sender.handle(await self.events.get())
+            # The pump and the stream live as long as the exchange: one that fails on a bug
+            # ends it. The outcome is raised after the group, so callers get the error
+            # itself, not an ExceptionGroup.
+            async with asyncio.TaskGroup() as self._group:
+                self._pump = self._group.create_task(self.pump())
+                try:
+                    outcome = await self._exchange(m, sender, t0)
+                finally:
+                    for t in (self._pump, self._streaming):
+                        if t is not None:
+                            t.cancel()
+            if isinstance(outcome, DwcpError):
+                if sender.ending is proto.Ending.LINGER:
+                    await _linger(self.channel)
+                raise self._explain(outcome)
+            return outcome
         finally:
+            self._group = None
             self.stop_hashing.set()  # a failed transfer need not finish hashing
-            tasks = [t for t in (self.hashing, self._pump, self._streaming) if t is not None]
-            await cancel_and_wait(*tasks)
+            if self.hashing is not None:
+                await cancel_and_wait(self.hashing)
 
-    async def _failed(self, sender: proto.Sender, err: DwcpError) -> None:
-        await cancel_and_wait(*(t for t in (self._streaming, self._pump) if t is not None))
-        if sender.ending is proto.Ending.LINGER:
-            await _linger(self.channel)
+    async def _exchange(
+        self, m: delta.Manifest, sender: proto.Sender, t0: float
+    ) -> MigrationResult | DwcpError:
+        actions = sender.handle(proto.Start())
+        while True:
+            for a in actions:
+                if isinstance(a, proto.Completed):
+                    trace("src completed")
+                    return self._result(m, sender, t0)
+                if isinstance(a, proto.Failed):
+                    return a.error
+                follow = await self.perform(m, sender, a)
+                if follow is not None:
+                    actions.extend(sender.handle(follow))
+            actions = sender.handle(await self.events.get())
+
+    def _explain(self, err: DwcpError) -> DwcpError:
+        """A peer's complaint about the data is the image changing under us, if it did."""
         if isinstance(err, IntegrityError | RemoteError):
-            with contextlib.suppress(OSError):
+            try:
                 if _stat_key(self.image) != self.before:
-                    raise ImageError(_changed(self.image)) from err
-        raise err
+                    return ImageError(_changed(self.image))
+            except OSError:
+                return err
+        return err
 
     def _result(self, m: delta.Manifest, sender: proto.Sender, t0: float) -> MigrationResult:
         s = sender.stats

@@ -26,6 +26,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from dwcp import __version__
 from dwcp.errors import ConfigError, LocalError, UsageError
@@ -52,6 +53,19 @@ log = logging.getLogger("dwcp.node")
 INITIAL_CONNECTIONS = 4
 INITIAL_STREAMS = 4
 REAP_SECONDS = 5.0  # bound on waiting for leftover (library) tasks at exit
+
+
+async def cancel_and_wait_bounded(tasks: list[asyncio.Task[Any]], seconds: float) -> None:
+    """Cancel ``tasks`` and wait at most ``seconds``; log those that did not stop."""
+    for t in tasks:
+        t.cancel()
+    if not tasks:
+        return
+    _, stuck = await asyncio.wait(tasks, timeout=seconds)
+    for t in stuck:
+        log.warning(
+            "task did not stop: %r", t, extra={"event": "stuck_task", "stack": repr(t.get_stack())}
+        )
 
 
 class IndexService(BaseService):
@@ -140,20 +154,18 @@ class Node:
             await self._reap_tasks()
 
     async def _reap_tasks(self) -> None:
-        """Cancel what is left (library tasks included) so the loop can close, bounded."""
+        """Cancel what is left (a bug: every service stops its own tasks), bounded, so the
+        loop can close."""
         me = asyncio.current_task()
         left = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
-        for t in left:
-            t.cancel()
         if left:
-            log.debug("cancelling %d leftover task(s): %s", len(left), [t.get_coro() for t in left])
-            _, stuck = await asyncio.wait(left, timeout=REAP_SECONDS)
-            for t in stuck:
-                log.warning(
-                    "task did not stop: %r",
-                    t,
-                    extra={"event": "stuck_task", "stack": repr(t.get_stack())},
-                )
+            log.warning(
+                "%d task(s) left after shutdown: %s",
+                len(left),
+                [t.get_coro() for t in left],
+                extra={"event": "leftover_tasks"},
+            )
+        await cancel_and_wait_bounded(left, REAP_SECONDS)
 
     def build(self, key: NodeKey) -> NodeContext:
         """The shared context and the services (before anything starts)."""

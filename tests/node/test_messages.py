@@ -36,8 +36,8 @@ def offer(**kw: object) -> m.Offer:
     "msg",
     [
         m.Offer(TID, "vm.qcow2", 1 << 30, 4096, 10, 2, 3, b"r" * 16, b"c" * 32, b"s" * 32, SIG),
-        m.Plan(TID, 5, 6, 7, 4),
-        m.Plan(TID, 0, 0, 0, 0),
+        m.PlanHeader(TID, 5, 6, 7, 4),
+        m.PlanHeader(TID, 0, 0, 0, 0),
         m.Data(TID, b"frame"),
         m.Done(TID, 3, 1000, b"h" * 32, b"x" * 64),
         m.Ack(TID, b"h" * 32, "vm.qcow2"),
@@ -86,9 +86,9 @@ def test_ranges_must_be_sorted_and_disjoint() -> None:
         [1, m.Done.TYPE, TID, 1],
         [1, m.Done.TYPE, TID, "1", 2],
         {"a": 1},
-        [m.VERSION, m.Plan.TYPE, TID, "notanint", 0, 0, 0],
+        [m.VERSION, m.PlanHeader.TYPE, TID, "notanint", 0, 0, 0],
         [m.VERSION, m.Part.TYPE, TID, m.NEED, 1, b""],
-        [2, m.Plan.TYPE, TID, 0, 0, 0, 0],
+        [2, m.PlanHeader.TYPE, TID, 0, 0, 0, 0],
         [1, True, TID],
     ],
 )

@@ -212,7 +212,10 @@ def test_cold_migration() -> None:
     pair = Pair(image, dest)
     pair.run()
     assert dest.stored["vm.img"] == image
-    assert pair.sender.state is p.State.COMPLETE and pair.receiver.state is p.State.COMPLETE
+    assert (
+        pair.sender.state is p.MigrationState.COMPLETE
+        and pair.receiver.state is p.MigrationState.COMPLETE
+    )
     assert isinstance(pair.sender_done[-1], p.Completed)
     assert pair.sender.stats.bytes_missing == len(image)
 
@@ -310,7 +313,7 @@ def test_leaves_asked_twice_is_a_protocol_error() -> None:
 def test_plan_beyond_image_is_refused() -> None:
     s = p.Sender(make_offer(NodeKey.generate(), b"x" * 10))
     s.handle(p.Start())
-    assert s.handle(p.MessageReceived(m.Plan(s.transfer_id, 10, 0, 0, 10))) == []
+    assert s.handle(p.MessageReceived(m.PlanHeader(s.transfer_id, 10, 0, 0, 10))) == []
     actions = s.handle(ranges_part(s.transfer_id, [(0, 4096)]))
     assert isinstance(actions[-1], p.Failed)
     assert "beyond the end" in str(actions[-1].error)
@@ -326,7 +329,7 @@ def test_done_before_last_frame_waits() -> None:
     assert r.handle(part(r.transfer_id, m.SUMMARY, SUMMARY)) == [p.FeedSummary(SUMMARY, True)]
     assert r.handle(p.SummaryFed(True, 0)) == [p.AssembleManifest()]
     out = r.handle(p.Prepared(((0, 8192),), 8192, 0, 0))
-    assert isinstance(out[0], p.SendMessage) and isinstance(out[0].message, m.Plan)
+    assert isinstance(out[0], p.SendMessage) and isinstance(out[0].message, m.PlanHeader)
     assert out[-1] == p.ExpectFrames()
     assert r.handle(p.FrameReceived(b"a" * 100)) == [p.WriteFrame(b"a" * 100)]
     sha = hashlib.sha256(b"y" * 8192).digest()
@@ -350,7 +353,7 @@ def test_done_with_a_bad_signature_is_refused() -> None:
     forged = NodeKey.generate().sign(m.done_signing_payload(r.transfer_id, sha))
     actions = r.handle(p.MessageReceived(m.Done(r.transfer_id, 1, 100, sha, forged)))
     assert isinstance(actions[0], p.SendMessage) and actions[0].message.code == "refused"
-    assert isinstance(actions[-1], p.Failed) and r.state is p.State.FAILED
+    assert isinstance(actions[-1], p.Failed) and r.state is p.MigrationState.FAILED
 
 
 @pytest.mark.parametrize("cut", [0, 1, 7])

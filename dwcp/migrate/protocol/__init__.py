@@ -5,7 +5,7 @@ tree root and a content id) and the summary as ``Part(SUMMARY)`` pieces (the 1 M
 parents of the groups that hold data); the destination matches each piece against
 its image index as it arrives, asks for the leaves of the groups it lacks
 (``Part(NEED)``), merges the ``Part(LEAVES)`` pieces into the manifest, plans from
-the index and answers ``Plan`` and the ranges it still lacks (``Part(RANGES)``;
+the index and answers ``PlanHeader`` and the ranges it still lacks (``Part(RANGES)``;
 on a resumed transfer only what is still pending); the source streams delta frames
 (``Data`` or the transport's bulk path), then ``Done`` with counts and the signed
 whole-image SHA-256, computed while the plan and the data travelled; the
@@ -46,6 +46,7 @@ from dwcp.migrate.protocol.core import (
     LocalFailure,
     Machine,
     MessageReceived,
+    MigrationState,
     Prepared,
     PrepareTransfer,
     ProvideLeaves,
@@ -53,7 +54,6 @@ from dwcp.migrate.protocol.core import (
     SendNeed,
     SendSummary,
     Start,
-    State,
     StreamFinished,
     StreamRanges,
     SummaryFed,
@@ -90,6 +90,7 @@ __all__ = [
     "LocalFailure",
     "Machine",
     "MessageReceived",
+    "MigrationState",
     "PrepareTransfer",
     "Prepared",
     "ProvideLeaves",
@@ -101,7 +102,6 @@ __all__ = [
     "Sender",
     "SenderStats",
     "Start",
-    "State",
     "StreamFinished",
     "StreamRanges",
     "SummaryFed",

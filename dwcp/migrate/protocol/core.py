@@ -257,7 +257,7 @@ class Failed(Action):
     discard: bool = False
 
 
-class State(Enum):
+class MigrationState(Enum):
     IDLE = "idle"
     OFFERED = "offered"  # sender: waiting for leaf requests or the plan
     PLANNED = "planned"  # sender: receiving the plan's ranges
@@ -272,7 +272,7 @@ class State(Enum):
     FAILED = "failed"
 
 
-TERMINAL = (State.COMPLETE, State.FAILED)
+TERMINAL = (MigrationState.COMPLETE, MigrationState.FAILED)
 
 
 class Ending(Enum):
@@ -337,12 +337,12 @@ Handler = Callable[[Any, Any], list[Action]]
 class Machine:
     """Shared plumbing: table dispatch, the failure path."""
 
-    TABLE: ClassVar[dict[tuple[State, str], str]] = {}
+    TABLE: ClassVar[dict[tuple[MigrationState, str], str]] = {}
     role = ""
 
     def __init__(self, transfer_id: str) -> None:
         self.transfer_id = transfer_id
-        self.state = State.IDLE
+        self.state = MigrationState.IDLE
         self.error: DwcpError | None = None
         self.ending = Ending.KEEP
 
@@ -373,7 +373,7 @@ class Machine:
         return handler(self, event.message if isinstance(event, MessageReceived) else event)
 
     def _fail(self, error: DwcpError, *, discard: bool = False) -> list[Action]:
-        self.state = State.FAILED
+        self.state = MigrationState.FAILED
         self.error = error
         return [Failed(error, discard)]
 

@@ -18,7 +18,7 @@ from dwcp.migrate.messages import (
     Done,
     Offer,
     Part,
-    Plan,
+    PlanHeader,
     done_signing_payload,
     pack_ranges,
 )
@@ -41,11 +41,11 @@ from dwcp.migrate.protocol.core import (
     LocalFailure,
     Machine,
     MessageReceived,
+    MigrationState,
     Prepared,
     PrepareTransfer,
     SendMessage,
     SendNeed,
-    State,
     SummaryFed,
     WriteFrame,
     transfer_id_for,
@@ -87,22 +87,22 @@ class Receiver(Machine):
     """
 
     role = "receiver"
-    TABLE: ClassVar[dict[tuple[State, str], str]] = {
-        (State.IDLE, "Offer"): "_on_offer",
-        (State.PREPARING, "Admitted"): "_on_admitted",
-        (State.SUMMARY, "Part:summary"): "_on_summary",
-        (State.SUMMARY, "SummaryFed"): "_on_summary_fed",
-        (State.LEAVES, "Part:leaves"): "_on_leaves",
-        (State.LEAVES, "LeavesFed"): "_on_leaves_fed",
-        (State.PREPARING, "Prepared"): "_on_prepared",
-        (State.RECEIVING, "Data"): "_on_data",
-        (State.RECEIVING, "FrameReceived"): "_on_data",
-        (State.DRAINING, "Data"): "_on_data",
-        (State.DRAINING, "FrameReceived"): "_on_data",
-        (State.RECEIVING, "FrameWritten"): "_on_written",
-        (State.DRAINING, "FrameWritten"): "_on_written",
-        (State.RECEIVING, "Done"): "_on_done",
-        (State.FINISHING, "Finished"): "_on_finished",
+    TABLE: ClassVar[dict[tuple[MigrationState, str], str]] = {
+        (MigrationState.IDLE, "Offer"): "_on_offer",
+        (MigrationState.PREPARING, "Admitted"): "_on_admitted",
+        (MigrationState.SUMMARY, "Part:summary"): "_on_summary",
+        (MigrationState.SUMMARY, "SummaryFed"): "_on_summary_fed",
+        (MigrationState.LEAVES, "Part:leaves"): "_on_leaves",
+        (MigrationState.LEAVES, "LeavesFed"): "_on_leaves_fed",
+        (MigrationState.PREPARING, "Prepared"): "_on_prepared",
+        (MigrationState.RECEIVING, "Data"): "_on_data",
+        (MigrationState.RECEIVING, "FrameReceived"): "_on_data",
+        (MigrationState.DRAINING, "Data"): "_on_data",
+        (MigrationState.DRAINING, "FrameReceived"): "_on_data",
+        (MigrationState.RECEIVING, "FrameWritten"): "_on_written",
+        (MigrationState.DRAINING, "FrameWritten"): "_on_written",
+        (MigrationState.RECEIVING, "Done"): "_on_done",
+        (MigrationState.FINISHING, "Finished"): "_on_finished",
     }
 
     def __init__(
@@ -120,7 +120,7 @@ class Receiver(Machine):
     def handle(self, event: Event) -> list[Action]:
         # The transfer id is only known from the offer.
         if (
-            self.state is State.IDLE
+            self.state is MigrationState.IDLE
             and isinstance(event, MessageReceived)
             and isinstance(event.message, Offer)
         ):
@@ -157,14 +157,14 @@ class Receiver(Machine):
                 "([limits] transfer_memory)"
             )
         self.offer = offer
-        self.state = State.PREPARING
+        self.state = MigrationState.PREPARING
         return [PrepareTransfer(offer)]
 
     def _too_large(self, text: str) -> list[Action]:
         return self._local_failure(LocalFailure("too_large", text))
 
     def _on_admitted(self, _ev: Admitted) -> list[Action]:
-        self.state = State.SUMMARY
+        self.state = MigrationState.SUMMARY
         return []
 
     def _on_summary(self, part: Part) -> list[Action]:
@@ -174,9 +174,9 @@ class Receiver(Machine):
         if not ev.last:
             return []
         if ev.needed:
-            self.state = State.LEAVES
+            self.state = MigrationState.LEAVES
             return [SendNeed()]
-        self.state = State.PREPARING
+        self.state = MigrationState.PREPARING
         return [AssembleManifest()]
 
     def _on_leaves(self, part: Part) -> list[Action]:
@@ -185,16 +185,18 @@ class Receiver(Machine):
     def _on_leaves_fed(self, ev: LeavesFed) -> list[Action]:
         if not ev.last:
             return []
-        self.state = State.PREPARING
+        self.state = MigrationState.PREPARING
         return [AssembleManifest()]
 
     def _on_prepared(self, ev: Prepared) -> list[Action]:
         pending = sum(n for _, n in ev.missing)
-        plan = Plan(self.transfer_id, ev.bytes_missing, ev.bytes_local, ev.bytes_zero, pending)
+        plan = PlanHeader(
+            self.transfer_id, ev.bytes_missing, ev.bytes_local, ev.bytes_zero, pending
+        )
         s = self.stats
         s.bytes_pending = pending
         s.wire_limit = pending + int(pending * WIRE_ALLOWANCE) + WIRE_SLACK
-        self.state = State.RECEIVING
+        self.state = MigrationState.RECEIVING
         out: list[Action] = [SendMessage(plan)]
         ranges = ev.missing
         for i in range(0, max(len(ranges), 1), RANGES_PER_PART):
@@ -235,17 +237,17 @@ class Receiver(Machine):
         if s.frames > done.frames or s.wire_bytes > done.wire_bytes:
             return self._protocol_error("Done announces fewer frames than were received")
         self._expect = _Expect(done.frames, done.wire_bytes, True)
-        self.state = State.DRAINING
+        self.state = MigrationState.DRAINING
         return self._maybe_finish()
 
     def _maybe_finish(self) -> list[Action]:
         s, e = self.stats, self._expect
         if (
-            self.state is State.DRAINING
+            self.state is MigrationState.DRAINING
             and s.frames == s.frames_written == e.frames
             and s.wire_bytes == e.wire_bytes
         ):
-            self.state = State.FINISHING
+            self.state = MigrationState.FINISHING
             return [FinishTransfer(self.sha256)]
         return []
 
@@ -255,7 +257,7 @@ class Receiver(Machine):
             return self._local_failure(
                 LocalFailure("integrity", "the rebuilt image does not match the manifest", True)
             )
-        self.state = State.COMPLETE
+        self.state = MigrationState.COMPLETE
         return [
             SendMessage(Ack(self.transfer_id, ev.sha256, ev.path_name)),
             Completed(ev.sha256, ev.path_name),

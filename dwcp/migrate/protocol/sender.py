@@ -8,17 +8,17 @@ from typing import ClassVar
 
 from dwcp.delta.manifest import n_groups
 from dwcp.errors import IntegrityError, ManifestError, ProtocolError
-from dwcp.migrate.messages import MAX_RANGES, Ack, Done, Offer, Part, Plan, unpack_ranges
+from dwcp.migrate.messages import MAX_RANGES, Ack, Done, Offer, Part, PlanHeader, unpack_ranges
 from dwcp.migrate.protocol.core import (
     Action,
     Completed,
     LeavesSent,
     Machine,
+    MigrationState,
     ProvideLeaves,
     SendMessage,
     SendSummary,
     Start,
-    State,
     StreamFinished,
     StreamRanges,
 )
@@ -54,14 +54,14 @@ class Sender(Machine):
     """
 
     role = "sender"
-    TABLE: ClassVar[dict[tuple[State, str], str]] = {
-        (State.IDLE, "Start"): "_on_start",
-        (State.OFFERED, "Part:need"): "_on_need",
-        (State.OFFERED, "LeavesSent"): "_on_leaves_sent",
-        (State.OFFERED, "Plan"): "_on_plan",
-        (State.PLANNED, "Part:ranges"): "_on_ranges",
-        (State.STREAMING, "StreamFinished"): "_on_stream_finished",
-        (State.FINISHING, "Ack"): "_on_ack",
+    TABLE: ClassVar[dict[tuple[MigrationState, str], str]] = {
+        (MigrationState.IDLE, "Start"): "_on_start",
+        (MigrationState.OFFERED, "Part:need"): "_on_need",
+        (MigrationState.OFFERED, "LeavesSent"): "_on_leaves_sent",
+        (MigrationState.OFFERED, "PlanHeader"): "_on_plan",
+        (MigrationState.PLANNED, "Part:ranges"): "_on_ranges",
+        (MigrationState.STREAMING, "StreamFinished"): "_on_stream_finished",
+        (MigrationState.FINISHING, "Ack"): "_on_ack",
     }
 
     def __init__(self, offer: Offer) -> None:
@@ -79,7 +79,7 @@ class Sender(Machine):
         self._ranges_bytes = 0
 
     def _on_start(self, _ev: Start) -> list[Action]:
-        self.state = State.OFFERED
+        self.state = MigrationState.OFFERED
         return [SendMessage(self.offer), SendSummary()]
 
     def _on_need(self, part: Part) -> list[Action]:
@@ -107,7 +107,7 @@ class Sender(Machine):
         self._leaves = "sent"
         return []
 
-    def _on_plan(self, plan: Plan) -> list[Action]:
+    def _on_plan(self, plan: PlanHeader) -> list[Action]:
         size = self.offer.size
         if plan.bytes_missing > size or plan.bytes_pending > plan.bytes_missing:
             return self._protocol_error("the plan's byte counts exceed the image size")
@@ -120,7 +120,7 @@ class Sender(Machine):
             plan.bytes_zero,
         )
         s.bytes_pending = plan.bytes_pending
-        self.state = State.PLANNED
+        self.state = MigrationState.PLANNED
         return []
 
     def _on_ranges(self, part: Part) -> list[Action]:
@@ -144,14 +144,14 @@ class Sender(Machine):
             return []
         if self._ranges_bytes != self.stats.bytes_pending:
             return self._protocol_error("the plan's ranges do not add up to what it announced")
-        self.state = State.STREAMING
+        self.state = MigrationState.STREAMING
         ranges, self._ranges = self._ranges, array("Q")
         return [StreamRanges(ranges)]
 
     def _on_stream_finished(self, ev: StreamFinished) -> list[Action]:
         self.stats.frames, self.stats.wire_bytes = ev.frames, ev.wire_bytes
         self.sha256 = ev.sha256
-        self.state = State.FINISHING
+        self.state = MigrationState.FINISHING
         done = Done(self.transfer_id, ev.frames, ev.wire_bytes, ev.sha256, ev.signature)
         return [SendMessage(done)]
 
@@ -162,5 +162,5 @@ class Sender(Machine):
                 f"{self.sha256.hex()}"
             )
             return self._fail(err)
-        self.state = State.COMPLETE
+        self.state = MigrationState.COMPLETE
         return [Completed(ack.sha256, ack.path_name)]
