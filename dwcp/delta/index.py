@@ -171,6 +171,16 @@ class ImageIndex:
         self._store(p, manifest, manifest.stat_key, row)
         return manifest
 
+    def manifest_of(self, path: str | os.PathLike[str]) -> Manifest | None:
+        """The manifest of ``path`` if it is indexed and unchanged since (one ``stat``)."""
+        p = Path(path).resolve()
+        row = self._row(p)
+        try:
+            same = row is not None and row[1] == stat_key(p.stat())
+        except FileNotFoundError:
+            return None
+        return self.local.manifests[row[0]] if same and row is not None else None
+
     def record(self, path: str | os.PathLike[str], manifest: Manifest) -> None:
         """Index a file known to hold ``manifest`` (a rebuilt image that was just verified).
 

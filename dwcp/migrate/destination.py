@@ -18,7 +18,7 @@ from pathlib import Path
 from dwcp import delta
 from dwcp.delta.planner import coalesce
 from dwcp.delta.summary import ManifestAssembler, need_parts, with_sha256
-from dwcp.errors import ConnectionLostError, DwcpError, ProtocolError
+from dwcp.errors import ConnectionLostError, DwcpError, ProtocolError, UsageError
 from dwcp.identity import PublicKey
 from dwcp.migrate import messages as msg
 from dwcp.migrate import protocol as proto
@@ -53,8 +53,11 @@ class ReceiverHooks:
     # Before anything is planned: may this peer send an image under this name? (With
     # consensus, not over a VM this node owns, nor for a VM a third node owns.)
     admit: Callable[[str, PublicKey], Awaitable[None]] = _nothing
+    # May the image replace what is stored under its name? Asked when the offer arrives
+    # (final=False) and right before the rename (final=True: make a backup if asked).
+    may_replace: Callable[[msg.Offer, PublicKey, bool], Awaitable[None]] = _nothing
     # Called once the image is stored and indexed, before the source gets its Ack.
-    commit: Callable[[str, bytes, PublicKey], Awaitable[None]] = _nothing
+    commit: Callable[[str, bytes, PublicKey, msg.Offer], Awaitable[None]] = _nothing
     # Memory: the most one incoming transfer may hold, and the node-wide budget
     # (``reserve(n)`` returns the release; it raises RemoteError("busy") when the
     # node holds too much for other transfers right now).
@@ -116,7 +119,9 @@ class Receiving:
         header = proto.header_of(offer)
         try:
             hooks.check_name(offer.name)
+            self._check_backing(offer)
             await hooks.admit(offer.name, self.peer_key)
+            await hooks.may_replace(offer, self.peer_key, False)
             await hooks.claim(offer.transfer_id)
             self.claimed = offer.transfer_id
             self._unreserve = hooks.reserve(header.memory)
@@ -135,6 +140,26 @@ class Receiving:
         except (DwcpError, OSError) as exc:
             return proto.failure_for(exc)
         return proto.Admitted()
+
+    def _check_backing(self, offer: msg.Offer) -> None:
+        """A qcow2 overlay is accepted only if its backing file resolves here: a bare name
+        of an image this node holds (it resolves next to the overlay, in images/)."""
+        b = offer.backing
+        if not b:
+            return
+        flatten = f"or flatten it (qemu-img convert -O qcow2 {offer.name} flat.qcow2)"
+        if "/" in b or b.startswith("."):
+            raise UsageError(
+                f"{offer.name} is a qcow2 overlay whose backing file {b!r} would not resolve "
+                f"here: rebase it onto a bare name (qemu-img rebase -u -b NAME {offer.name}) "
+                f"and migrate that layer first, {flatten}"
+            )
+        if not (self.hooks.images_dir / b).is_file():
+            raise UsageError(
+                f"{offer.name} is a qcow2 overlay on {b!r}, which this node does not hold: "
+                f"migrate {b} here first (dwcp migrate {b} --to ...), then the overlay, "
+                f"{flatten}"
+            )
 
     async def feed_summary(self, data: bytes, last: bool) -> proto.Event:
         asm = self.assembler
@@ -230,11 +255,12 @@ class Receiving:
             # Again just before the image replaces a stored one: ownership may have moved
             # here meanwhile (another migration of the same VM committed first).
             await self.hooks.admit(offer.name, self.peer_key)
+            await self.hooks.may_replace(offer, self.peer_key, True)
             path = await in_thread(rb.finish)
             trace("dst finished")
             await self.hooks.index.call(lambda ix: ix.record(path, stored))  # verified
             trace("dst recorded")
-            await self.hooks.commit(path.name, sha256, self.peer_key)
+            await self.hooks.commit(path.name, sha256, self.peer_key, offer)
         except (DwcpError, OSError) as exc:
             return proto.failure_for(exc)
         return proto.Finished(sha256, path.name)

@@ -82,6 +82,9 @@ class Message:
         raise ProtocolError("abstract message")  # pragma: no cover
 
 
+REFUSE, FORCE, BACKUP = 0, 1, 2  # Offer.replace
+
+
 @dataclass(frozen=True)
 class Offer(Message):
     """Source -> destination: the signed description of the image's manifest.
@@ -105,11 +108,18 @@ class Offer(Message):
     root: bytes
     content_id: bytes
     summary_sha256: bytes
+    replace: int  # REFUSE, FORCE or BACKUP: what to do with a different stored image
+    origin: bytes  # names the source's file (16 bytes): a later version comes from it too
+    backing: str  # qcow2: the backing file the image needs, or ""
     signature: bytes
 
     def __post_init__(self) -> None:
         _check_tid(self.transfer_id)
         _check_text("name", self.name, 255)
+        if self.replace not in (REFUSE, FORCE, BACKUP):
+            raise ProtocolError(f"Offer.replace: unknown mode {self.replace!r}")
+        _check_bytes("origin", self.origin, 16, 16)
+        _check_text("backing", self.backing, 1023)
         for f in ("size", "block_size", "nonzero_blocks", "runs", "entries"):
             _check_int(f, getattr(self, f))
         _check_bytes("root", self.root, 16, 16)
@@ -132,6 +142,9 @@ class Offer(Message):
             self.root,
             self.content_id,
             self.summary_sha256,
+            self.replace,
+            self.origin,
+            self.backing,
         ]
 
     def signing_payload(self) -> bytes:
@@ -308,7 +321,7 @@ def decode(data: bytes) -> Message:
             strict_map_key=True,
             max_bin_len=MAX_MESSAGE,
             max_str_len=MAX_TEXT,
-            max_array_len=16,
+            max_array_len=24,
             max_map_len=0,
             max_ext_len=0,
         )

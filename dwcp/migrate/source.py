@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dwcp import delta, framing
+from dwcp.delta import qcow2
 from dwcp.delta.frames import raw_length
 from dwcp.delta.summary import SummaryHeader, leaves_parts, summary_parts
 from dwcp.errors import (
@@ -99,6 +100,14 @@ def _stat_key(path: Path) -> tuple[int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ino
 
 
+def origin_of(image: Path) -> bytes:
+    """Names the source file an image came from (its resolved path), 16 bytes: the
+    destination lets a later version from the same file replace it."""
+    h = hashlib.blake2b(digest_size=16, person=b"dwcp-origin")
+    h.update(os.fsencode(image.resolve()))
+    return h.digest()
+
+
 def _changed(image: Path) -> str:
     return (
         f"image {image} changed while it was being sent; stop the VM or snapshot the "
@@ -139,9 +148,10 @@ class Sending:
         bwlimit: int,
         on_progress: Callable[[Progress], None],
         block_size: int = delta.BLOCK_SIZE,
+        replace: int = msg.REFUSE,
     ) -> None:
         self.key, self.image, self.name = key, image, name
-        self.block_size = block_size
+        self.block_size, self.replace = block_size, replace
         self.level, self.bwlimit, self.on_progress = level, bwlimit, on_progress
         self.prog = Progress(name, peer)
         self.wire = 0  # bytes this run put on the channel
@@ -164,6 +174,7 @@ class Sending:
             raise ImageError(f"cannot read image {image}: {exc.strerror}") from None
         if not image.is_file():
             raise ImageError(f"{image} is not a regular file")
+        backing = qcow2.backing_file(image) or ""
         self.on_progress(self.prog)
         trace("src scan start")
         # Fingerprints first: they name the content and let the destination plan; the
@@ -182,9 +193,9 @@ class Sending:
             digest.update(piece)
         tid = proto.transfer_id_for(self.key.public.raw, self.name, cid, m.size)
         fields = (tid, self.name, m.size, m.block_size, h.nonzero_blocks, h.runs, h.entries)
-        unsigned = msg.Offer(*fields, h.root, cid, digest.digest(), bytes(64))
-        sig = self.key.sign(unsigned.signing_payload())
-        offer = msg.Offer(*fields, h.root, cid, digest.digest(), sig)
+        tail = (h.root, cid, digest.digest(), self.replace, origin_of(image), backing)
+        unsigned = msg.Offer(*fields, *tail, bytes(64))
+        offer = msg.Offer(*fields, *tail, self.key.sign(unsigned.signing_payload()))
         self.prog.bytes_image, self.prog.phase = m.size, "planning"
         self.on_progress(self.prog)
         return m, proto.Sender(offer)
@@ -418,6 +429,7 @@ async def send_image(
     bwlimit: int = 0,
     on_progress: Callable[[Progress], None] = lambda p: None,
     block_size: int = delta.BLOCK_SIZE,
+    replace: int = msg.REFUSE,
 ) -> MigrationResult:
     """Migrate ``image`` over the channel ``opening`` as ``name``; returns once the peer
     acknowledged it.
@@ -425,7 +437,9 @@ async def send_image(
     ``opening`` may be an awaitable of the channel (a connection being set up): the scan
     runs meanwhile and the channel is awaited once the offer is ready. The caller owns
     the channel either way. ``block_size`` is the manifest's (the destination accepts
-    any power of two from 512 bytes to 1 MiB).
+    any power of two from 512 bytes to 1 MiB). ``replace`` (``messages.REFUSE``,
+    ``FORCE``, ``BACKUP``) says what the destination may do with a different image
+    already stored under ``name``.
     """
     s = Sending(
         key,
@@ -436,6 +450,7 @@ async def send_image(
         bwlimit=bwlimit,
         on_progress=on_progress,
         block_size=block_size,
+        replace=replace,
     )
     return await s.run(opening)
 

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
+import stat
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dwcp.delta import content_id
 from dwcp.errors import ConsensusError, DwcpError, ImageError, RemoteError, UsageError
 from dwcp.identity import PublicKey
 from dwcp.migrate import (
@@ -31,9 +34,11 @@ from dwcp.migrate import (
     Progress,
     QuicChannel,
     ReceiverHooks,
+    in_thread,
     receive_image,
     send_image,
 )
+from dwcp.migrate.messages import BACKUP, FORCE, REFUSE, Offer
 from dwcp.node.config import Peer, parse_rate
 from dwcp.node.context import NodeContext
 from dwcp.node.control import Emit, Handler
@@ -181,6 +186,7 @@ class Migrations(BaseService):
             on_bytes=self._on_bytes_in,
             on_plan=self._on_plan_in,
             admit=self._admit,
+            may_replace=self._may_replace,
             commit=self._commit,
             max_transfer_memory=ctx.config.limits.transfer_memory,
             reserve=self.memory.reserve,
@@ -236,15 +242,69 @@ class Migrations(BaseService):
                 "sending node; migrate it from its owner"
             )
 
-    async def _commit(self, name: str, sha256: bytes, source: PublicKey) -> None:
-        """Record a received image (the log line; with consensus the source commits the
-        ownership move after this node's Ack: ``dwcp.node.ownership``)."""
+    async def _commit(self, name: str, sha256: bytes, source: PublicKey, offer: Offer) -> None:
+        """Record a received image: where it came from (a later version from the same
+        source file may replace it) and the log line. With consensus the source commits
+        the ownership move after this node's Ack (``dwcp.node.ownership``)."""
+        origin = {"sender": source.node_id, "origin": offer.origin.hex(), "sha256": sha256.hex()}
+        await in_thread(self.ctx.store.record_origin, name, origin)
         log.info(
             "stored image %s sha256 %s from %s",
             name,
             sha256.hex(),
             source.node_id,
             extra={"event": "commit", "image": name, "sha256": sha256.hex()},
+        )
+
+    async def _may_replace(self, offer: Offer, source: PublicKey, final: bool) -> None:
+        """An image replaces a different one stored under its name only if the sender
+        said ``--force`` or ``--backup`` (then the old one is kept as ``NAME.~N~``), if
+        the ownership cluster says the sender owns that VM (the stored copy is a stale
+        copy of it), or if this node received the stored image from the same file of the
+        same sender (a later version of it). Never over a symlink, a device or a FIFO."""
+        store = self.ctx.store
+        path = store.image_path(offer.name)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(
+                f"images/{offer.name} at the destination is not a regular file (a symlink, "
+                "a device or a FIFO); the node never replaces one: remove or rename it there"
+            )
+        if offer.replace == FORCE:
+            return
+        held = await self.ctx.index.call(lambda ix: ix.manifest_of(path))
+        if held is not None and content_id(held) == offer.content_id:
+            return  # the same content: nothing is lost
+        if offer.replace == BACKUP:
+            if final:
+                backup = store.backup_name(offer.name)
+                await in_thread(os.link, path, store.images_dir / backup)
+                log.info(
+                    "kept the replaced image %s as %s",
+                    offer.name,
+                    backup,
+                    extra={"event": "backup", "image": offer.name, "backup": backup},
+                )
+            return
+        own = self.ctx.ownership
+        if own is not None and (await own.owner(offer.name)).owner == source.node_id:
+            return
+        was = store.origin(offer.name)
+        if was == {**(was or {}), "sender": source.node_id, "origin": offer.origin.hex()}:
+            return
+        if was is None:
+            came = "was put there locally"
+        elif was.get("sender") == source.node_id:
+            came = "came from another file of the sending node"
+        else:
+            came = "came from another node"
+        raise UsageError(
+            f"images/{offer.name} at the destination is a different image (it {came}); "
+            "nothing was changed: re-run with --force to replace it, or --backup to keep "
+            f"it as {offer.name}.~N~"
         )
 
     async def _claim(self, transfer_id: str) -> None:
@@ -298,7 +358,12 @@ class Migrations(BaseService):
             bw = parse_rate(limit) if limit else ctx.config.limits.bwlimit
         except ValueError as exc:
             raise UsageError(f"--bwlimit: {exc}") from None
-        return await self.migrate(image, peer, name=name, level=level, bwlimit=bw, emit=emit)
+        if args.get("force") and args.get("backup"):
+            raise UsageError("--force and --backup: choose one")
+        replace = FORCE if args.get("force") else BACKUP if args.get("backup") else REFUSE
+        return await self.migrate(
+            image, peer, name=name, level=level, bwlimit=bw, emit=emit, replace=replace
+        )
 
     async def migrate(
         self,
@@ -309,8 +374,13 @@ class Migrations(BaseService):
         level: int | AdaptiveLevel,
         bwlimit: int,
         emit: Emit = lambda d: None,
+        replace: int = REFUSE,
     ) -> dict[str, Any]:
-        """Move ``image`` to ``peer`` as ``name``; the result once the peer stored it."""
+        """Move ``image`` to ``peer`` as ``name``; the result once the peer stored it.
+
+        ``replace`` (``messages.REFUSE``, ``FORCE``, ``BACKUP``): what the peer may do
+        with a different image it already stores under ``name``.
+        """
         ctx = self.ctx
         if name in self.migrating:
             raise UsageError(
@@ -350,7 +420,9 @@ class Migrations(BaseService):
             async with self.slots:
                 ctx.stats.active_out += 1
                 try:
-                    result = await self._send(image, peer, name, level, bwlimit, say, progress)
+                    result = await self._send(
+                        image, peer, name, level, bwlimit, say, progress, replace
+                    )
                 finally:
                     ctx.stats.active_out -= 1
         except asyncio.CancelledError:
@@ -403,6 +475,7 @@ class Migrations(BaseService):
         bwlimit: int,
         say: Emit,
         progress: Callable[[Progress], None],
+        replace: int,
     ) -> MigrationResult:
         ctx = self.ctx
         # Connect while the VM is claimed and the image scanned (~0.1 s and a handshake's
@@ -424,6 +497,7 @@ class Migrations(BaseService):
                 level=level,
                 bwlimit=bwlimit,
                 on_progress=progress,
+                replace=replace,
             )
             ok = True
         finally:

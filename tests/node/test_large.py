@@ -94,8 +94,9 @@ def _offer(key: NodeKey, nonzero: int, size: int = 1 << 40) -> m.Offer:
     cid = content_id_of(size, 4096, nonzero, root)
     tid = p.transfer_id_for(key.public.raw, "vm", cid, size)
     fields = (tid, "vm", size, 4096, nonzero, 1, 1 << 18, root, cid, b"s" * 32)
-    sig = key.sign(m.Offer(*fields, bytes(64)).signing_payload())
-    return m.Offer(*fields, sig)
+    tail = (m.REFUSE, bytes(16), "")
+    sig = key.sign(m.Offer(*fields, *tail, bytes(64)).signing_payload())
+    return m.Offer(*fields, *tail, sig)
 
 
 def test_an_offer_needing_more_memory_than_allowed_is_refused() -> None:

@@ -26,6 +26,9 @@ def offer(**kw: object) -> m.Offer:
         root=b"r" * 16,
         content_id=b"c" * 32,
         summary_sha256=b"s" * 32,
+        replace=m.REFUSE,
+        origin=b"o" * 16,
+        backing="",
         signature=SIG,
     )
     args.update(kw)
@@ -35,7 +38,7 @@ def offer(**kw: object) -> m.Offer:
 @pytest.mark.parametrize(
     "msg",
     [
-        m.Offer(TID, "vm.qcow2", 1 << 30, 4096, 10, 2, 3, b"r" * 16, b"c" * 32, b"s" * 32, SIG),
+        offer(name="vm.qcow2", size=1 << 30, backing="base.qcow2", replace=m.BACKUP),
         m.PlanHeader(TID, 5, 6, 7, 4),
         m.PlanHeader(TID, 0, 0, 0, 0),
         m.Data(TID, b"frame"),

@@ -39,9 +39,9 @@ def make_offer(key: NodeKey, image: bytes, name: str = "vm.img", tid: str | None
     cid = content_id_of(len(image), BLOCK, blocks, root)
     tid = tid or p.transfer_id_for(key.public.raw, name, cid, len(image))
     fields = (tid, name, len(image), BLOCK, blocks, 1, groups, root, cid)
-    unsigned = m.Offer(*fields, hashlib.sha256(SUMMARY).digest(), bytes(64))
-    sig = key.sign(unsigned.signing_payload())
-    return m.Offer(*fields, hashlib.sha256(SUMMARY).digest(), sig)
+    tail = (hashlib.sha256(SUMMARY).digest(), m.REFUSE, bytes(16), "")
+    unsigned = m.Offer(*fields, *tail, bytes(64))
+    return m.Offer(*fields, *tail, key.sign(unsigned.signing_payload()))
 
 
 def part(tid: str, kind: int, data: bytes = b"", last: bool = True) -> p.MessageReceived:
