@@ -152,6 +152,7 @@ class Nodes:
             "b",
             "--name",
             name,
+            "--force",  # the warm case replaces the previous version, from another file
             "--json",
         )
         return dict(json.loads(r.stdout.strip().splitlines()[-1]))

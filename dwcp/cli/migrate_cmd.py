@@ -1,6 +1,10 @@
 """``dwcp migrate IMAGE --to PEER``: ask the local node to move an image to a peer.
 
-Returns when the destination has verified, stored and indexed the image. On a
+Returns when the destination has verified, stored and indexed the image. A
+different image the destination already stores under the same name is replaced
+only with ``--force`` (or ``--backup``, which keeps the old one as ``NAME.~N~``),
+unless it is an earlier version from the same source file, or the ownership
+cluster says this node owns that VM. On a
 terminal, a progress bar (bytes, rate, dedup ratio, ETA) runs on stderr; with
 ``--json`` the result is one JSON object on stdout's last line. Interrupting
 the command stops the migration; re-running it resumes where it stopped.
@@ -30,6 +34,17 @@ def register(sub: Any) -> None:
         type=int,
         metavar="N",
         help="zstd level, fixed (default: adaptive 1-9, from the config's level)",
+    )
+    keep = p.add_mutually_exclusive_group()
+    keep.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a different image the peer already stores under that name",
+    )
+    keep.add_argument(
+        "--backup",
+        action="store_true",
+        help="replace it, keeping the old one at the peer as NAME.~N~",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     p.set_defaults(func=run)
@@ -104,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         "name": args.name,
         "bwlimit": args.bwlimit,
         "level": args.level,
+        "force": args.force,
+        "backup": args.backup,
     }
     bar = _Bar(args.image, args.to)
     try:

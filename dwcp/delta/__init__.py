@@ -15,10 +15,24 @@ from dwcp.delta.deltafile import DeltaStats, PatchStats, apply_delta, make_delta
 from dwcp.delta.frames import decode as decode_frame
 from dwcp.delta.frames import encode
 from dwcp.delta.index import ImageIndex, ImageRecord, LocalIndex
-from dwcp.delta.manifest import BLOCK_SIZE, Manifest, content_id, image_sha256, scan_image
+from dwcp.delta.manifest import (
+    BLOCK_SIZE,
+    Manifest,
+    ManifestBuilder,
+    content_id,
+    image_sha256,
+    scan_image,
+)
 from dwcp.delta.planner import Extent, Plan, chunk_list, plan, refine
 from dwcp.delta.rebuild import Rebuilder
-from dwcp.delta.summary import ManifestAssembler, leaves_bytes, summary_bytes
+from dwcp.delta.summary import (
+    ManifestAssembler,
+    SummaryHeader,
+    leaves_parts,
+    need_parts,
+    summary_parts,
+    with_sha256,
+)
 
 __all__ = [
     "BLOCK_SIZE",
@@ -29,19 +43,23 @@ __all__ = [
     "LocalIndex",
     "Manifest",
     "ManifestAssembler",
+    "ManifestBuilder",
     "PatchStats",
     "Plan",
     "Rebuilder",
+    "SummaryHeader",
     "apply_delta",
     "chunk_list",
     "content_id",
     "decode_frame",
     "encode",
     "image_sha256",
-    "leaves_bytes",
+    "leaves_parts",
     "make_delta",
+    "need_parts",
     "plan",
     "refine",
     "scan_image",
-    "summary_bytes",
+    "summary_parts",
+    "with_sha256",
 ]

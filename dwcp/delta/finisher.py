@@ -31,6 +31,7 @@ from dwcp.errors import ImageError
 WINDOW = 8 << 20  # verified in this order and size; a multiple of every block size
 COPY_CHUNK = 64 << 20  # largest single copy, so a stop request is seen soon
 _ZEROS = bytes(WINDOW)
+_ZERO_VIEW = memoryview(_ZEROS)
 
 
 class Finisher:
@@ -154,6 +155,16 @@ class Finisher:
                         self._cond.wait()
                     if self._stop:
                         return
+                j = self._skip(pos, j)
+                e = self._plan.extents[j] if j < len(self._plan.extents) else None
+                if (
+                    e is not None
+                    and e.kind == ZERO
+                    and e.offset <= pos
+                    and end <= e.offset + e.length
+                ):
+                    sha.update(_ZERO_VIEW[: end - pos])  # a hole the manifest says is zero
+                    continue
                 data = window[: end - pos]
                 j = self._fill(pos, data, j)
                 sha.update(data)
@@ -187,6 +198,13 @@ class Finisher:
             dst_off += n
             length -= n
 
+    def _skip(self, pos: int, j: int) -> int:
+        """Index of the first extent that ends after ``pos``, from ``j`` on."""
+        extents = self._plan.extents
+        while j < len(extents) and extents[j].offset + extents[j].length <= pos:
+            j += 1
+        return j
+
     def _fill(self, pos: int, buf: memoryview, j: int) -> int:
         """Fill ``buf`` with the image at ``pos``; returns the next extent index.
 
@@ -207,7 +225,7 @@ class Finisher:
             else:
                 stop = min(end, e.offset + e.length)
                 if e.kind == ZERO:
-                    buf[at - pos : stop - pos] = _ZEROS[: stop - at]
+                    buf[at - pos : stop - pos] = _ZERO_VIEW[: stop - at]
                 else:
                     self._read(at, buf[at - pos : stop - pos])
             at = stop
@@ -226,9 +244,8 @@ class Finisher:
         assert m is not None
         bs = m.block_size
         fps, flags, _ = native.block_fingerprints(data, bs)
-        first = pos // bs
-        want = m.fps[first * native.FP_BYTES : first * native.FP_BYTES + len(fps)]
-        if fps == want and flags == m.flags[first : first + len(flags)]:
+        want, want_flags = m.window(pos // bs, len(flags))
+        if fps == want and flags == want_flags:
             return
         fp = native.FP_BYTES
         self.mismatch = pos + bs * next(
@@ -236,7 +253,7 @@ class Finisher:
                 k
                 for k in range(len(flags))
                 if fps[k * fp : k * fp + fp] != want[k * fp : k * fp + fp]
-                or flags[k] != m.flags[first + k]
+                or flags[k] != want_flags[k]
             ),
             0,
         )

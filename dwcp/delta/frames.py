@@ -190,6 +190,13 @@ def decode(frame: bytes | memoryview, *, max_raw: int = MAX_FRAME_RAW) -> list[P
     return pieces
 
 
+def raw_length(frame: bytes | memoryview) -> int:
+    """Image bytes a frame carries, from its header alone (0 if it has no header)."""
+    if len(frame) < HEADER_SIZE:
+        return 0
+    return int(_HEAD.unpack_from(frame)[4])
+
+
 def frame_length(header: bytes | memoryview) -> int:
     """Total length of the frame whose first ``HEADER_SIZE`` bytes are ``header``.
 

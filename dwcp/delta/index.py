@@ -20,8 +20,9 @@ from pathlib import Path
 
 from dwcp.delta import native
 from dwcp.delta.chunking import ChunkList, chunk_file
-from dwcp.delta.manifest import TREE_FANOUT, Manifest, scan_image
+from dwcp.delta.manifest import Manifest, scan_image
 from dwcp.delta.reader import StatKey, stat_key
+from dwcp.delta.tree import TREE_FANOUT
 from dwcp.errors import ImageError, StorageError
 
 log = logging.getLogger(__name__)
@@ -49,12 +50,15 @@ class LocalIndex:
         self._add_blocks(source, manifest)
 
     def _add_blocks(self, source: int, manifest: Manifest) -> None:
-        self.blocks.add_blocks(manifest.fps, manifest.flags, source, manifest.block_size)
-        if manifest.n_blocks:
-            group = manifest.block_size * TREE_FANOUT
-            self.parents.add_blocks(
-                manifest.levels[0], bytes(len(manifest.levels[0]) // 16), source, group
-            )
+        bs, fp, fps = manifest.block_size, native.FP_BYTES, manifest.fps
+        for a, b, at in manifest.iter_runs():
+            self.blocks.add_blocks(fps[at * fp : (at + b - a) * fp], None, source, bs, a * bs)
+        ids = manifest.group_ids
+        if ids:
+            group = bs * TREE_FANOUT
+            offsets = array("Q", (g * group for g in ids))
+            lens = array("I", [group]) * len(ids)
+            self.parents.add_chunks(manifest.parents, bytes(len(ids)), offsets, lens, source)
 
     def remove(self, source: int) -> None:
         if source not in self.paths:
@@ -166,6 +170,16 @@ class ImageIndex:
         assert manifest.stat_key is not None  # the state the scan saw, not a later one
         self._store(p, manifest, manifest.stat_key, row)
         return manifest
+
+    def manifest_of(self, path: str | os.PathLike[str]) -> Manifest | None:
+        """The manifest of ``path`` if it is indexed and unchanged since (one ``stat``)."""
+        p = Path(path).resolve()
+        row = self._row(p)
+        try:
+            same = row is not None and row[1] == stat_key(p.stat())
+        except FileNotFoundError:
+            return None
+        return self.local.manifests[row[0]] if same and row is not None else None
 
     def record(self, path: str | os.PathLike[str], manifest: Manifest) -> None:
         """Index a file known to hold ``manifest`` (a rebuilt image that was just verified).

@@ -137,11 +137,22 @@ class FingerprintIndex:
     def __len__(self) -> int:
         return int(lib.hde_index_count(self._ptr))
 
-    def add_blocks(self, fps: bytes, flags: bytes, source: int, block_size: int) -> int:
-        """Index aligned blocks of one image (block i at i * block_size)."""
-        n = self._sized(fps, flags)
+    def add_blocks(
+        self, fps: bytes, flags: bytes | None, source: int, block_size: int, base: int = 0
+    ) -> int:
+        """Index aligned blocks of one image (block i at ``base + i * block_size``);
+        ``flags=None``: every block is non-zero."""
+        n = self._sized(fps, flags) if flags is not None else len(fps) // FP_BYTES
         added = lib.hde_index_add(
-            self._ptr, fps, flags, n, source, ffi.NULL, 0, block_size, ffi.NULL
+            self._ptr,
+            fps,
+            flags if flags is not None else ffi.NULL,
+            n,
+            source,
+            ffi.NULL,
+            base,
+            block_size,
+            ffi.NULL,
         )
         return self._checked(added)
 
@@ -168,15 +179,16 @@ class FingerprintIndex:
     def remove_source(self, source: int) -> int:
         return self._checked(lib.hde_index_remove_source(self._ptr, source))
 
-    def lookup(self, fps: bytes, flags: bytes) -> Lookup:
-        n = self._sized(fps, flags)
+    def lookup(self, fps: bytes, flags: bytes | None = None) -> Lookup:
+        """Where each fingerprint lives; ``flags=None``: look every one up."""
+        n = self._sized(fps, flags) if flags is not None else len(fps) // FP_BYTES
         sources = array("i", bytes(4 * n))
         offsets = array("Q", bytes(8 * n))
         lens = array("I", bytes(4 * n))
         hits = lib.hde_index_lookup(
             self._ptr,
             fps,
-            flags,
+            flags if flags is not None else ffi.NULL,
             n,
             _array_ptr("int32_t *", sources),
             _array_ptr("uint64_t *", offsets),

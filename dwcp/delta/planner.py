@@ -28,6 +28,7 @@ MISSING = "missing"
 # Missing runs shorter than this are left to aligned matching: a CDC chunk (4 KiB
 # minimum) cannot match inside them anyway.
 REFINE_MIN_RUN = 32 * 1024
+PLAN_WINDOW = 1 << 16  # blocks looked up per C call
 MAX_CHUNK_LIST = 64 << 20
 
 _KINDS = {native.KIND_ZERO: ZERO, native.KIND_COPY: COPY, native.KIND_LITERAL: MISSING}
@@ -73,23 +74,56 @@ class Plan:
         return self._bytes(ZERO)
 
 
+def _append(out: Plan, e: Extent) -> None:
+    """Add ``e`` after the plan's last extent, merging the two when they continue."""
+    if out.extents:
+        last = out.extents[-1]
+        if (
+            last.kind == e.kind
+            and last.offset + last.length == e.offset
+            and (
+                e.kind != COPY
+                or (last.source == e.source and last.source_offset + last.length == e.source_offset)
+            )
+        ):
+            out.extents[-1] = Extent(
+                last.offset, last.length + e.length, e.kind, last.source, last.source_offset
+            )
+            return
+    out.extents.append(e)
+
+
 def plan(manifest: Manifest, index: LocalIndex) -> Plan:
-    """Match every block of ``manifest`` against the local index (one C call)."""
-    bs = manifest.block_size
-    found = index.blocks.lookup(manifest.fps, manifest.flags)
-    ext = native.extents(manifest.flags, found, bs)
-    out = Plan(manifest.size)
-    size = manifest.size
-    for i in range(len(ext)):
-        off = ext.start[i] * bs
-        length = min(ext.count[i] * bs, size - off)
-        kind = _KINDS[ext.kind[i]]
-        if kind == COPY:
-            src = ext.source[i]
-            out.paths[src] = index.path_of(src)
-            out.extents.append(Extent(off, length, COPY, src, ext.offset[i]))
-        else:
-            out.extents.append(Extent(off, length, kind))
+    """Match every non-zero block of ``manifest`` against the local index.
+
+    Runs of non-zero blocks are looked up in windows of ``PLAN_WINDOW`` blocks
+    (one C call each), so the temporaries stay small whatever the image's size.
+    """
+    bs, size, fp = manifest.block_size, manifest.size, native.FP_BYTES
+    out = Plan(size)
+    pos = 0  # bytes decided so far
+    for a, b, at in manifest.iter_runs():
+        if a * bs > pos:
+            _append(out, Extent(pos, a * bs - pos, ZERO))
+        for w in range(a, b, PLAN_WINDOW):
+            n = min(PLAN_WINDOW, b - w)
+            first = at + w - a
+            flags = bytes(n)
+            found = index.blocks.lookup(manifest.fps[first * fp : (first + n) * fp])
+            ext = native.extents(flags, found, bs)
+            for i in range(len(ext)):
+                off = (w + ext.start[i]) * bs
+                length = min(ext.count[i] * bs, size - off)
+                kind = _KINDS[ext.kind[i]]
+                if kind == COPY:
+                    src = ext.source[i]
+                    out.paths[src] = index.path_of(src)
+                    _append(out, Extent(off, length, COPY, src, ext.offset[i]))
+                else:
+                    _append(out, Extent(off, length, kind))
+        pos = min(b * bs, size)
+    if pos < size:
+        _append(out, Extent(pos, size - pos, ZERO))
     return out
 
 

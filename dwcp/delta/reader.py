@@ -85,6 +85,15 @@ class ImageReader:
             "image, then retry"
         )
 
+    def is_hole(self, offset: int, length: int) -> bool:
+        """True if ``offset..offset+length`` holds no data (it reads as zeros)."""
+        i = bisect.bisect_right(self._starts, offset + length - 1) - 1
+        return i < 0 or self._data[i][1] <= offset
+
+    def data_extents(self) -> list[tuple[int, int]]:
+        """(start, end) of the regions that hold data, as the file system reported them."""
+        return list(self._data)
+
     def read_into(self, buf: memoryview, offset: int) -> None:
         """Fill all of ``buf`` from ``offset`` (holes from memory)."""
         end = offset + len(buf)

@@ -35,6 +35,7 @@ from dwcp.errors import (
 )
 
 FLUSH_BYTES = 64 << 20  # make received data durable (and journal it) at least this often
+JOURNAL_RESERVE = 256 << 10  # journal space allocated ahead (10,900 records)
 _REC = struct.Struct("<QQQ")  # offset, length, xxh3-64 of the two
 _META = struct.Struct("<Q32s")
 
@@ -111,6 +112,7 @@ class Rebuilder:
         self._dirty = 0
         self.received = 0
         self._fd = self._jfd = -1
+        self._jpos = self._jend = 0  # journal: where the next record goes, space reserved
         self._finisher: Finisher | None = None
         self._done = self._open_state()
 
@@ -153,7 +155,9 @@ class Rebuilder:
                 os.replace(tmp, meta_path)
                 done = []
             self._fd = os.open(self._part, os.O_RDWR)
-            self._jfd = os.open(self._journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._jfd = os.open(self._journal, os.O_WRONLY | os.O_CREAT, 0o600)
+            self._jpos = self._jend = os.fstat(self._jfd).st_size
+            self._reserve_journal(JOURNAL_RESERVE)
         except StorageError:
             raise
         except OSError as exc:
@@ -199,15 +203,40 @@ class Rebuilder:
                 _REC.pack(o, n, xxhash.xxh3_64_intdigest(struct.pack("<QQ", o, n)))
                 for o, n in self._unjournaled
             )
+            if self._jpos + len(recs) > self._jend:
+                self._reserve_journal(len(recs) + JOURNAL_RESERVE)
             view = memoryview(recs)
             while view:
-                view = view[os.write(self._jfd, view) :]
+                done = os.pwrite(self._jfd, view, self._jpos)
+                view, self._jpos = view[done:], self._jpos + done
             os.fsync(self._jfd)
         except OSError as exc:
-            raise _disk_error(exc, self.state_dir) from exc
+            raise self._write_error(exc) from exc
         self._done = _merge(self._done + self._unjournaled)
         self._unjournaled = []
         self._dirty = 0
+
+    def _reserve_journal(self, n: int) -> None:
+        """Allocate journal space ahead (zeros read as the journal's end), so the records of
+        what was received can still be written when the data fills the disk."""
+        os.posix_fallocate(self._jfd, self._jend, n)
+        self._jend += n
+
+    def _write_error(self, exc: OSError) -> StorageError:
+        """A failed write; a full disk keeps what is durable and says what is missing."""
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return _disk_error(exc, self.state_dir)
+        try:
+            st = os.statvfs(self.state_dir)
+            free = f"{st.f_bavail * st.f_frsize} bytes free now"
+        except OSError:
+            free = "free space unknown"
+        durable = sum(n for _, n in self._done)
+        return DiskFullError(
+            f"no space left on the device holding {self.state_dir}: the {durable} bytes "
+            f"received so far are kept; {self.bytes_pending} more bytes are needed "
+            f"({free}); free space and re-run to resume"
+        )
 
     # --- receiving --------------------------------------------------------------
 
@@ -235,9 +264,7 @@ class Rebuilder:
         if not full:
             return
         fps, flags, _ = native.block_fingerprints(data[:full], bs)
-        first = off // bs
-        want = m.fps[first * native.FP_BYTES : first * native.FP_BYTES + len(fps)]
-        want_flags = m.flags[first : first + len(flags)]
+        want, want_flags = m.window(off // bs, len(flags))
         if fps != want or flags != want_flags:
             raise IntegrityError(
                 f"bytes {off}..{off + full} from the sender do not match the manifest's "
@@ -254,11 +281,14 @@ class Rebuilder:
             self._check_piece(piece.offset, piece.data)
         try:
             for piece in pieces:
-                os.pwrite(self._fd, piece.data, piece.offset)
+                view, at = piece.data, piece.offset
+                while view:  # a write near a full disk may be short
+                    done = os.pwrite(self._fd, view, at)
+                    view, at = view[done:], at + done
                 self._unjournaled.append((piece.offset, len(piece.data)))
                 n += len(piece.data)
         except OSError as exc:
-            raise _disk_error(exc, self.state_dir) from exc
+            raise self._write_error(exc) from exc
         if self._finisher is not None:
             self._finisher.received([(p.offset, len(p.data)) for p in pieces])
         self.received += n
@@ -350,11 +380,17 @@ class Rebuilder:
                     os.close(fd)
 
     def close(self) -> None:
-        """Stop without finishing, keeping what was received for a later resume."""
+        """Stop without finishing, keeping what was received for a later resume.
+
+        If the journal cannot be written (a full disk), what it already records stays
+        valid: the data it misses is sent again on resume.
+        """
         self._stop_finisher()
         try:
             if self._fd >= 0:
                 self._flush()
+        except DiskFullError:
+            self._unjournaled = []
         finally:
             self._close_fds()
 

@@ -17,15 +17,19 @@ import msgpack
 
 from dwcp.errors import ProtocolError
 
-VERSION = 2  # 2: the offer names the content, Done carries the signed SHA-256
-MAX_MESSAGE = 256 * 1024 * 1024  # the largest encoded message accepted
-MAX_FRAME = 64 * 1024 * 1024  # the largest data frame accepted
-MAX_RANGES = 1 << 20  # missing ranges in one plan (16 MiB packed)
+# 2: the offer names the content, Done carries the signed SHA-256;
+# 3: messages framed by dwcp.framing (u32 length in network byte order); the summary,
+#    the leaf requests, the leaves and the plan's ranges travel as bounded Part messages
+VERSION = 3
+MAX_PART = 256 * 1024  # the most one Part carries (dwcp.delta.summary.PART_BYTES)
+MAX_FRAME = 32 * 1024 * 1024  # the largest data frame accepted (frames are ~1 MiB)
+MAX_MESSAGE = MAX_FRAME + 4096  # the largest encoded message accepted (a Data message)
+MAX_RANGES = 1 << 20  # missing ranges in one plan (16 MiB at the source)
 MAX_TEXT = 4096
 _TID_RE = re.compile(r"^[0-9a-f]{32}$")
 _RANGE = struct.Struct("<QQ")
-SIGNING_CONTEXT = b"dwcp-migrate-offer-v2\x00"
-DONE_SIGNING_CONTEXT = b"dwcp-migrate-done-v2\x00"
+SIGNING_CONTEXT = b"dwcp-migrate-offer-v3\x00"
+DONE_SIGNING_CONTEXT = b"dwcp-migrate-done-v3\x00"
 
 
 def _check_tid(tid: str) -> None:
@@ -53,12 +57,13 @@ def pack_ranges(ranges: list[tuple[int, int]]) -> bytes:
     return b"".join(_RANGE.pack(o, n) for o, n in ranges)
 
 
-def unpack_ranges(data: bytes) -> list[tuple[int, int]]:
-    """Unpack ranges, checking they are sorted, non-empty and do not overlap."""
-    if len(data) % _RANGE.size or len(data) // _RANGE.size > MAX_RANGES:
+def unpack_ranges(data: bytes, after: int = 0) -> list[tuple[int, int]]:
+    """Unpack ranges, checking they are non-empty, sorted, disjoint and start at or
+    after ``after`` (the end of the previous piece's last range)."""
+    if len(data) % _RANGE.size:
         raise ProtocolError("range list: bad length")
     out: list[tuple[int, int]] = []
-    end = 0
+    end = after
     for o, n in _RANGE.iter_unpack(data):
         if n == 0 or o < end or o + n > 2**63:
             raise ProtocolError("range list: ranges must be non-empty, sorted and disjoint")
@@ -77,51 +82,74 @@ class Message:
         raise ProtocolError("abstract message")  # pragma: no cover
 
 
+REFUSE, FORCE, BACKUP = 0, 1, 2  # Offer.replace
+
+
 @dataclass(frozen=True)
 class Offer(Message):
-    """Source -> destination: the signed manifest summary (hash-tree parents) of the image.
+    """Source -> destination: the signed description of the image's manifest.
 
-    The destination asks for the leaves of the regions it does not hold
-    (``NeedLeaves``/``Leaves``), so metadata costs grow with the change, not the size.
-    ``content_id`` (``dwcp.delta.content_id``: SHA-256 of the size and every block's
-    fingerprint) names the image as soon as it is fingerprinted; the whole-image
-    SHA-256, one more pass over the image, is computed while the data flows and
-    arrives signed in ``Done``.
+    The summary (the hash tree's 1 MiB parents of the groups holding data) follows as
+    ``Part(SUMMARY)`` pieces whose SHA-256 the offer signs; the counts let the
+    destination know the manifest's memory before it accepts anything. ``content_id``
+    (``dwcp.delta.content_id``: size, block size, non-zero blocks and tree root) names
+    the image as soon as it is fingerprinted; the whole-image SHA-256, one more pass
+    over the image, is computed while the data flows and arrives signed in ``Done``.
     """
 
     TYPE: ClassVar[int] = 1
     transfer_id: str
     name: str
     size: int
+    block_size: int
+    nonzero_blocks: int
+    runs: int
+    entries: int
+    root: bytes
     content_id: bytes
-    summary: bytes
+    summary_sha256: bytes
+    replace: int  # REFUSE, FORCE or BACKUP: what to do with a different stored image
+    origin: bytes  # names the source's file (16 bytes): a later version comes from it too
+    backing: str  # qcow2: the backing file the image needs, or ""
     signature: bytes
 
     def __post_init__(self) -> None:
         _check_tid(self.transfer_id)
         _check_text("name", self.name, 255)
-        _check_int("size", self.size)
+        if self.replace not in (REFUSE, FORCE, BACKUP):
+            raise ProtocolError(f"Offer.replace: unknown mode {self.replace!r}")
+        _check_bytes("origin", self.origin, 16, 16)
+        _check_text("backing", self.backing, 1023)
+        for f in ("size", "block_size", "nonzero_blocks", "runs", "entries"):
+            _check_int(f, getattr(self, f))
+        _check_bytes("root", self.root, 16, 16)
         _check_bytes("content_id", self.content_id, 32, 32)
-        _check_bytes("summary", self.summary, 1, MAX_MESSAGE - 4096)
+        _check_bytes("summary_sha256", self.summary_sha256, 32, 32)
         _check_bytes("signature", self.signature, 64, 64)
 
     def fields(self) -> list[Any]:
+        return [*self._signed(), self.signature]
+
+    def _signed(self) -> list[Any]:
         return [
             self.transfer_id,
             self.name,
             self.size,
+            self.block_size,
+            self.nonzero_blocks,
+            self.runs,
+            self.entries,
+            self.root,
             self.content_id,
-            self.summary,
-            self.signature,
+            self.summary_sha256,
+            self.replace,
+            self.origin,
+            self.backing,
         ]
 
-
-def offer_signing_payload(
-    transfer_id: str, name: str, size: int, content_id: bytes, summary: bytes
-) -> bytes:
-    """What the source signs: every field of the offer, unambiguously encoded."""
-    body = msgpack.packb([transfer_id, name, size, content_id, summary], use_bin_type=True)
-    return SIGNING_CONTEXT + body
+    def signing_payload(self) -> bytes:
+        """What the source signs: every field but the signature, unambiguously encoded."""
+        return SIGNING_CONTEXT + msgpack.packb(self._signed(), use_bin_type=True)
 
 
 def done_signing_payload(transfer_id: str, sha256: bytes) -> bytes:
@@ -130,34 +158,29 @@ def done_signing_payload(transfer_id: str, sha256: bytes) -> bytes:
 
 
 @dataclass(frozen=True)
-class Plan(Message):
-    """Destination -> source: the byte ranges it still needs, and what it already had."""
+class PlanHeader(Message):
+    """Destination -> source: what it already had; the ranges it still needs follow as
+    ``Part(RANGES)`` pieces (``bytes_pending`` in all)."""
 
     TYPE: ClassVar[int] = 2
     transfer_id: str
-    missing: tuple[tuple[int, int], ...]
     bytes_missing: int  # total missing for the whole image (first plan)
     bytes_local: int  # found in local images
     bytes_zero: int  # zero blocks
+    bytes_pending: int  # what the ranges add up to (less than bytes_missing on a resume)
 
     def __post_init__(self) -> None:
         _check_tid(self.transfer_id)
-        for name in ("bytes_missing", "bytes_local", "bytes_zero"):
+        for name in ("bytes_missing", "bytes_local", "bytes_zero", "bytes_pending"):
             _check_int(name, getattr(self, name))
-        if len(self.missing) > MAX_RANGES:
-            raise ProtocolError(f"plan: more than {MAX_RANGES} ranges")
-
-    @property
-    def bytes_pending(self) -> int:
-        return sum(n for _, n in self.missing)
 
     def fields(self) -> list[Any]:
         return [
             self.transfer_id,
-            pack_ranges(list(self.missing)),
             self.bytes_missing,
             self.bytes_local,
             self.bytes_zero,
+            self.bytes_pending,
         ]
 
 
@@ -220,43 +243,35 @@ class Ack(Message):
         return [self.transfer_id, self.sha256, self.path_name]
 
 
-MAX_GROUPS = 1 << 24  # 1 MiB groups: 16 TiB
+SUMMARY, NEED, LEAVES, RANGES = 1, 2, 3, 4
+PART_KINDS = {SUMMARY: "summary", NEED: "need", LEAVES: "leaves", RANGES: "ranges"}
 
 
 @dataclass(frozen=True)
-class NeedLeaves(Message):
-    """Destination -> source: send the block fingerprints of these 1 MiB groups."""
+class Part(Message):
+    """Either way: one bounded piece of a larger object; ``last`` ends it.
 
-    TYPE: ClassVar[int] = 7
+    ``SUMMARY`` (source: summary entries), ``NEED`` (destination: the groups whose
+    leaves it lacks, as runs), ``LEAVES`` (source: leaves records), ``RANGES``
+    (destination: the byte ranges still missing, ``pack_ranges``).
+    """
+
+    TYPE: ClassVar[int] = 9
     transfer_id: str
-    groups: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        _check_tid(self.transfer_id)
-        if len(self.groups) > MAX_GROUPS or any(
-            isinstance(g, bool) or not isinstance(g, int) or not 0 <= g < MAX_GROUPS
-            for g in self.groups
-        ):
-            raise ProtocolError("NeedLeaves: bad group list")
-
-    def fields(self) -> list[Any]:
-        return [self.transfer_id, struct.pack(f"<{len(self.groups)}I", *self.groups)]
-
-
-@dataclass(frozen=True)
-class Leaves(Message):
-    """Source -> destination: the leaves asked for (``dwcp.delta.summary.leaves_bytes``)."""
-
-    TYPE: ClassVar[int] = 8
-    transfer_id: str
+    kind: int
+    last: bool
     data: bytes
 
     def __post_init__(self) -> None:
         _check_tid(self.transfer_id)
-        _check_bytes("data", self.data, 0, MAX_MESSAGE - 4096)
+        if self.kind not in PART_KINDS:
+            raise ProtocolError(f"unknown part kind {self.kind!r}")
+        if not isinstance(self.last, bool):
+            raise ProtocolError("Part.last: expected a boolean")
+        _check_bytes("data", self.data, 0, MAX_PART)
 
     def fields(self) -> list[Any]:
-        return [self.transfer_id, self.data]
+        return [self.transfer_id, self.kind, self.last, self.data]
 
 
 ERROR_CODES = frozenset(
@@ -284,7 +299,7 @@ class Error(Message):
 
 
 _TYPES: dict[int, type[Message]] = {
-    m.TYPE: m for m in (Offer, Plan, Data, Done, Ack, Error, NeedLeaves, Leaves)
+    m.TYPE: m for m in (Offer, PlanHeader, Data, Done, Ack, Error, Part)
 }
 
 
@@ -306,7 +321,7 @@ def decode(data: bytes) -> Message:
             strict_map_key=True,
             max_bin_len=MAX_MESSAGE,
             max_str_len=MAX_TEXT,
-            max_array_len=16,
+            max_array_len=24,
             max_map_len=0,
             max_ext_len=0,
         )
@@ -320,14 +335,6 @@ def decode(data: bytes) -> Message:
     cls = _TYPES.get(mtype) if isinstance(mtype, int) and not isinstance(mtype, bool) else None
     if cls is None:
         raise ProtocolError(f"unknown migration message type {mtype!r}")
-    if cls is Plan:
-        if len(fields) != 5 or not isinstance(fields[1], bytes):
-            raise ProtocolError("Plan: wrong fields")
-        fields[1] = tuple(unpack_ranges(fields[1]))
-    if cls is NeedLeaves:
-        if len(fields) != 2 or not isinstance(fields[1], bytes) or len(fields[1]) % 4:
-            raise ProtocolError("NeedLeaves: wrong fields")
-        fields[1] = tuple(g for (g,) in struct.iter_unpack("<I", fields[1]))
     try:
         return cls(*fields)
     except TypeError:

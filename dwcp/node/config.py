@@ -9,9 +9,11 @@ operator's comments.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,9 @@ class Limits:
     bwlimit: int = 0  # bytes per second for outgoing migrations; 0 = unlimited
     level: int = 3  # zstd level for outgoing data
     max_image_bytes: int = 4 * 1024**4  # largest incoming image accepted
+    # Memory all incoming transfers together may hold for manifests and plans (16 bytes
+    # per 4 KiB of image data): 512 MiB is enough for 128 GiB of data at once.
+    transfer_memory: int = 512 * 1024**2
     idle_timeout: float = 30.0  # seconds of peer silence before a session is declared lost
     partial_max_age_days: float = 7.0  # unfinished incoming transfers idle longer are removed
 
@@ -227,6 +232,7 @@ def load_config(path: str | Path) -> NodeConfig:
             "bwlimit",
             "level",
             "max_image_bytes",
+            "transfer_memory",
             "idle_timeout",
             "partial_max_age_days",
         }
@@ -242,21 +248,45 @@ def load_config(path: str | Path) -> NodeConfig:
         bwlimit=bwlimit,
         level=lim.integer("level", 3, -7, 19),
         max_image_bytes=lim.integer("max_image_bytes", 4 * 1024**4, 1, 2**62),
+        transfer_memory=lim.integer("transfer_memory", 512 * 1024**2, 1, 2**62),
         idle_timeout=lim.number("idle_timeout", 30.0, 1.0, 3600.0),
         partial_max_age_days=lim.number("partial_max_age_days", 7.0, 0.0, 3650.0),
     )
+    control = node.rel_path("control", str(data_dir / "control.sock"), base)
+    key_path = node.rel_path("key", "node.key", base)
+    _check_kind(node, "control", control, stat.S_ISSOCK, "a socket")
+    _check_kind(node, "data_dir", data_dir, stat.S_ISDIR, "a directory")
+    _check_kind(node, "key", key_path, stat.S_ISREG, "a regular file")
     return NodeConfig(
         path=p,
         listen=node.address("listen"),
-        key_path=node.rel_path("key", "node.key", base),
+        key_path=key_path,
         data_dir=data_dir,
-        control_path=node.rel_path("control", str(data_dir / "control.sock"), base),
+        control_path=control,
         metrics_listen=metrics,
         name=name,
         limits=limits,
         peers=_load_peers(p, doc.get("peers", [])),
         consensus=_load_consensus(p, doc) if "consensus" in doc else None,
     )
+
+
+def _check_kind(r: _Reader, key: str, path: Path, ok: Callable[[int], bool], noun: str) -> None:
+    """A path the node creates or uses must be of its kind if it exists: the node never
+    removes or replaces a file it did not create."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(
+            f"{r.path}: {r.prefix}.{key}: cannot inspect {path}: {exc.strerror}"
+        ) from None
+    if not ok(st.st_mode):
+        raise ConfigError(
+            f"{r.path}: {r.prefix}.{key}: {path} exists and is not {noun}; the node never "
+            "removes or replaces a file it did not create: choose another path"
+        )
 
 
 def _load_consensus(p: Path, doc: Mapping[str, Any]) -> Consensus:
@@ -317,6 +347,8 @@ drain_seconds = 10     # SIGTERM: how long transfers get to stop cleanly
 bwlimit = 0            # outgoing bytes/s (0 = unlimited; 10M = 10 MiB/s, 100Mbit)
 level = 3              # zstd level of outgoing data
 idle_timeout = 30      # seconds of peer silence before a transfer counts as interrupted
+# transfer_memory = 536870912  # bytes incoming transfers may hold together (manifests,
+#                              # 16 bytes per 4 KiB of image data); larger ones are refused
 
 # VM ownership through a PBFT cluster (optional; see 'dwcp cluster init'):
 # [consensus]

@@ -22,11 +22,13 @@ import contextlib
 import json
 import os
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+import stat
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from dwcp import errors
+from dwcp.tasks import TaskSet, cancel_and_wait
 
 MAX_LINE = 1 << 20
 _SUN_PATH_MAX = 100  # sockaddr_un holds 108 bytes; leave room
@@ -53,13 +55,32 @@ def _short_path(path: Path) -> Iterator[str]:
         os.close(fd)
 
 
-def bind_unix(path: Path) -> socket.socket:
-    """Bind a listening unix socket at ``path``, mode 0600; refuse if a node already serves it."""
-    if path.exists():
+def _not_a_socket(path: Path) -> errors.UsageError:
+    return errors.UsageError(
+        f"{path} exists and is not a socket; the node creates its control socket itself "
+        "and never removes a file it did not create: set [node] control in node.toml "
+        "to a path that does not exist"
+    )
+
+
+def bind_unix(path: Path) -> tuple[socket.socket, tuple[int, int]]:
+    """Bind a listening unix socket at ``path``, mode 0600; refuse if a node already serves it.
+
+    Only a socket nobody answers on (a node that was killed) is replaced; anything
+    else at ``path`` is refused and left as it is. Returns the socket and the
+    (device, inode) of the socket file, so the node removes only that file later.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise _not_a_socket(path)
         try:
             connect_unix(path).close()
         except NodeNotRunningError:
-            path.unlink()
+            unlink_socket(path, (st.st_dev, st.st_ino))
         else:
             raise errors.UsageError(f"a node is already running with control socket {path}")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -67,6 +88,7 @@ def bind_unix(path: Path) -> socket.socket:
     try:
         with _short_path(path) as p:
             sock.bind(p)
+        made = os.lstat(path)
     except OSError:
         sock.close()
         raise
@@ -75,7 +97,17 @@ def bind_unix(path: Path) -> socket.socket:
     os.chmod(path, 0o600)
     sock.listen(16)
     sock.setblocking(False)
-    return sock
+    return sock, (made.st_dev, made.st_ino)
+
+
+def unlink_socket(path: Path, identity: tuple[int, int]) -> None:
+    """Remove ``path`` if it is still the socket file ``identity`` names (and nothing else)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == identity:
+        path.unlink(missing_ok=True)
 
 
 def connect_unix(path: Path, timeout: float | None = 5.0) -> socket.socket:
@@ -116,40 +148,49 @@ def error_from_line(line: dict[str, Any]) -> errors.DwcpError:
 
 
 class ControlServer:
-    """Serves the control socket by dispatching each request to a named handler."""
+    """Serves the control socket by dispatching each request to a named handler.
 
-    def __init__(self, path: Path, handlers: dict[str, Handler]) -> None:
+    Handlers are registered by name (``add``), before or after ``start``.
+    """
+
+    def __init__(self, path: Path, handlers: Mapping[str, Handler] | None = None) -> None:
         self.path = path
-        self.handlers = handlers
+        self.handlers: dict[str, Handler] = dict(handlers or {})
         self._server: asyncio.base_events.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._made: tuple[int, int] | None = None  # the socket file this server created
+        self._clients = TaskSet("control clients")
+
+    def add(self, op: str, handler: Handler) -> None:
+        """Answer control operation ``op`` with ``handler``; one handler per name."""
+        if op in self.handlers:
+            raise ValueError(f"control operation {op!r} already has a handler")
+        self.handlers[op] = handler
 
     async def start(self) -> None:
-        sock = bind_unix(self.path)
+        sock, self._made = bind_unix(self.path)
         self._server = await asyncio.start_unix_server(self._client, sock=sock, limit=MAX_LINE)
 
     async def close(self) -> None:
         """Stop accepting, cancel requests in progress, remove the socket file."""
         if self._server is not None:
             self._server.close()
-        for t in list(self._tasks):
-            t.cancel()
-        for t in list(self._tasks):
-            with contextlib.suppress(BaseException):
-                await t
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        await self._clients.aclose()
+        if self._made is not None:
+            unlink_socket(self.path, self._made)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+        # asyncio runs each client in its own task: adopt it so close() can end it.
         try:
-            await self._serve(reader, writer)
+            task = self._clients.spawn(self._serve(reader, writer), name="control request")
+        except RuntimeError:  # closing: no new requests
+            writer.close()
+            return
+        try:
+            await asyncio.wait([task])
         finally:
-            self._tasks.discard(task)
-            with contextlib.suppress(Exception):
-                writer.close()
+            if not task.done():
+                await cancel_and_wait(task)
+            writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         def send(obj: dict[str, Any]) -> None:
@@ -177,9 +218,11 @@ class ControlServer:
         try:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
             if not work.done():  # the client hung up: stop the request
-                work.cancel()
-                with contextlib.suppress(BaseException):
-                    await work
+                await cancel_and_wait(work)
+                return
+            if work.cancelled():  # e.g. a job cancelled on the node: say so, do not hang up
+                send(error_line(errors.DwcpError(f"{op} was cancelled on the node")))
+                await writer.drain()
                 return
             try:
                 send({"event": "result", "data": work.result()})
@@ -191,9 +234,7 @@ class ControlServer:
                 send(error_line(errors.DwcpError(f"internal error in {op}: {exc!r}")))
             await writer.drain()
         finally:
-            gone.cancel()
-            if not work.done():
-                work.cancel()
+            await cancel_and_wait(gone, work)
 
 
 def call(

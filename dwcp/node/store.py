@@ -6,6 +6,7 @@ Layout (created mode 0700 by ``dwcp init``)::
     DATA/index.db         the image index (sqlite, see dwcp.delta.ImageIndex)
     DATA/partial/ID/      an unfinished incoming transfer (Rebuilder state + temp file)
     DATA/logs/node.log    structured log (JSON lines)
+    DATA/origins/NAME     where a received image came from (sender, source file, sha256)
     DATA/control.sock     the CLI's control socket while the node runs
 
 ``partial/`` lives on the same file system as ``images/`` so that finishing a
@@ -15,6 +16,7 @@ transfer is an atomic rename, and a transfer that stopped for any reason
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from dwcp.errors import UsageError
 
-IMAGE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]{0,199}$")
+IMAGE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+~-]{0,199}$")
 TRANSFER_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -31,7 +33,7 @@ def check_image_name(name: str) -> str:
     """Return ``name`` if it is a safe file name for ``images/`` (no path, no leading dot)."""
     if not IMAGE_NAME_RE.match(name):
         raise UsageError(
-            f"image name {name!r}: expected 1-200 letters, digits, '.', '_', '+' or '-', "
+            f"image name {name!r}: expected 1-200 letters, digits, '.', '_', '+', '~' or '-', "
             "not starting with '.' or '-'"
         )
     return name
@@ -54,6 +56,10 @@ class Store:
     @property
     def logs_dir(self) -> Path:
         return self.root / "logs"
+
+    @property
+    def origins_dir(self) -> Path:
+        return self.root / "origins"
 
     @property
     def index_path(self) -> Path:
@@ -85,6 +91,29 @@ class Store:
                 continue
             out.append(Path(entry.path))
         return sorted(out)
+
+    def record_origin(self, name: str, origin: dict[str, str]) -> None:
+        """Remember where the image stored as ``name`` came from (written atomically)."""
+        self.origins_dir.mkdir(mode=0o700, exist_ok=True)
+        path = self.origins_dir / check_image_name(name)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(origin, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
+
+    def origin(self, name: str) -> dict[str, str] | None:
+        """Where the image stored as ``name`` came from, if this node received it."""
+        try:
+            data = json.loads((self.origins_dir / check_image_name(name)).read_text("utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def backup_name(self, name: str) -> str:
+        """The first free ``NAME.~N~`` in ``images/`` (cp --backup=numbered's naming)."""
+        n = 1
+        while (self.images_dir / f"{name}.~{n}~").exists():
+            n += 1
+        return check_image_name(f"{name}.~{n}~")
 
     def transfer_dir(self, transfer_id: str) -> Path:
         if not TRANSFER_ID_RE.match(transfer_id):

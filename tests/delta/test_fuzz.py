@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from tests.fuzz_decoders import one_input
 
-MAGICS = [b"DF\x01\x01", b"DWCPMAN\x01", b"DWCPSUM\x01", b"DWCPEND\x01"]
+MAGICS = [b"DF\x01\x01", b"DWCPMAN\x01", b"DWCPMAN\x02", b"DWCPEND\x01"]
 
 
 @settings(max_examples=500, deadline=None)
@@ -32,4 +32,7 @@ def test_headers_with_extreme_fields() -> None:
         one_input(b"DF\x01\x01" + struct.pack("<IIIQ", *fields[:3], fields[3]))
         one_input(
             b"DWCPMAN\x01" + struct.pack("<HHIQQ", 1, 0, 4096, fields[4], fields[5]) + bytes(60)
+        )
+        one_input(
+            b"DWCPMAN\x02" + struct.pack("<IQQQ", 4096, fields[4], fields[5], fields[0]) + bytes(60)
         )

@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dwcp.delta import LocalIndex, apply_delta, chunk_list, make_delta, plan, refine, scan_image
+from dwcp.delta import (
+    LocalIndex,
+    Manifest,
+    ManifestAssembler,
+    SummaryHeader,
+    apply_delta,
+    chunk_list,
+    leaves_parts,
+    make_delta,
+    plan,
+    refine,
+    scan_image,
+    summary_parts,
+    with_sha256,
+)
+from dwcp.errors import ManifestError
 from tests.delta.conftest import BS, make_image
 
 edits = st.lists(
@@ -102,11 +119,22 @@ def test_cross_image_dedup_with_several_bases(tmp_path: Path, rng: random.Random
     assert (tmp_path / "out").read_bytes() == new
 
 
+def _assembler(
+    m: Manifest, index: LocalIndex, pieces: list[bytes], signed: list[bytes] | None = None
+) -> ManifestAssembler:
+    """An assembler fed ``pieces``; the offer signed the digest of ``signed`` (default:
+    the same pieces)."""
+    digest = hashlib.sha256(b"".join(pieces if signed is None else signed)).digest()
+    asm = ManifestAssembler(SummaryHeader.of(m), index, summary_sha256=digest)
+    for piece in pieces:
+        asm.feed_summary(piece)
+    asm.end_summary()
+    return asm
+
+
 def test_summary_exchange_costs_metadata_in_proportion_to_the_change(
     tmp_path: Path, rng: random.Random
 ) -> None:
-    from dwcp.delta.summary import ManifestAssembler, leaves_bytes, summary_bytes
-
     old = make_image(rng, 256 * 40 + 17)  # 40 full 1 MiB groups and a partial one
     new = bytearray(old)
     for g in (3, 17):  # change two groups only
@@ -115,18 +143,47 @@ def test_summary_exchange_costs_metadata_in_proportion_to_the_change(
     (tmp_path / "new").write_bytes(new)
     index = LocalIndex.of_files([tmp_path / "old"])
     m = scan_image(tmp_path / "new")
-    asm = ManifestAssembler(summary_bytes(m), index)
-    assert asm.needed == [3, 17]
-    leaves = leaves_bytes(m, asm.needed)
-    assert len(leaves) < 2 * 256 * 16 + 200
-    assert asm.complete(leaves) == m
-    bad = bytearray(leaves)
+    pieces = list(summary_parts(m, part_bytes=240))  # ten entries a piece
+    assert len(pieces) == 5
+    asm = _assembler(m, index, pieces)
+    assert list(asm.needed) == [3, 17]
+    assert list(asm.needed_runs()) == [(3, 1), (17, 1)]
+    leaves = list(leaves_parts(m, list(asm.needed_runs())))
+    assert sum(len(x) for x in leaves) < 2 * 256 * 16 + 200
+    for piece in leaves:
+        asm.feed_leaves(piece)
+    assert with_sha256(asm.complete(), m.sha256) == m
+    bad = bytearray(leaves[-1])
     bad[-1] ^= 1
-    import pytest
-
-    from dwcp.errors import ManifestError
-
+    asm = _assembler(m, index, pieces)
+    asm.feed_leaves(bytes(bad))
     with pytest.raises(ManifestError, match="tree root"):
-        ManifestAssembler(summary_bytes(m), index).complete(bytes(bad))
-    with pytest.raises(ManifestError):
-        ManifestAssembler(summary_bytes(m)[:-1], index)
+        asm.complete()
+    forged = bytearray(pieces[0])
+    forged[10] ^= 1  # a parent changed in transit
+    with pytest.raises(ManifestError, match="digest"):
+        _assembler(m, index, [bytes(forged), *pieces[1:]], signed=pieces)
+    with pytest.raises(ManifestError, match="entries"):
+        _assembler(m, index, [pieces[0][:-24], *pieces[1:]])
+    with pytest.raises(ManifestError, match="out of order"):
+        _assembler(m, index, [pieces[1], pieces[0], *pieces[2:]])
+
+
+def test_an_empty_disk_costs_one_summary_entry(tmp_path: Path) -> None:
+    """A 1 TiB image of zeros: one summary entry, no leaves, a plan of one zero extent."""
+    img = tmp_path / "big.img"
+    with open(img, "wb") as f:
+        f.truncate(1 << 40)
+        f.seek(5 << 30)
+        f.write(b"data" * 1024)
+    m = scan_image(img, digest=False)
+    assert (m.nonzero_blocks, m.n_runs, len(m.group_ids)) == (1, 1, 2)
+    asm = _assembler(m, LocalIndex(), list(summary_parts(m)))
+    assert list(asm.needed_runs()) == [((5 << 30) // (1 << 20), 1), ((1 << 20) - 1, 1)]
+    for piece in leaves_parts(m, list(asm.needed_runs())):
+        asm.feed_leaves(piece)
+    got = asm.complete()
+    assert got.root == m.root
+    p = plan(got, LocalIndex())
+    assert [e.kind for e in p.extents] == ["zero", "missing", "zero"]
+    assert p.bytes_missing == 4096

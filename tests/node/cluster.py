@@ -92,8 +92,10 @@ class NodeProc:
     def trust(self, other: NodeProc) -> None:
         self.cli("peers", "add", other.name, f"127.0.0.1:{other.port}", other.pubkey)
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return dwcp("--config", str(self.config), *args, check=check)
+    def cli(
+        self, *args: str, check: bool = True, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        return dwcp("--config", str(self.config), *args, check=check, timeout=timeout)
 
     def migrate_json(self, *args: str) -> dict[str, Any]:
         r = self.cli("migrate", *args, "--json")

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import stat
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -132,3 +133,63 @@ def test_stale_partial_transfers_are_dropped(tmp_path: Path) -> None:
         os.utime(p, (past, past))
     assert store.drop_stale_transfers(7 * 86400, time.time()) == [old]
     assert store.partial_transfers() == [new]
+
+
+def test_a_control_path_naming_an_existing_file_is_refused_and_the_file_kept(
+    tmp_path: Path,
+) -> None:
+    """At 9038843 ``control = "notes.txt"`` in node.toml deleted notes.txt at start."""
+    from node.cluster import ENV, PY, NodeProc
+
+    n = NodeProc(tmp_path, "n")
+    notes = n.dir / "notes.txt"
+    notes.write_text("my notes\n")
+    text = n.config.read_text().replace('# control = "data/control.sock"', 'control = "notes.txt"')
+    n.config.write_text(text)
+    proc = subprocess.Popen(
+        [PY, "-m", "dwcp.node", "--config", str(n.config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    try:
+        _, err = proc.communicate(timeout=60)  # at 9038843 the node started and ran
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 2, err
+    assert "notes.txt" in err and "not a socket" in err, err
+    assert notes.read_text() == "my notes\n"
+
+
+@pytest.mark.parametrize("kind", ["file", "dir", "symlink"])
+def test_bind_never_removes_what_is_not_a_socket(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "c.sock"
+    target = tmp_path / "target"
+    if kind == "file":
+        path.write_text("x")
+    elif kind == "dir":
+        path.mkdir()
+    else:
+        target.write_text("y")
+        path.symlink_to(target)
+    with pytest.raises(UsageError, match="not a socket"):
+        control.bind_unix(path)
+    assert path.exists() or path.is_symlink()
+    if kind == "symlink":
+        assert target.read_text() == "y" and path.is_symlink()
+
+
+def test_a_stale_socket_is_replaced_and_removed_at_close(tmp_path: Path) -> None:
+    sock = tmp_path / "c.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(sock))
+    stale.close()  # the file stays; nobody answers on it
+
+    async def ping(args: dict[str, Any], emit: control.Emit) -> Any:
+        return "pong"
+
+    assert run_server(sock, {"ping": ping}, lambda: control.call(sock, "ping")) == "pong"
+    assert not sock.exists()

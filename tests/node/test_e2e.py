@@ -50,10 +50,11 @@ def test_cold_warm_and_cross_image(pair: tuple[NodeProc, NodeProc, Path]) -> Non
     assert cold["bytes_missing"] > 0 and cold["bytes_image"] == 8 * MiB
     for key in ("bytes_wire", "seconds", "dedup_ratio", "name", "peer", "bytes_missing"):
         assert key in cold
-    # warm: the destination has the older version under the same name
-    v2 = root / "v2" / "vm.qcow2"
-    v2.parent.mkdir()
+    # warm: the VM changed its disk; the destination has the older version
+    v2 = root / "vm.qcow2.new"
     mutate(v1, v2, [10, 500, 1500], seed=2)
+    v2.replace(v1)
+    v2 = v1
     warm = a.migrate_json(str(v2), "--to", "b")
     assert warm["bytes_missing"] == 3 * 4096
     assert sha256_file(b.images / "vm.qcow2") == sha256_file(v2) == warm["sha256"]

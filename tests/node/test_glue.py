@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from dwcp import migrate as aio
 from dwcp.errors import ConnectionLostError, ImageError, RemoteError
 from dwcp.identity import NodeKey
-from dwcp.migrate import aio
 from dwcp.node.store import Store, check_image_name
 
 MiB = 1 << 20

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from dwcp.delta.manifest import content_id_of
 from dwcp.errors import (
     AuthenticationError,
     ConnectionLostError,
@@ -28,12 +29,27 @@ from dwcp.migrate import protocol as p
 BLOCK = 4096
 
 
-def make_offer(key: NodeKey, image: bytes, name: str = "vm.img") -> m.Offer:
-    cid = hashlib.sha256(b"content" + image).digest()  # opaque to the protocol
-    manifest = b"toy-manifest" + cid
-    tid = p.transfer_id_for(key.public.raw, name, cid, len(image))
-    sig = key.sign(m.offer_signing_payload(tid, name, len(image), cid, manifest))
-    return m.Offer(tid, name, len(image), cid, manifest, sig)
+SUMMARY = b"toy-summary"
+
+
+def make_offer(key: NodeKey, image: bytes, name: str = "vm.img", tid: str | None = None) -> m.Offer:
+    root = hashlib.sha256(b"content" + image).digest()[:16]  # opaque to the protocol
+    blocks = -(-len(image) // BLOCK)
+    groups = -(-blocks // 256)
+    cid = content_id_of(len(image), BLOCK, blocks, root)
+    tid = tid or p.transfer_id_for(key.public.raw, name, cid, len(image))
+    fields = (tid, name, len(image), BLOCK, blocks, 1, groups, root, cid)
+    tail = (hashlib.sha256(SUMMARY).digest(), m.REFUSE, bytes(16), "")
+    unsigned = m.Offer(*fields, *tail, bytes(64))
+    return m.Offer(*fields, *tail, key.sign(unsigned.signing_payload()))
+
+
+def part(tid: str, kind: int, data: bytes = b"", last: bool = True) -> p.MessageReceived:
+    return p.MessageReceived(m.Part(tid, kind, last, data))
+
+
+def ranges_part(tid: str, ranges: list[tuple[int, int]]) -> p.MessageReceived:
+    return part(tid, m.RANGES, m.pack_ranges(ranges))
 
 
 def finished(key: NodeKey, tid: str, image: bytes, frames: int, wire: int) -> p.StreamFinished:
@@ -73,14 +89,19 @@ class Pair:
     # sender glue
     def run_sender(self, actions: list[p.Action]) -> None:
         for a in actions:
+            tid = self.sender.transfer_id
             if isinstance(a, p.SendMessage):
                 self.to_receiver.append(p.MessageReceived(m.decode(m.encode(a.message))))
+            elif isinstance(a, p.SendSummary):
+                self.to_receiver.append(part(tid, m.SUMMARY, SUMMARY))
             elif isinstance(a, p.ProvideLeaves):
-                assert a.groups == (0,)
-                self.run_sender(self.sender.handle(p.LeavesReady(b"toy-leaves")))
+                assert a.runs == ((0, 1),)
+                self.to_receiver.append(part(tid, m.LEAVES, b"toy-leaves"))
+                self.run_sender(self.sender.handle(p.LeavesSent()))
             elif isinstance(a, p.StreamRanges):
                 frames, wire = 0, 0
-                for off, n in a.ranges:
+                pairs = [(a.ranges[i], a.ranges[i + 1]) for i in range(0, len(a.ranges), 2)]
+                for off, n in pairs:
                     for o in range(off, off + n, BLOCK):
                         data = self.image[o : min(o + BLOCK, off + n)]
                         if self.tamper:
@@ -109,9 +130,19 @@ class Pair:
                 self.to_sender.append(p.MessageReceived(m.decode(m.encode(a.message))))
             elif isinstance(a, p.PrepareTransfer):
                 self.offer = a.offer
-                self.run_receiver(self.receiver.handle(p.LeavesNeeded((0,))))
+                self.run_receiver(self.receiver.handle(p.Admitted()))
+            elif isinstance(a, p.FeedSummary):
+                assert a.data == SUMMARY and a.last
+                self.run_receiver(self.receiver.handle(p.SummaryFed(True, 1)))
+            elif isinstance(a, p.SendNeed):
+                need = m.Part(self.receiver.transfer_id, m.NEED, True, m.pack_ranges([(0, 1)]))
+                self.to_sender.append(p.MessageReceived(need))
+            elif isinstance(a, p.FeedLeaves):
+                assert a.data == b"toy-leaves" and a.last
+                self.run_receiver(self.receiver.handle(p.LeavesFed(True)))
+            elif isinstance(a, p.ExpectFrames):
+                pass
             elif isinstance(a, p.AssembleManifest):
-                assert a.leaves == b"toy-leaves"
                 tid = self.offer.transfer_id
                 size = self.offer.size
                 if tid not in self.dest.partial:
@@ -181,7 +212,10 @@ def test_cold_migration() -> None:
     pair = Pair(image, dest)
     pair.run()
     assert dest.stored["vm.img"] == image
-    assert pair.sender.state is p.State.COMPLETE and pair.receiver.state is p.State.COMPLETE
+    assert (
+        pair.sender.state is p.MigrationState.COMPLETE
+        and pair.receiver.state is p.MigrationState.COMPLETE
+    )
     assert isinstance(pair.sender_done[-1], p.Completed)
     assert pair.sender.stats.bytes_missing == len(image)
 
@@ -251,12 +285,9 @@ def test_too_large_image_refused() -> None:
 
 def test_forged_transfer_id_is_a_protocol_error() -> None:
     key = NodeKey.generate()
-    image = image_of(2, 7)
-    sha = hashlib.sha256(image).digest()
-    tid = "0" * 32
-    sig = key.sign(m.offer_signing_payload(tid, "x", len(image), sha, b"m"))
+    offer = make_offer(key, image_of(2, 7), tid="0" * 32)
     r = p.Receiver(key.public, max_image_bytes=1 << 30)
-    actions = r.handle(p.MessageReceived(m.Offer(tid, "x", len(image), sha, b"m", sig)))
+    actions = r.handle(p.MessageReceived(offer))
     assert isinstance(actions[0], p.SendMessage) and isinstance(actions[0].message, m.Error)
     assert isinstance(r.error, ProtocolError)
 
@@ -272,17 +303,20 @@ def test_unexpected_message_names_state() -> None:
 def test_leaves_asked_twice_is_a_protocol_error() -> None:
     s = p.Sender(make_offer(NodeKey.generate(), b"x" * 10))
     s.handle(p.Start())
-    assert s.handle(p.MessageReceived(m.NeedLeaves(s.transfer_id, (0,)))) == [p.ProvideLeaves((0,))]
-    s.handle(p.LeavesReady(b"l"))
-    actions = s.handle(p.MessageReceived(m.NeedLeaves(s.transfer_id, (0,))))
+    need = m.pack_ranges([(0, 1)])
+    assert s.handle(part(s.transfer_id, m.NEED, need)) == [p.ProvideLeaves(((0, 1),))]
+    s.handle(p.LeavesSent())
+    actions = s.handle(part(s.transfer_id, m.NEED, need))
     assert isinstance(actions[-1], p.Failed) and isinstance(actions[-1].error, ProtocolError)
 
 
 def test_plan_beyond_image_is_refused() -> None:
     s = p.Sender(make_offer(NodeKey.generate(), b"x" * 10))
     s.handle(p.Start())
-    actions = s.handle(p.MessageReceived(m.Plan(s.transfer_id, ((0, 4096),), 4096, 0, 0)))
+    assert s.handle(p.MessageReceived(m.PlanHeader(s.transfer_id, 10, 0, 0, 10))) == []
+    actions = s.handle(ranges_part(s.transfer_id, [(0, 4096)]))
     assert isinstance(actions[-1], p.Failed)
+    assert "beyond the end" in str(actions[-1].error)
 
 
 def test_done_before_last_frame_waits() -> None:
@@ -291,10 +325,12 @@ def test_done_before_last_frame_waits() -> None:
     offer = make_offer(key, b"y" * 8192)
     r = p.Receiver(key.public, max_image_bytes=1 << 30)
     assert isinstance(r.handle(p.MessageReceived(offer))[0], p.PrepareTransfer)
-    need = r.handle(p.LeavesNeeded(()))
-    assert isinstance(need[0], p.SendMessage) and isinstance(need[0].message, m.NeedLeaves)
-    assert r.handle(p.MessageReceived(m.Leaves(r.transfer_id, b""))) == [p.AssembleManifest(b"")]
-    r.handle(p.Prepared(((0, 8192),), 8192, 0, 0))
+    assert r.handle(p.Admitted()) == []
+    assert r.handle(part(r.transfer_id, m.SUMMARY, SUMMARY)) == [p.FeedSummary(SUMMARY, True)]
+    assert r.handle(p.SummaryFed(True, 0)) == [p.AssembleManifest()]
+    out = r.handle(p.Prepared(((0, 8192),), 8192, 0, 0))
+    assert isinstance(out[0], p.SendMessage) and isinstance(out[0].message, m.PlanHeader)
+    assert out[-1] == p.ExpectFrames()
     assert r.handle(p.FrameReceived(b"a" * 100)) == [p.WriteFrame(b"a" * 100)]
     sha = hashlib.sha256(b"y" * 8192).digest()
     sig = key.sign(m.done_signing_payload(r.transfer_id, sha))
@@ -309,14 +345,15 @@ def test_done_with_a_bad_signature_is_refused() -> None:
     offer = make_offer(key, b"y" * 4096)
     r = p.Receiver(key.public, max_image_bytes=1 << 30)
     r.handle(p.MessageReceived(offer))
-    r.handle(p.LeavesNeeded(()))
-    r.handle(p.MessageReceived(m.Leaves(r.transfer_id, b"")))
+    r.handle(p.Admitted())
+    r.handle(part(r.transfer_id, m.SUMMARY, SUMMARY))
+    r.handle(p.SummaryFed(True, 0))
     r.handle(p.Prepared(((0, 4096),), 4096, 0, 0))
     sha = hashlib.sha256(b"y" * 4096).digest()
     forged = NodeKey.generate().sign(m.done_signing_payload(r.transfer_id, sha))
     actions = r.handle(p.MessageReceived(m.Done(r.transfer_id, 1, 100, sha, forged)))
     assert isinstance(actions[0], p.SendMessage) and actions[0].message.code == "refused"
-    assert isinstance(actions[-1], p.Failed) and r.state is p.State.FAILED
+    assert isinstance(actions[-1], p.Failed) and r.state is p.MigrationState.FAILED
 
 
 @pytest.mark.parametrize("cut", [0, 1, 7])

@@ -1,0 +1,555 @@
+"""The node's migrations: outgoing (``migrate`` control operation) and incoming (a channel).
+
+Outgoing: claim the VM (with ``[consensus]``), connect to the peer while the
+image is scanned (a kept session is checked meanwhile, see ``sessions``), send,
+then commit the ownership move. Incoming: one ``Receiving`` per channel, one
+task per transfer id (a newer session for the same transfer replaces a stale
+one), at most ``[limits] max_transfers`` at once. At shutdown ``drain`` gives
+running transfers until the deadline, then cancels them: receivers flush their
+journal and keep ``partial/ID`` so the same migration resumes after a restart.
+
+Others follow migrations through ``add_listener`` (a job list, metrics): each
+migration has an id and reports ``started``, ``progress`` and one of ``ok``,
+``failed`` or ``stopped``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import stat
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dwcp.delta import content_id
+from dwcp.errors import ConsensusError, DwcpError, ImageError, RemoteError, UsageError
+from dwcp.identity import PublicKey
+from dwcp.migrate import (
+    MigrationResult,
+    Progress,
+    QuicChannel,
+    ReceiverHooks,
+    in_thread,
+    receive_image,
+    send_image,
+)
+from dwcp.migrate.messages import BACKUP, FORCE, REFUSE, Offer
+from dwcp.node.config import Peer, parse_rate
+from dwcp.node.context import NodeContext
+from dwcp.node.control import Emit, Handler
+from dwcp.node.ownership import Claim
+from dwcp.node.service import BaseService
+from dwcp.node.store import check_image_name
+from dwcp.pba.compression import MAX_LEVEL, MIN_LEVEL, AdaptiveLevel
+from dwcp.tasks import cancel_and_wait
+
+if TYPE_CHECKING:
+    from dwcp.transport import Channel, Session
+
+log = logging.getLogger("dwcp.node")
+CHANNEL_NAME = "dwcp-migrate/1"
+PROGRESS_INTERVAL = 0.1  # seconds between progress lines to the CLI
+
+
+@dataclass
+class MigrationEvent:
+    """What a listener hears about one migration."""
+
+    id: str
+    direction: str  # "out" or "in"
+    kind: str  # "started", "progress", "ok", "failed", "stopped"
+    name: str
+    peer: str
+    data: dict[str, Any] = field(default_factory=dict)  # progress figures, result or error
+
+
+Listener = Callable[[MigrationEvent], None]
+MiB = 1 << 20
+
+
+class MemoryBudget:
+    """Memory the node lets incoming transfers hold together (``[limits] transfer_memory``).
+
+    A transfer reserves what its offer says its manifest needs before anything is
+    held; one that does not fit beside the running ones is refused as ``busy``
+    (the source may retry), one over the whole budget as ``too_large`` (by the
+    protocol, before it gets here).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def reserve(self, n: int) -> Callable[[], None]:
+        if self.used + n > self.limit:
+            raise RemoteError(
+                "busy",
+                f"the destination holds {self.used / MiB:.1f} MiB for other incoming "
+                f"transfers; this one needs {n / MiB:.1f} MiB of the "
+                f"{self.limit / MiB:.1f} MiB allowed ([limits] transfer_memory); retry later",
+            )
+        self.used += n
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.used -= n
+
+        return release
+
+
+class Migrations(BaseService):
+    name = "migrations"
+
+    def __init__(self, ctx: NodeContext) -> None:
+        self.ctx = ctx
+        self.incoming: dict[str, asyncio.Task[Any]] = {}  # by transfer id
+        self.outgoing: dict[str, asyncio.Task[Any]] = {}  # by migration id
+        self.migrating: set[str] = set()  # names being sent: one migration per VM at a time
+        self.slots = asyncio.Semaphore(ctx.config.limits.max_transfers)
+        self.memory = MemoryBudget(ctx.config.limits.transfer_memory)
+        self._listeners: list[Listener] = []
+        ctx.sessions.add_channel_handler(CHANNEL_NAME, self._on_channel)
+
+    def handlers(self) -> Mapping[str, Handler]:
+        return {"migrate": self.op_migrate}
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def _tell(self, event: MigrationEvent) -> None:
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception as exc:  # a listener's bug must not fail the migration
+                log.error("migration listener failed: %s", exc, exc_info=exc)
+
+    def cancel(self, migration_id: str) -> bool:
+        """Stop an outgoing migration (it resumes when re-run); False if none has that id."""
+        task = self.outgoing.get(migration_id)
+        if task is None or task.done():
+            return False
+        task.cancel()
+        return True
+
+    # --- lifetime ---------------------------------------------------------------------
+
+    def _running(self) -> list[asyncio.Task[Any]]:
+        return [t for t in (*self.incoming.values(), *self.outgoing.values()) if not t.done()]
+
+    async def drain(self, deadline: float) -> None:
+        self.ctx.draining = True
+        self.ctx.sessions.accepting = False  # no new sessions; running ones go on
+        loop = asyncio.get_running_loop()
+        if self._running():
+            log.info(
+                "draining %d transfer(s) for up to %.0f s",
+                len(self._running()),
+                max(0.0, deadline - loop.time()),
+                extra={"event": "draining"},
+            )
+        while (pending := self._running()) and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(pending, timeout=min(0.1, left))
+        stragglers = self._running()
+        await cancel_and_wait(*stragglers)
+        if stragglers:
+            log.info(
+                "stopped %d transfer(s); they resume when re-run",
+                len(stragglers),
+                extra={"event": "stopped_transfers"},
+            )
+
+    # --- incoming -----------------------------------------------------------------------
+
+    async def _on_channel(self, peer_key: PublicKey, session: Session, chan: Channel) -> None:
+        if self.ctx.draining:
+            chan.writer.close()  # the source sees the channel end: re-run when we are back
+            return
+        ctx = self.ctx
+        peer = ctx.config.peer_by_key(peer_key.raw)
+        peer_name = peer.name if peer is not None else peer_key.node_id
+        hooks = ReceiverHooks(
+            images_dir=ctx.store.images_dir,
+            partial_dir=ctx.store.transfer_dir,
+            check_name=check_image_name,
+            index=ctx.index,
+            max_image_bytes=ctx.config.limits.max_image_bytes,
+            claim=self._claim,
+            release=self._release,
+            on_bytes=self._on_bytes_in,
+            on_plan=self._on_plan_in,
+            admit=self._admit,
+            may_replace=self._may_replace,
+            commit=self._commit,
+            max_transfer_memory=ctx.config.limits.transfer_memory,
+            reserve=self.memory.reserve,
+        )
+        ctx.stats.active_in += 1
+        t0 = time.monotonic()
+        mid = secrets.token_hex(6)
+        self._tell(MigrationEvent(mid, "in", "started", "", peer_name))
+        try:
+            name = await receive_image(
+                QuicChannel(session, chan.reader, chan.writer), peer_key, hooks
+            )
+        except asyncio.CancelledError:
+            ctx.stats.count_migration("in", "stopped")
+            self._tell(MigrationEvent(mid, "in", "stopped", "", peer_name))
+            raise
+        finally:
+            ctx.stats.active_in -= 1
+        if name is None:
+            ctx.stats.count_migration("in", "failed")
+            self._tell(MigrationEvent(mid, "in", "failed", "", peer_name))
+            log.info("incoming migration from %s failed", peer_name, extra={"event": "in_failed"})
+        else:
+            ctx.stats.count_migration("in", "ok")
+            self._tell(MigrationEvent(mid, "in", "ok", name, peer_name))
+            log.info(
+                "received image %s from %s in %.2f s",
+                name,
+                peer_name,
+                time.monotonic() - t0,
+                extra={"event": "in_ok", "image": name, "peer": peer_name},
+            )
+
+    async def _admit(self, name: str, source: PublicKey) -> None:
+        """With consensus, refuse an image over a VM this node owns (it may be running it)
+        or for a VM that a third node owns: defence in depth, since a source that claims
+        first never sends such an offer, but a source without ``[consensus]`` would."""
+        own = self.ctx.ownership
+        if own is None:
+            return
+        try:
+            got = await own.owner(name)
+        except ConsensusError as exc:
+            raise UsageError(f"cannot check who owns VM {name}: {exc}") from None
+        if got.owner == own.me:
+            raise UsageError(
+                f"the destination owns VM {name} (epoch {got.epoch}) and will not overwrite "
+                "its disk; migrate it from the destination instead"
+            )
+        if got.owner and got.owner != source.node_id:
+            raise UsageError(
+                f"VM {name} is owned by node {got.owner} (epoch {got.epoch}), not by the "
+                "sending node; migrate it from its owner"
+            )
+
+    async def _commit(self, name: str, sha256: bytes, source: PublicKey, offer: Offer) -> None:
+        """Record a received image: where it came from (a later version from the same
+        source file may replace it) and the log line. With consensus the source commits
+        the ownership move after this node's Ack (``dwcp.node.ownership``)."""
+        origin = {"sender": source.node_id, "origin": offer.origin.hex(), "sha256": sha256.hex()}
+        await in_thread(self.ctx.store.record_origin, name, origin)
+        log.info(
+            "stored image %s sha256 %s from %s",
+            name,
+            sha256.hex(),
+            source.node_id,
+            extra={"event": "commit", "image": name, "sha256": sha256.hex()},
+        )
+
+    async def _may_replace(self, offer: Offer, source: PublicKey, final: bool) -> None:
+        """An image replaces a different one stored under its name only if the sender
+        said ``--force`` or ``--backup`` (then the old one is kept as ``NAME.~N~``), if
+        the ownership cluster says the sender owns that VM (the stored copy is a stale
+        copy of it), or if this node received the stored image from the same file of the
+        same sender (a later version of it). Never over a symlink, a device or a FIFO."""
+        store = self.ctx.store
+        path = store.image_path(offer.name)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(
+                f"images/{offer.name} at the destination is not a regular file (a symlink, "
+                "a device or a FIFO); the node never replaces one: remove or rename it there"
+            )
+        if offer.replace == FORCE:
+            return
+        held = await self.ctx.index.call(lambda ix: ix.manifest_of(path))
+        if held is not None and content_id(held) == offer.content_id:
+            return  # the same content: nothing is lost
+        if offer.replace == BACKUP:
+            if final:
+                backup = store.backup_name(offer.name)
+                await in_thread(os.link, path, store.images_dir / backup)
+                log.info(
+                    "kept the replaced image %s as %s",
+                    offer.name,
+                    backup,
+                    extra={"event": "backup", "image": offer.name, "backup": backup},
+                )
+            return
+        own = self.ctx.ownership
+        if own is not None and (await own.owner(offer.name)).owner == source.node_id:
+            return
+        was = store.origin(offer.name)
+        if was == {**(was or {}), "sender": source.node_id, "origin": offer.origin.hex()}:
+            return
+        if was is None:
+            came = "was put there locally"
+        elif was.get("sender") == source.node_id:
+            came = "came from another file of the sending node"
+        else:
+            came = "came from another node"
+        raise UsageError(
+            f"images/{offer.name} at the destination is a different image (it {came}); "
+            "nothing was changed: re-run with --force to replace it, or --backup to keep "
+            f"it as {offer.name}.~N~"
+        )
+
+    async def _claim(self, transfer_id: str) -> None:
+        """One task per transfer id: a newer session for it replaces a stale one."""
+        old = self.incoming.get(transfer_id)
+        me = asyncio.current_task()
+        if old is not None and old is not me and not old.done():
+            await cancel_and_wait(old)
+        assert me is not None
+        busy = sum(1 for t in self.incoming.values() if not t.done())
+        limit = self.ctx.config.limits.max_transfers
+        if busy >= limit:
+            raise RemoteError(
+                "busy",
+                f"the destination already runs {busy} incoming transfers "
+                "([limits] max_transfers); retry later",
+            )
+        self.incoming[transfer_id] = me
+
+    def _release(self, transfer_id: str) -> None:
+        if self.incoming.get(transfer_id) is asyncio.current_task():
+            del self.incoming[transfer_id]
+
+    def _on_bytes_in(self, wire: int, raw: int) -> None:
+        self.ctx.stats.bytes_received += wire
+
+    def _on_plan_in(self, image: int, dedup: int) -> None:
+        self.ctx.stats.bytes_deduplicated += dedup
+
+    # --- outgoing -----------------------------------------------------------------------
+
+    async def op_migrate(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """Control operation ``migrate``: {image, to, name?, bwlimit?, level?}."""
+        ctx = self.ctx
+        if ctx.draining:
+            raise UsageError("the node is shutting down; re-run when it is back")
+        await ctx.reload()
+        peer = ctx.config.peer(str(args.get("to", "")))
+        image = self._source_path(str(args.get("image", "")))
+        name = check_image_name(str(args.get("name") or image.name))
+        level: int | AdaptiveLevel
+        if args.get("level"):  # an explicit --level is kept for the whole transfer
+            level = int(args["level"])
+            if not -7 <= level <= 19:
+                raise UsageError(f"--level {level}: expected -7..19")
+        else:  # adapt to whichever of the network and the CPU is the bottleneck
+            start = ctx.config.limits.level
+            level = AdaptiveLevel(start, lo=min(start, MIN_LEVEL), hi=max(start, MAX_LEVEL))
+        try:
+            limit = args.get("bwlimit")
+            bw = parse_rate(limit) if limit else ctx.config.limits.bwlimit
+        except ValueError as exc:
+            raise UsageError(f"--bwlimit: {exc}") from None
+        if args.get("force") and args.get("backup"):
+            raise UsageError("--force and --backup: choose one")
+        replace = FORCE if args.get("force") else BACKUP if args.get("backup") else REFUSE
+        return await self.migrate(
+            image, peer, name=name, level=level, bwlimit=bw, emit=emit, replace=replace
+        )
+
+    async def migrate(
+        self,
+        image: Path,
+        peer: Peer,
+        *,
+        name: str,
+        level: int | AdaptiveLevel,
+        bwlimit: int,
+        emit: Emit = lambda d: None,
+        replace: int = REFUSE,
+    ) -> dict[str, Any]:
+        """Move ``image`` to ``peer`` as ``name``; the result once the peer stored it.
+
+        ``replace`` (``messages.REFUSE``, ``FORCE``, ``BACKUP``): what the peer may do
+        with a different image it already stores under ``name``.
+        """
+        ctx = self.ctx
+        if name in self.migrating:
+            raise UsageError(
+                f"{name} is already being migrated from this node; wait for that migration "
+                "(two at once could both copy it, and only one can move its ownership)"
+            )
+        task = asyncio.current_task()
+        assert task is not None
+        mid = secrets.token_hex(6)
+        self.outgoing[mid] = task
+        self.migrating.add(name)
+        last: dict[str, Any] = {"t": 0.0, "phase": ""}
+
+        def say(data: dict[str, Any]) -> None:
+            emit(data)
+            self._tell(MigrationEvent(mid, "out", "progress", name, peer.name, data))
+
+        def progress(p: Progress) -> None:
+            now = time.monotonic()
+            if now - last["t"] >= PROGRESS_INTERVAL or p.phase != last["phase"]:
+                last["t"], last["phase"] = now, p.phase
+                say(
+                    {
+                        "phase": p.phase,
+                        "bytes_image": p.bytes_image,
+                        "bytes_missing": p.bytes_missing,
+                        "bytes_to_send": p.bytes_to_send,
+                        "bytes_sent": p.bytes_sent,
+                        "bytes_wire": p.bytes_wire,
+                        "dedup_ratio": round(p.dedup_ratio, 4),
+                    }
+                )
+
+        self._tell(MigrationEvent(mid, "out", "started", name, peer.name, {"image": str(image)}))
+        t0 = time.monotonic()
+        try:
+            async with self.slots:
+                ctx.stats.active_out += 1
+                try:
+                    result = await self._send(
+                        image, peer, name, level, bwlimit, say, progress, replace
+                    )
+                finally:
+                    ctx.stats.active_out -= 1
+        except asyncio.CancelledError:
+            ctx.stats.count_migration("out", "stopped")
+            self._tell(MigrationEvent(mid, "out", "stopped", name, peer.name))
+            raise
+        except DwcpError as exc:
+            ctx.stats.count_migration("out", "failed")
+            self._tell(MigrationEvent(mid, "out", "failed", name, peer.name, {"error": str(exc)}))
+            log.info(
+                "migration of %s to %s failed: %s",
+                image,
+                peer.name,
+                exc,
+                extra={"event": "out_failed", "error": type(exc).__name__},
+            )
+            raise
+        finally:
+            del self.outgoing[mid]
+            self.migrating.discard(name)
+        result.seconds = round(time.monotonic() - t0, 3)
+        s = ctx.stats
+        s.count_migration("out", "ok")
+        s.bytes_sent += result.bytes_wire
+        s.bytes_deduplicated += result.bytes_image - result.bytes_missing
+        s.bytes_raw += result.bytes_sent
+        s.bytes_compressed += result.bytes_wire
+        out: dict[str, Any] = result.to_dict()
+        self._tell(MigrationEvent(mid, "out", "ok", name, peer.name, out))
+        log.info(
+            "migrated %s to %s: %d bytes on the wire for %d",
+            name,
+            peer.name,
+            result.bytes_wire,
+            result.bytes_image,
+            extra={
+                "event": "out_ok",
+                "result": out,
+                "levels": level.history if isinstance(level, AdaptiveLevel) else [level],
+            },
+        )
+        return out
+
+    async def _send(
+        self,
+        image: Path,
+        peer: Peer,
+        name: str,
+        level: int | AdaptiveLevel,
+        bwlimit: int,
+        say: Emit,
+        progress: Callable[[Progress], None],
+        replace: int,
+    ) -> MigrationResult:
+        ctx = self.ctx
+        # Connect while the VM is claimed and the image scanned (~0.1 s and a handshake's
+        # round trips saved on a cold migration).
+        say({"phase": "connecting"})
+        opening = asyncio.ensure_future(self._open(peer))
+        ok = False
+        try:
+            claim: Claim | None = None
+            if ctx.ownership is not None:
+                say({"phase": "claiming"})
+                claim = await ctx.ownership.claim(name, peer.public_key)
+            result = await send_image(
+                opening,
+                ctx.key,
+                image,
+                name=name,
+                peer=peer.name,
+                level=level,
+                bwlimit=bwlimit,
+                on_progress=progress,
+                replace=replace,
+            )
+            ok = True
+        finally:
+            await self._give_back(opening, reuse=ok)
+        if claim is not None:
+            assert ctx.ownership is not None
+            say({"phase": "committing"})
+            got = await ctx.ownership.hand_over(claim, peer.public_key)
+            result.owner, result.epoch = got.owner, got.epoch
+        return result
+
+    async def _open(self, peer: Peer) -> QuicChannel:
+        sessions = self.ctx.sessions
+        session = await sessions.checkout(peer)
+        try:
+            chan = await session.open_channel(CHANNEL_NAME)
+        except BaseException:  # cancelled too: a session nobody uses must not stay open
+            sessions.checkin(session, reuse=False)
+            raise
+        return QuicChannel(session, chan.reader, chan.writer)
+
+    async def _give_back(self, opening: asyncio.Future[QuicChannel], reuse: bool) -> None:
+        """Give the migration's session back, also when it ended before using it; a
+        connection still being set up for a failed migration is abandoned, not awaited."""
+        if not opening.done():
+            if not reuse:
+                opening.cancel()
+            await asyncio.wait([opening])  # our own cancellation still propagates
+        if opening.cancelled() or opening.exception() is not None:
+            return  # never opened: nothing to give back
+        chan = opening.result()
+        keep = reuse and chan.reusable
+        if keep:
+            chan.end()
+        else:
+            chan.abandon()
+        self.ctx.sessions.checkin(chan.session, reuse=keep)
+
+    def _source_path(self, image: str) -> Path:
+        """An absolute path as given, or the name of an image in this node's ``images/``."""
+        if not image:
+            raise UsageError("no image given")
+        p = Path(image)
+        if p.is_absolute() and p.exists():
+            return p
+        if "/" not in image:
+            try:
+                stored = self.ctx.store.image_path(image)
+            except UsageError:
+                stored = None
+            if stored is not None and stored.exists():
+                return stored
+        raise ImageError(
+            f"image {image} not found (a file path, or a name listed by 'dwcp images')"
+        )
