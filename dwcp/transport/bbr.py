@@ -95,6 +95,17 @@ STARTUP, DRAIN, PROBE_BW = "startup", "drain", "probe_bw"
 _start_phase = itertools.count()
 
 
+def restart_phase_stagger() -> None:
+    """Start the stagger of new controllers' cycle phases again from the first.
+
+    The stagger is process-wide (connections opened one after another start at
+    different phases), so a simulation that wants the same phases on every run,
+    whatever ran before it in the process, calls this first.
+    """
+    global _start_phase
+    _start_phase = itertools.count()
+
+
 def _next_start_phase() -> int:
     """Stagger the cycle's start over the 1.0 phases (never start by draining)."""
     return 2 + next(_start_phase) % (len(CYCLE) - 2)

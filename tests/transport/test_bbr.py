@@ -71,6 +71,7 @@ def _simulate(
     declared lost once a packet sent 3 after it is acknowledged (QUIC's threshold).
     """
     rng = random.Random(1)
+    bbr.restart_phase_stagger()  # the same cycle phases whatever ran before in the process
     fl = [Flow() for _ in range(flows)]
     acks: list[tuple[float, int, int]] = []  # (arrival time, flow, packet number)
     link_free = 0.0
@@ -147,8 +148,12 @@ def test_random_loss_does_not_collapse_the_rate() -> None:
 def test_two_connections_share_without_overflowing_the_queue() -> None:
     res = _simulate(flows=2, loss=0.005, seconds=8.0)
     assert res.goodput(3.0, 8.0) > 0.9 * RATE
-    # Queue overflow after startup stays a small fraction of the packets sent.
-    assert res.drops(3.0) < 0.002 * 5.0 * RATE / MSS
+    # Queue overflow after startup stays a small fraction of the packets sent. Two
+    # BBR v1 flows each probing at 1.25x with a 2-BDP cap do overflow a 1-BDP queue
+    # now and then (Hock et al., ICNP'17): 0-0.8% of the packets over the six
+    # possible phase offsets of the two cycles (0.002 held only for one of them,
+    # which an earlier test's connection count happened to pick).
+    assert res.drops(3.0) < 0.01 * 5.0 * RATE / MSS
     shares = [sum(b for t, b in f.delivered if t >= 3.0) for f in res.flows]
     assert min(shares) > 0.2 * sum(shares)
 
