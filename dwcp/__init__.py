@@ -7,8 +7,9 @@ Components (DWCP names in brackets):
 - ``dwcp.identity``: node keys; ``dwcp.errors``: typed errors.
 """
 
-__version__ = "0.1.0"
-PROTOCOL_VERSION = 3
+from dwcp.version import PROTOCOL_VERSION, __version__
+
+__all__ = ["PROTOCOL_VERSION", "__version__"]
 
 
 def __getattr__(name: str) -> object:

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from dwcp import PROTOCOL_VERSION
 from dwcp.errors import FrameError, UsageError
+from dwcp.version import PROTOCOL_VERSION
 
 MAGIC: Final = b"DW"
 VERSION: Final = PROTOCOL_VERSION

@@ -30,7 +30,7 @@ from dwcp.delta.planner import (
     plan_to_bytes,
     refine,
 )
-from dwcp.delta.rebuild import Rebuilder, _disk_error
+from dwcp.delta.rebuild import Rebuilder, disk_error
 from dwcp.errors import BaseImageError, FrameError, ImageError
 
 MAGIC = b"DWCPDLT\x01"
@@ -101,7 +101,7 @@ def make_delta(
             os.close(dfd)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise _disk_error(exc, out_path) from exc
+        raise disk_error(exc, out_path) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

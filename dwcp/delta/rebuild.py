@@ -40,7 +40,7 @@ _REC = struct.Struct("<QQQ")  # offset, length, xxh3-64 of the two
 _META = struct.Struct("<Q32s")
 
 
-def _disk_error(exc: OSError, where: Path) -> StorageError:
+def disk_error(exc: OSError, where: Path) -> StorageError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFullError(
             f"no space left on the device holding {where}; free space and re-run to resume"
@@ -161,7 +161,7 @@ class Rebuilder:
         except StorageError:
             raise
         except OSError as exc:
-            raise _disk_error(exc, self.state_dir) from exc
+            raise disk_error(exc, self.state_dir) from exc
         return _merge(done)
 
     def _check_space(self) -> None:
@@ -225,7 +225,7 @@ class Rebuilder:
     def _write_error(self, exc: OSError) -> StorageError:
         """A failed write; a full disk keeps what is durable and says what is missing."""
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            return _disk_error(exc, self.state_dir)
+            return disk_error(exc, self.state_dir)
         try:
             st = os.statvfs(self.state_dir)
             free = f"{st.f_bavail * st.f_frsize} bytes free now"
@@ -347,7 +347,7 @@ class Rebuilder:
         except DwcpError:
             raise
         except OSError as exc:
-            raise _disk_error(exc, self.state_dir) from exc
+            raise disk_error(exc, self.state_dir) from exc
         if fin.mismatch is not None:
             self._mismatch(fin.mismatch)
         if digest != self.sha256:
@@ -367,7 +367,7 @@ class Rebuilder:
             finally:
                 os.close(dfd)
         except OSError as exc:
-            raise _disk_error(exc, self.out_path) from exc
+            raise disk_error(exc, self.out_path) from exc
         shutil.rmtree(self.state_dir, ignore_errors=True)
         return self.out_path
 

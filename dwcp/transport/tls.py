@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
-from dwcp import PROTOCOL_VERSION
 from dwcp.identity import NodeKey, PublicKey
+from dwcp.version import PROTOCOL_VERSION
 
 ALPN = f"dwcp/{PROTOCOL_VERSION}"
 
