@@ -8,16 +8,16 @@
 - ``threads``: blocking work in threads, the single-threaded image index.
 """
 
-from dwcp.migrate.channel import BulkChannel, Channel, FramedChannel, QuicChannel
+from dwcp.migrate.channel import BulkChannel, FramedChannel, MessageChannel, QuicChannel
 from dwcp.migrate.destination import ReceiverHooks, Receiving, receive_image
 from dwcp.migrate.source import MigrationResult, Progress, send_image
 from dwcp.migrate.threads import IndexWorker, in_thread
 
 __all__ = [
     "BulkChannel",
-    "Channel",
     "FramedChannel",
     "IndexWorker",
+    "MessageChannel",
     "MigrationResult",
     "Progress",
     "QuicChannel",

@@ -1,6 +1,6 @@
 """The migration's channels: what the glue needs from a link, and the QUIC adapter.
 
-Control messages travel on one ordered ``Channel``, each one length-prefixed
+Control messages travel on one ordered ``MessageChannel``, each one length-prefixed
 (``dwcp.framing``: u32, network byte order). Data frames go over a separate
 high-throughput path when the channel offers one (``BulkChannel``), else as
 ``Data`` messages on the channel.
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 READ_PIECE = 256 * 1024  # the most one read takes from the stream (credit flows back per piece)
 
 
-class Channel(Protocol):
+class MessageChannel(Protocol):
     """An ordered, reliable message channel between the two nodes."""
 
     async def send(self, data: bytes) -> None: ...
@@ -44,7 +44,7 @@ class Channel(Protocol):
 
 
 @runtime_checkable
-class BulkChannel(Channel, Protocol):
+class BulkChannel(MessageChannel, Protocol):
     """A channel with a separate high-throughput path for data frames."""
 
     async def send_frames(self, frames: AsyncIterator[bytes]) -> None:
@@ -71,7 +71,7 @@ class StreamWriterLike(Protocol):
 
 
 class FramedChannel:
-    """``Channel`` over a byte stream: each message is a ``dwcp.framing`` frame."""
+    """``MessageChannel`` over a byte stream: each message is a ``dwcp.framing`` frame."""
 
     def __init__(
         self, reader: StreamReaderLike, writer: StreamWriterLike, *, limit: int = msg.MAX_MESSAGE

@@ -22,7 +22,7 @@ from dwcp.errors import ConnectionLostError, DwcpError, ProtocolError, UsageErro
 from dwcp.identity import PublicKey
 from dwcp.migrate import messages as msg
 from dwcp.migrate import protocol as proto
-from dwcp.migrate.channel import BulkChannel, Channel
+from dwcp.migrate.channel import BulkChannel, MessageChannel
 from dwcp.migrate.threads import IndexWorker, in_thread
 
 log = logging.getLogger("dwcp.migrate")
@@ -68,7 +68,7 @@ class ReceiverHooks:
 class Receiving:
     """One incoming migration on one channel: the glue around ``protocol.Receiver``."""
 
-    def __init__(self, channel: Channel, peer_key: PublicKey, hooks: ReceiverHooks) -> None:
+    def __init__(self, channel: MessageChannel, peer_key: PublicKey, hooks: ReceiverHooks) -> None:
         self.channel = channel
         self.peer_key = peer_key
         self.hooks = hooks
@@ -337,6 +337,8 @@ class Receiving:
                 await self.channel.close()
 
 
-async def receive_image(channel: Channel, peer_key: PublicKey, hooks: ReceiverHooks) -> str | None:
+async def receive_image(
+    channel: MessageChannel, peer_key: PublicKey, hooks: ReceiverHooks
+) -> str | None:
     """Serve one incoming migration on ``channel``; returns the stored image's name or None."""
     return await Receiving(channel, peer_key, hooks).run()

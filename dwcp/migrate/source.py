@@ -38,7 +38,7 @@ from dwcp.errors import (
 from dwcp.identity import NodeKey
 from dwcp.migrate import messages as msg
 from dwcp.migrate import protocol as proto
-from dwcp.migrate.channel import BulkChannel, Channel
+from dwcp.migrate.channel import BulkChannel, MessageChannel
 from dwcp.migrate.threads import in_thread, iterate_in_thread
 from dwcp.pba.compression import AdaptiveLevel
 from dwcp.pba.hostcpu import HostCpu
@@ -347,11 +347,13 @@ class Sending:
             self._streaming = self._group.create_task(self.stream(sender, a.ranges))
         return None
 
-    async def run(self, opening: Channel | Awaitable[Channel]) -> MigrationResult:
+    async def run(self, opening: MessageChannel | Awaitable[MessageChannel]) -> MigrationResult:
         t0 = time.monotonic()
         try:
             m, sender = await self.scan()
-            self.channel: Channel = await opening if isinstance(opening, Awaitable) else opening
+            self.channel: MessageChannel = (
+                await opening if isinstance(opening, Awaitable) else opening
+            )
             # The pump and the stream live as long as the exchange: one that fails on a bug
             # ends it. The outcome is raised after the group, so callers get the error
             # itself, not an ExceptionGroup.
@@ -419,7 +421,7 @@ class Sending:
 
 
 async def send_image(
-    opening: Channel | Awaitable[Channel],
+    opening: MessageChannel | Awaitable[MessageChannel],
     key: NodeKey,
     image: Path,
     *,
@@ -455,7 +457,7 @@ async def send_image(
     return await s.run(opening)
 
 
-async def _linger(channel: Channel) -> None:
+async def _linger(channel: MessageChannel) -> None:
     """We sent the final Error: read until the peer closes the channel (bounded)."""
     with contextlib.suppress(DwcpError, OSError, TimeoutError):
         async with asyncio.timeout(proto.LINGER_SECONDS):
