@@ -11,7 +11,8 @@ VENV=${DWCP_VENV:-$ROOT/.venv}
 PY=$VENV/bin/python
 
 APT_PACKAGES=(build-essential python3-dev python3-venv pkg-config libzstd-dev libxxhash-dev
-  zstd rsync iperf3 iputils-ping e2fsprogs iproute2 util-linux)
+  zstd rsync iperf3 iputils-ping e2fsprogs iproute2 util-linux
+  qemu-system-x86 qemu-utils busybox-static)
 
 need_apt() {
   local missing=()

@@ -121,3 +121,8 @@ class ConsensusError(DwcpError):
 
 class WalError(ConsensusError, OSError):
     """A replica's write-ahead log is missing, corrupt or does not match its identity."""
+
+
+class VmError(LocalError, RuntimeError):
+    """A VM could not be defined, started, stopped or migrated here (QEMU missing, bad
+    definition, QEMU refused a command); the message says what to do."""

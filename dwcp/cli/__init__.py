@@ -35,6 +35,7 @@ ORDER: tuple[str, ...] = (
     "perf_cmd",
     "cluster_cmd",
     "owner_cmd",
+    "vm_cmd",
 )
 
 
@@ -61,7 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dwcp``; returns the process exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    if "--" in argv and getattr(args, "passthrough", None) is not None:
+        # A command that passes arguments on (``dwcp vm start NAME -- QEMU_ARGS``) takes
+        # all after ``--`` verbatim; argparse cannot do that behind a subcommand's positionals.
+        args.passthrough = argv[argv.index("--") + 1 :]
+    elif "--" in argv:
+        args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
     except KeyboardInterrupt:

@@ -43,6 +43,7 @@ from dwcp.node.ownership import Ownership
 from dwcp.node.service import BaseService, Service, ServiceSet
 from dwcp.node.sessions import PeerSessions
 from dwcp.node.store import Store
+from dwcp.vm.supervisor import VmSupervisor
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -124,6 +125,7 @@ SERVICES: tuple[Callable[[NodeContext], Service], ...] = (
     lambda ctx: ctx.sessions,
     Migrations,
     NodeOps,
+    VmSupervisor,
     MetricsEndpoint,
 )
 
