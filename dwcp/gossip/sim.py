@@ -162,5 +162,12 @@ class SimNet:
             self._schedule(node)
         self.now = end
 
+    def bump(self, name: str) -> int:
+        """Make ``name`` announce a new incarnation (the dissemination probe); return it."""
+        node = self.nodes[name]
+        node.announce(self.now)
+        self._schedule(node)
+        return node.incarnation
+
     def alive_nodes(self) -> list[str]:
         return [n for n in self.names if n not in self.down]

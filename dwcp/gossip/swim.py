@@ -42,6 +42,19 @@ from dwcp.gossip.messages import (
 )
 
 Send = tuple[str, Message]
+STAT_NAMES = (
+    "probes",
+    "probe_failures",
+    "accusations",
+    "indirect",
+    "suspicions",
+    "refutations",
+    "deaths",
+    "nacks_sent",
+    "dropped",
+    "sent",
+    "received",
+)
 
 # timer kinds
 _PROBE, _PROBE_TIMEOUT, _NACK, _RELAY_END, _SUSPICION, _GOSSIP = range(6)
@@ -149,10 +162,7 @@ class Swim:
         self.set_admitted(members, now)
         self.queue = BroadcastQueue(retransmit_limit(cfg.retransmit_mult, len(self.members) + 1))
         self.changes: list[Change] = []
-        self.stats: dict[str, int] = dict.fromkeys(
-            ("probes", "probe_failures", "indirect", "suspicions", "refutations", "deaths",
-             "nacks_sent", "dropped", "sent", "received", "bytes_sent"), 0
-        )  # fmt: skip
+        self.stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
         self.leaving = False
         self._seq = 0
         self._token = 0
@@ -293,7 +303,9 @@ class Swim:
         else:
             self.awareness.apply(1)
         m = self.members.get(probe.target)
-        if m is not None and m.state == ALIVE:
+        if m is not None and m.state <= SUSPECT:
+            # a suspect we also failed to reach: our own accusation is a confirmation
+            self.stats["accusations"] += 1
             self._apply((SUSPECT, m.name, m.inc, self.name), now)
 
     def _random_members(self, k: int, exclude: str, now: float, *, alive_only: bool) -> list[str]:
@@ -481,6 +493,12 @@ class Swim:
         self.stats["refutations"] += 1
         self.awareness.apply(1)
         self.queue.push((ALIVE, self.name, self.incarnation, self.name))
+
+    def announce(self, now: float) -> None:
+        """Start a new incarnation and gossip it (after a restart, or to test dissemination)."""
+        self.incarnation += 1
+        self.queue.push((ALIVE, self.name, self.incarnation, self.name))
+        self._arm_gossip(now)
 
     def leave(self, now: float) -> list[Send]:
         """Announce a graceful leave (others mark this member ``left``, not dead)."""
