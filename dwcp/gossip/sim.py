@@ -17,7 +17,8 @@ import random
 from collections.abc import Callable
 
 from dwcp.gossip.messages import Message
-from dwcp.gossip.swim import Change, Send, Swim, SwimConfig
+from dwcp.gossip.records import Change, SwimConfig
+from dwcp.gossip.swim import Send, Swim
 
 ENVELOPE_BYTES = 64 + 8 + 1 + 8  # signature, counter, sender name length + typical name
 _WAKE, _DELIVER = 0, 1
