@@ -16,6 +16,7 @@ flapping consul users hit before it).
 from __future__ import annotations
 
 from dwcp.gossip.messages import ALIVE, DEAD, LEFT, STATE_NAMES, SUSPECT
-from dwcp.gossip.swim import Change, Swim, SwimConfig
+from dwcp.gossip.records import Change, SwimConfig
+from dwcp.gossip.swim import Swim
 
 __all__ = ["ALIVE", "DEAD", "LEFT", "STATE_NAMES", "SUSPECT", "Change", "Swim", "SwimConfig"]

@@ -17,7 +17,8 @@ import random
 from collections.abc import Callable
 
 from dwcp.gossip.messages import Message
-from dwcp.gossip.swim import Change, Send, Swim, SwimConfig
+from dwcp.gossip.records import Change, SwimConfig
+from dwcp.gossip.swim import Send, Swim
 
 ENVELOPE_BYTES = 64 + 8 + 1 + 8  # signature, counter, sender name length + typical name
 _WAKE, _DELIVER = 0, 1
@@ -161,6 +162,13 @@ class SimNet:
             self._drain(node)
             self._schedule(node)
         self.now = end
+
+    def bump(self, name: str) -> int:
+        """Make ``name`` announce a new incarnation (the dissemination probe); return it."""
+        node = self.nodes[name]
+        node.announce(self.now)
+        self._schedule(node)
+        return node.incarnation
 
     def alive_nodes(self) -> list[str]:
         return [n for n in self.names if n not in self.down]

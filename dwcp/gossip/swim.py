@@ -20,10 +20,7 @@ from __future__ import annotations
 import heapq
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import NamedTuple
 
-from dwcp.errors import UsageError
 from dwcp.gossip.broadcast import BroadcastQueue
 from dwcp.gossip.health import Awareness, retransmit_limit, suspicion_min, suspicion_timeout
 from dwcp.gossip.messages import (
@@ -40,90 +37,25 @@ from dwcp.gossip.messages import (
     Message,
     Update,
 )
+from dwcp.gossip.records import Change, Member, Probe, Suspicion, SwimConfig
 
 Send = tuple[str, Message]
+STAT_NAMES = (
+    "probes",
+    "probe_failures",
+    "accusations",
+    "indirect",
+    "suspicions",
+    "refutations",
+    "deaths",
+    "nacks_sent",
+    "dropped",
+    "sent",
+    "received",
+)
 
 # timer kinds
 _PROBE, _PROBE_TIMEOUT, _NACK, _RELAY_END, _SUSPICION, _GOSSIP = range(6)
-
-
-@dataclass(frozen=True)
-class SwimConfig:
-    """memberlist's LAN defaults (probe 1 s / 0.5 s, 3 indirect checks, SuspicionMult 4)."""
-
-    probe_interval: float = 1.0
-    probe_timeout: float = 0.5
-    """Until an RTT is measured; then clamp(3 x worst recent RTT, min_probe_timeout, interval/2)."""
-    min_probe_timeout: float = 0.2
-    indirect_checks: int = 3
-    suspicion_mult: int = 4
-    suspicion_max_mult: int = 6
-    retransmit_mult: int = 4
-    gossip_interval: float = 0.2
-    gossip_nodes: int = 3
-    gossip_to_dead: float = 30.0
-    """Members dead for less than this still get gossip, so a live one learns it and refutes."""
-    reconnect_interval: float = 30.0
-    """Every this often a probe goes to a random dead member instead (serf's reconnect), so
-    both sides of a healed partition find each other: admission says who to try."""
-    awareness_max: int = 8
-    packet_budget: int = 1400 - 64 - 40
-    """Bytes of one message before the envelope (signature, sender, counter)."""
-    lifeguard: bool = True
-
-    def __post_init__(self) -> None:
-        if self.probe_interval <= 0 or self.probe_timeout <= 0 or self.gossip_interval <= 0:
-            raise UsageError("probe_interval, probe_timeout and gossip_interval must be > 0")
-        if self.probe_timeout >= self.probe_interval:
-            raise UsageError("probe_timeout must be shorter than probe_interval")
-        if self.indirect_checks < 0 or self.suspicion_mult < 1 or self.gossip_nodes < 1:
-            raise UsageError("indirect_checks >= 0, suspicion_mult >= 1, gossip_nodes >= 1")
-
-
-class Change(NamedTuple):
-    """A member's state or incarnation changed in this member's view."""
-
-    time: float
-    name: str
-    old: int
-    new: int
-    incarnation: int
-    by: str
-
-
-class Member:
-    __slots__ = ("heard", "inc", "name", "rtts", "since", "state", "susp")
-
-    def __init__(self, name: str, now: float) -> None:
-        self.name = name
-        self.state = ALIVE
-        self.inc = 0
-        self.since = now
-        self.heard: float | None = None
-        self.rtts: list[float] | None = None
-        self.susp: Suspicion | None = None
-
-
-class Suspicion:
-    __slots__ = ("confirmed", "deadline", "start", "token")
-
-    def __init__(self, start: float, origin: str, token: int) -> None:
-        self.start = start
-        self.confirmed = {origin}
-        self.deadline = start
-        self.token = token
-
-
-class _Probe:
-    __slots__ = ("acked", "expected_nacks", "nacks", "sent", "seq", "target")
-
-    def __init__(self, seq: int, target: str, sent: float) -> None:
-        self.seq = seq
-        self.target = target
-        self.sent = sent
-        self.acked = False
-        self.nacks = 0
-        self.expected_nacks = 0
 
 
 class Swim:
@@ -149,16 +81,13 @@ class Swim:
         self.set_admitted(members, now)
         self.queue = BroadcastQueue(retransmit_limit(cfg.retransmit_mult, len(self.members) + 1))
         self.changes: list[Change] = []
-        self.stats: dict[str, int] = dict.fromkeys(
-            ("probes", "probe_failures", "indirect", "suspicions", "refutations", "deaths",
-             "nacks_sent", "dropped", "sent", "received", "bytes_sent"), 0
-        )  # fmt: skip
+        self.stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
         self.leaving = False
         self._seq = 0
         self._token = 0
         self._timers: list[tuple[float, int, int, object]] = []
         self._order: list[str] = []
-        self._probe: _Probe | None = None
+        self._probe: Probe | None = None
         self._relays: dict[int, tuple[str, int]] = {}
         self._gossip_armed = False
         self._reconnect_at = now + cfg.reconnect_interval
@@ -257,7 +186,7 @@ class Swim:
             return
         m = self.members[target]
         self._seq += 1
-        probe = self._probe = _Probe(self._seq, target, now)
+        probe = self._probe = Probe(self._seq, target, now)
         self.stats["probes"] += 1
         self._arm(now + self._timeout_for(m), _PROBE_TIMEOUT, probe)
         self._send(out, target, PING, probe.seq, target, self._buddy(m))
@@ -272,7 +201,7 @@ class Swim:
             return (m.state, m.name, m.inc, self.name)
         return None
 
-    def _probe_timeout(self, probe: _Probe, now: float, out: list[Send]) -> None:
+    def _probe_timeout(self, probe: Probe, now: float, out: list[Send]) -> None:
         if probe is not self._probe or probe.acked:
             return
         k = self.config.indirect_checks
@@ -293,7 +222,9 @@ class Swim:
         else:
             self.awareness.apply(1)
         m = self.members.get(probe.target)
-        if m is not None and m.state == ALIVE:
+        if m is not None and m.state <= SUSPECT:
+            # a suspect we also failed to reach: our own accusation is a confirmation
+            self.stats["accusations"] += 1
             self._apply((SUSPECT, m.name, m.inc, self.name), now)
 
     def _random_members(self, k: int, exclude: str, now: float, *, alive_only: bool) -> list[str]:
@@ -481,6 +412,12 @@ class Swim:
         self.stats["refutations"] += 1
         self.awareness.apply(1)
         self.queue.push((ALIVE, self.name, self.incarnation, self.name))
+
+    def announce(self, now: float) -> None:
+        """Start a new incarnation and gossip it (after a restart, or to test dissemination)."""
+        self.incarnation += 1
+        self.queue.push((ALIVE, self.name, self.incarnation, self.name))
+        self._arm_gossip(now)
 
     def leave(self, now: float) -> list[Send]:
         """Announce a graceful leave (others mark this member ``left``, not dead)."""
