@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from node.cluster import make_image, mutate
 
 from dwcp.cli import EXIT_USAGE, main
-from node.cluster import make_image, mutate
 
 
 @pytest.fixture
