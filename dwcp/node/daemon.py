@@ -30,6 +30,7 @@ from typing import Any
 
 from dwcp import __version__
 from dwcp.errors import ConfigError, LocalError, UsageError
+from dwcp.gossip.service import GossipService
 from dwcp.identity import NodeKey, PublicKey
 from dwcp.migrate import IndexWorker
 from dwcp.node import metrics
@@ -124,6 +125,7 @@ SERVICES: tuple[Callable[[NodeContext], Service], ...] = (
     lambda ctx: ctx.sessions,
     Migrations,
     NodeOps,
+    GossipService,
     MetricsEndpoint,
 )
 
