@@ -18,13 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dwcp import rates
 from dwcp.errors import ConfigError, KeyFileError
 from dwcp.identity import PublicKey
 
 DEFAULT_PORT = 7400
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_RATE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?b|bit|bps|b/s)?\s*$", re.I)
-_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
 @dataclass(frozen=True)
@@ -127,23 +126,8 @@ def parse_address(text: str, *, default_port: int | None = DEFAULT_PORT) -> Addr
 
 
 def parse_rate(value: str | int | float) -> int:
-    """Parse a rate in bytes per second: ``0``, ``12500000``, ``10M`` (MiB/s), ``100Mbit``."""
-    if isinstance(value, bool):
-        raise ValueError("expected a rate such as 10M or 100Mbit, got a boolean")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError(f"expected a rate >= 0, got {value}")
-        return int(value)
-    m = _RATE_RE.match(value)
-    if not m:
-        raise ValueError(
-            f"expected a rate in bytes/s such as 12500000, 10M (MiB/s) or 100Mbit, got {value!r}"
-        )
-    number, prefix, unit = float(m.group(1)), m.group(2).lower(), (m.group(3) or "").lower()
-    if unit in ("bit", "bps"):
-        # Network units: decimal prefixes, bits.
-        return int(number * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[prefix] / 8)
-    return int(number * _UNITS[prefix])
+    """A rate in node.toml: ``dwcp.rates.parse_rate`` with a bare number in bytes/s."""
+    return rates.parse_rate(value, bare=1)
 
 
 class _Reader:
