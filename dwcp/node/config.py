@@ -9,6 +9,7 @@ operator's comments.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import stat
@@ -369,3 +370,38 @@ def append_peer(config: NodeConfig, name: str, address: str, public_key: str) ->
         f.write(block)
     load_config(config.path)  # the file must still be valid
     return Peer(name, addr, key)
+
+
+def remove_peer(config: NodeConfig, name: str) -> Peer:
+    """Delete the ``[[peers]]`` table named ``name`` from the config file; return the peer.
+
+    The rest of the file (comments, other tables) is kept as written; the new text is
+    checked by loading it, then replaces the file by temp file, fsync and rename.
+    """
+    gone = next((p for p in config.peers if p.name == name), None)
+    if gone is None:
+        known = ", ".join(p.name for p in config.peers) or "none"
+        raise ConfigError(f"{config.path}: no peer named {name!r} (peers: {known})")
+    lines = config.path.read_text(encoding="utf-8").splitlines(keepends=True)
+    starts = [i for i, ln in enumerate(lines) if ln.lstrip().startswith("[")] + [len(lines)]
+    keep: list[str] = lines[: starts[0]]
+    for a, b in itertools.pairwise(starts):
+        block = lines[a:b]
+        if block[0].strip() == "[[peers]]":
+            table = tomllib.loads("".join(block[1:]))
+            if table.get("name") == name:
+                continue
+        keep.extend(block)
+    text = "".join(keep)
+    tmp = config.path.with_name(f".{config.path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, stat.S_IMODE(config.path.stat().st_mode))
+        _ = load_config(tmp)  # the file must still be valid before it replaces the old one
+        os.replace(tmp, config.path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return gone

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from dwcp.errors import DwcpError, RemoteError
 from dwcp.identity import NodeKey, PublicKey
+from dwcp.node.bindinfo import bind_error
 from dwcp.node.config import Address, Peer
 from dwcp.node.metrics import LinkStats
 from dwcp.node.service import BaseService
@@ -113,15 +114,18 @@ class PeerSessions(BaseService):
         if self.server is not None:
             self.server.trusted = frozenset(trusted)  # checked on every new connection
         elif trusted:
-            self.server = await serve(
-                self.listen.host,
-                self.listen.port,
-                self.key,
-                trusted,
-                self._on_session,
-                config=self.config,
-                on_request=self._on_request,
-            )
+            try:
+                self.server = await serve(
+                    self.listen.host,
+                    self.listen.port,
+                    self.key,
+                    trusted,
+                    self._on_session,
+                    config=self.config,
+                    on_request=self._on_request,
+                )
+            except OSError as exc:
+                raise bind_error(exc, self.listen.host, self.listen.port) from exc
 
     # --- incoming ---------------------------------------------------------------------
 
