@@ -39,8 +39,9 @@ from dwcp.node.config import NodeConfig, load_config
 from dwcp.node.context import NodeContext
 from dwcp.node.control import ControlServer
 from dwcp.node.logs import setup_logging
+from dwcp.node.metrics_http import MetricsEndpoint
 from dwcp.node.migrations import Migrations
-from dwcp.node.ops import MetricsEndpoint, NodeOps
+from dwcp.node.ops import NodeOps
 from dwcp.node.ownership import Ownership
 from dwcp.node.service import BaseService, Service, ServiceSet
 from dwcp.node.sessions import PeerSessions

@@ -13,9 +13,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from dwcp.version import PROTOCOL_VERSION, __version__
 
 
 @dataclass
@@ -145,6 +152,26 @@ def _consensus_metrics(c: dict[str, Any]) -> Iterator[Metric]:
             "Last sequence number executed by this node's replica.",
             value=c["executed"],
         )
+
+
+def register_process(registry: CollectorRegistry) -> None:
+    """Process (CPU, memory, fds), Python and build info, as every exporter shows them."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    registry.register(BuildInfo())
+
+
+class BuildInfo(Collector):
+    """``dwcp_build_info{version, protocol} 1``: which dwcp a node runs."""
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily(
+            "dwcp_build_info",
+            "The dwcp version and DWCP protocol version of this node (always 1).",
+            labels=["version", "protocol"],
+        )
+        info.add_metric([__version__, str(PROTOCOL_VERSION)], 1)
+        yield info
 
 
 def make_registry(stats: NodeStats) -> CollectorRegistry:
