@@ -51,6 +51,12 @@ def test_a_migration_leaves_the_path_in_the_history(tmp_path: Path) -> None:
             asyncio.run(asyncio.sleep(0.05))
         (row,) = rows
         assert row["name"] == "b" and row["connections"] >= 1 and row["streams"] >= 1
+        other = tmp_path / "other.raw"
+        make_image(other, 16, seed=2)
+        second = a.migrate_json(str(other), "--to", "b")
+        assert "predicted_seconds" in second
+        if row["samples"]:  # the first migration lasted a second or more: the path is known
+            assert second["predicted_seconds"] > 0
     finally:
         for n in (a, b):
             if n.proc is not None:
