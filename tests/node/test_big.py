@@ -4,7 +4,7 @@ then warm after 2% of its data changed; byte-identical, and each node's peak RSS
 
 The full size (64 GiB holding 4 GiB of data) runs in the benchmark
 (``benchmarks/migrate_bench.py --big``, recorded in RESULTS.md). Here the default is a
-4 GiB sparse image holding 256 MiB (the same 16:1 ratio, 64 islands) over a 400 Mbit/s
+2 GiB sparse image holding 128 MiB (the same 16:1 ratio, 64 islands) over a 400 Mbit/s
 10 ms link, so CI stays quick; ``DWCP_BIG_GIB`` and ``DWCP_BIG_DATA_MIB`` raise it.
 The test runs the benchmark's cell as a subprocess, so both measure the same thing.
 That a 1 TiB sparse offer is planned in bounded memory is
@@ -33,8 +33,8 @@ def test_a_large_sparse_image_cold_then_warm_in_bounded_memory() -> None:
     reason = unavailable_reason()
     if reason:
         pytest.skip(f"the link emulator is unavailable: {reason}")
-    gib = int(os.environ.get("DWCP_BIG_GIB", "4"))
-    data_mib = int(os.environ.get("DWCP_BIG_DATA_MIB", "256"))
+    gib = int(os.environ.get("DWCP_BIG_GIB", "2"))
+    data_mib = int(os.environ.get("DWCP_BIG_DATA_MIB", "128"))
     r = subprocess.run(
         [
             sys.executable,
