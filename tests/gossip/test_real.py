@@ -4,7 +4,9 @@ a node that is not admitted gets nothing."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -92,6 +94,27 @@ def test_eight_nodes_alive_dead_and_back(fleet: Any) -> None:
     rows = json.loads(out)
     assert rows[0]["name"] == nodes[0].name and len(rows) == N
     assert {r["state"] for r in rows} == {"alive"}
+
+
+def test_an_image_appears_in_where_everywhere(fleet: Any) -> None:
+    nodes, _ = fleet
+    src = nodes[5]
+    data = os.urandom(1 << 20)
+    (src.images / "vm-where.img").write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+
+    def everywhere() -> bool:
+        for n in nodes:
+            got = json.loads(n.cli("where", "vm-where.img", "--json").stdout.splitlines()[-1])
+            if [r["member"] for r in got] != [src.name] or got[0]["sha256"] != sha:
+                return False
+        return True
+
+    wait_until(everywhere, "the image in 'where' at every node", polls=60, interval=0.5)
+    rows = json.loads(nodes[0].cli("members", "--json").stdout.splitlines()[-1])
+    assert next(r for r in rows if r["name"] == src.name)["images"] == ["vm-where.img"]
+    by_sha = json.loads(nodes[1].cli("where", sha, "--json").stdout.splitlines()[-1])
+    assert by_sha[0]["member"] == src.name
 
 
 def test_not_admitted_gets_nothing(fleet: Any) -> None:
