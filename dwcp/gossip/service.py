@@ -28,7 +28,7 @@ from dwcp.gossip.swim import Send, Swim
 from dwcp.node.context import NodeContext
 from dwcp.node.control import Emit, Handler
 from dwcp.node.service import BaseService
-from dwcp.tasks import cancel_and_wait
+from dwcp.tasks import cancel_and_wait, log_failure
 
 log = logging.getLogger("dwcp.node")
 
@@ -121,8 +121,10 @@ class GossipService(BaseService):
             extra={"event": "gossip_started", "incarnation": inc},
         )
         self.inventory = Inventory(me)
+        self.ctx.stats.gossip = self.metrics
         self._rearm()
         self._refresher = asyncio.create_task(self._refresh_loop(), name="gossip-inventory")
+        self._refresher.add_done_callback(log_failure)  # a bug here is logged, not lost
 
     async def stop(self) -> None:
         if self._refresher is not None:
@@ -268,6 +270,22 @@ class GossipService(BaseService):
         if self.inventory is None:
             return {"enabled": False, "image": image, "holders": []}
         return {"enabled": True, "image": image, "holders": self.inventory.where(image)}
+
+    def metrics(self) -> dict[str, Any]:
+        """What ``dwcp_gossip_*`` reports when the node is scraped."""
+        core = self.core
+        assert core is not None
+        by_state = dict.fromkeys(STATE_NAMES, 0)
+        for m in core.members.values():
+            by_state[STATE_NAMES[m.state]] += 1
+        by_state["alive"] += 1  # this node
+        return {
+            "members": by_state,
+            "counters": dict(core.stats),
+            "dropped": {**self.verifier.dropped, "malformed_body": self.malformed},
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+        }
 
     # --- control ----------------------------------------------------------------------------
 

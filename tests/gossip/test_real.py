@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import socket
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,9 @@ def states(n: NodeProc) -> dict[str, str]:
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Any:
-    nodes = [NodeProc(tmp_path, f"g{i}") for i in range(N)]
+    mport = free_udp_port(socket.SOCK_STREAM)
+    nodes = [NodeProc(tmp_path, f"g{i}", metrics_port=mport if i == 0 else None) for i in range(N)]
+    nodes[0].metrics_port = mport  # type: ignore[attr-defined]
     ports = {n.name: free_udp_port() for n in nodes}
     write_admission(nodes, ports)
     try:
@@ -94,6 +97,11 @@ def test_eight_nodes_alive_dead_and_back(fleet: Any) -> None:
     rows = json.loads(out)
     assert rows[0]["name"] == nodes[0].name and len(rows) == N
     assert {r["state"] for r in rows} == {"alive"}
+    port = nodes[0].metrics_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    assert f'dwcp_gossip_members{{state="alive"}} {float(N)}' in text
+    assert 'dwcp_gossip_events_total{event="probes"}' in text
 
 
 def test_an_image_appears_in_where_everywhere(fleet: Any) -> None:
