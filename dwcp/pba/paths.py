@@ -24,7 +24,7 @@ from typing import Any
 
 from dwcp.errors import UsageError
 from dwcp.pba.parallelism import LinkSample
-from dwcp.pba.predictor import Predictor
+from dwcp.pba.predictor import Predictor, RateDistribution
 
 KEEP = 600  # seconds of history per peer
 KEEP_ERRORS = 50
@@ -148,6 +148,15 @@ class PathStore:
             return PathRecord.from_json(doc)
         except (ValueError, KeyError, TypeError, IndexError):
             return None
+
+    def predict(self, peer: str, horizon_s: float = 1.0) -> RateDistribution | None:
+        """The rate to ``peer`` over the next ``horizon_s`` seconds (P10/P50/P90), or None
+        for a path with no history. The public entry point for planners (ITP's shares,
+        the migration's ETA): ``horizon_s`` is the transfer's expected length."""
+        rec = self.get(peer)
+        if rec is None or not rec.seconds:
+            return None
+        return rec.predictor().predict(horizon_s)
 
     def all(self) -> list[PathRecord]:
         try:

@@ -82,3 +82,12 @@ def test_dwcp_paths_json_lists_each_peer(
     assert {"p10_bps", "p90_bps", "loss", "age_s", "1s_error_median"} <= set(row)
     assert main(["--config", str(conf), "paths"]) == 0
     assert "20.0" in capsys.readouterr().out
+
+
+def test_predict_gives_a_known_paths_rate_for_a_planner(tmp_path: Path) -> None:
+    store = PathStore(tmp_path)
+    assert store.predict(PEER) is None
+    store.record_session(PEER, [Second(float(i), 30e6, 0.02, 0.0) for i in range(60)])
+    d = store.predict(PEER, horizon_s=20)
+    assert d is not None and d.horizon_s == 20 and d.p50 == pytest.approx(30e6)
+    assert d.seconds(30_000_000 // 8 * 10)[1] == pytest.approx(10.0)
