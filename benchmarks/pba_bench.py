@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -133,6 +134,99 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# --- the starting zstd level ---------------------------------------------------
+
+SEND_CPU_S_PER_GB = 42.9  # dwcp sender, 1 conn x 1 stream, uvloop (RESULTS.md CPU table)
+FRAME = 1 << 20  # dwcp.delta.frames.BATCH_BYTES
+
+
+def _data(kind: str, size: int, seed: int) -> bytes:
+    """random; system files (what an ext4 system image holds); zero-heavy 4 KiB blocks."""
+    if kind == "random":
+        return random.Random(seed).randbytes(size)
+    files = bytearray()
+    for root in ("/usr/lib/python3", "/usr/share/doc", "/usr/bin", "/usr/lib/x86_64-linux-gnu"):
+        for dirpath, _, names in sorted(os.walk(root)):
+            for n in sorted(names):
+                p = os.path.join(dirpath, n)
+                if os.path.isfile(p) and not os.path.islink(p):
+                    with contextlib.suppress(OSError), open(p, "rb") as f:
+                        files += f.read(size - len(files))
+                if len(files) >= size:
+                    break
+            if len(files) >= size:
+                break
+    if kind == "system":
+        return bytes(files[:size])
+    rng = random.Random(seed)
+    out = bytearray(size)
+    for off in range(0, size, 4096):  # a few hundred bytes of metadata per block, zeros after
+        n = rng.randint(64, 512)
+        src = rng.randrange(0, len(files) - n)
+        out[off : off + n] = files[src : src + n]
+    return bytes(out)
+
+
+def _pipeline(frames: list[tuple[float, int]], rate_bps: float, send_s_per_b: float) -> float:
+    """Seconds for frames (encode CPU s, wire bytes): encoder thread, then sender + link."""
+    enc = sent = 0.0
+    for cpu, wire in frames:
+        enc += cpu
+        sent = max(sent, enc) + max(wire * 8 / rate_bps, wire * send_s_per_b)
+    return sent
+
+
+def levels(args: argparse.Namespace) -> dict[str, Any]:
+    import zstandard
+
+    from dwcp.pba.zlevel import LEVELS, choose_level, measure_levels, sample
+
+    send = SEND_CPU_S_PER_GB / 1e9
+    cells: dict[str, Any] = {}
+    for kind in ("random", "system", "zeroheavy"):
+        data = _data(kind, args.size << 20, args.seed)
+        per_level: dict[int, list[tuple[float, int]]] = {}
+        for level in LEVELS:  # the whole image at every level: the hindsight side
+            cctx = zstandard.ZstdCompressor(level=level)
+            frames = []
+            for i in range(0, len(data), FRAME):
+                t0 = time.thread_time()
+                wire = len(cctx.compress(data[i : i + FRAME]))
+                frames.append((time.thread_time() - t0, wire))
+            per_level[level] = frames
+        costs = measure_levels(sample(data))  # what the chooser sees: 4 MiB, measured apart
+        for rate in (10e6, 50e6, 200e6):
+            times = {lv: _pipeline(fr, rate, send) for lv, fr in per_level.items()}
+            best = min(times, key=lambda lv: times[lv])
+            choice = choose_level(costs, rate, send_cpu_s_per_byte=send, nbytes=len(data))
+            cells[f"{kind}/{rate / 1e6:g}M"] = {
+                "chosen": choice.level,
+                "bound": choice.bound,
+                "chosen_s": round(times[choice.level], 3),
+                "best_fixed": best,
+                "best_fixed_s": round(times[best], 3),
+                "ratio": round(times[choice.level] / times[best], 3),
+                "level3_s": round(times[3], 3),
+            }
+    return {
+        "mode": "levels",
+        "size_mib": args.size,
+        "send_cpu_s_per_gb": SEND_CPU_S_PER_GB,
+        "cells": cells,
+    }
+
+
+def _levels_table(out: dict[str, Any]) -> None:
+    head = ["chosen", "bound", "s", "best", "best s", "ratio", "L3 s"]
+    print(f"{'cell':<16} " + " ".join(f"{h:>6}" for h in head))
+    for cell, r in out["cells"].items():
+        print(
+            f"{cell:<16} {r['chosen']:>6} {r['bound']:>6} {r['chosen_s']:>6.2f} "
+            f"{r['best_fixed']:>6} {r['best_fixed_s']:>6.2f} {r['ratio']:>6.3f} "
+            f"{r['level3_s']:>6.2f}"
+        )
+
+
 def _table(out: dict[str, Any]) -> None:
     print(f"{'cell':<14} {'pred':<5} {'1s MANE':>8} {'xfer MAPE':>10} {'P10-P90':>8} {'n':>4}")
     for cell, row in out["cells"].items():
@@ -153,6 +247,8 @@ def _table(out: dict[str, Any]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--offline", action="store_true", help="score the traces themselves, no link")
+    ap.add_argument("--levels", action="store_true", help="the starting zstd level's cells")
+    ap.add_argument("--size", type=int, default=32, help="--levels: MiB of data per kind")
     ap.add_argument("--seconds", type=int, default=120, help="replay length per trace kind")
     ap.add_argument("--mean", type=float, default=30e6, help="trace mean rate, bit/s")
     ap.add_argument("--delay", type=float, default=10.0, help="one-way delay, ms")
@@ -164,6 +260,13 @@ def main() -> int:
     if args.offline and args.transfer == 20.0:
         args.transfer = 60.0
     load0 = os.getloadavg()[0]
+    if args.levels:
+        out = levels(args)
+        out["load"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
+        _levels_table(out)
+        if args.json:
+            print(json.dumps(out))
+        return 0
     if args.offline:
         out = offline(args)
     else:

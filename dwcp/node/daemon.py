@@ -46,6 +46,7 @@ from dwcp.node.ownership import Ownership
 from dwcp.node.service import BaseService, Service, ServiceSet
 from dwcp.node.sessions import PeerSessions
 from dwcp.node.store import Store
+from dwcp.pba.paths import PathStore
 from dwcp.tasks import cancel_and_wait, log_failure
 
 EXIT_OK = 0
@@ -203,6 +204,7 @@ class Node:
             reload=self.reload,
         )
         self.stats.links = ctx.sessions.links
+        ctx.sessions.paths = PathStore(c.data_dir / "paths")  # warm starts on known paths
         for make in SERVICES:
             self.services.add(make(ctx))
         for op, handler in self.services.handlers().items():

@@ -48,6 +48,7 @@ class NodeStats:
     migrations: dict[tuple[str, str], int] = field(default_factory=dict)
     links: Callable[[], list[LinkStats]] = field(default=lambda: [])
     consensus: Callable[[], dict[str, Any]] | None = None  # Ownership.status, when configured
+    gossip: Callable[[], dict[str, Any]] | None = None  # GossipService.metrics, with gossip.toml
 
     def count_migration(self, direction: str, result: str) -> None:
         key = (direction, result)
@@ -127,6 +128,37 @@ class NodeCollector(Collector):
         yield done
         if s.consensus is not None:
             yield from _consensus_metrics(s.consensus())
+        if s.gossip is not None:
+            yield from _gossip_metrics(s.gossip())
+
+
+def _gossip_metrics(g: dict[str, Any]) -> Iterator[Metric]:
+    members = GaugeMetricFamily(
+        "dwcp_gossip_members", "Admitted members by state in this node's view.", labels=["state"]
+    )
+    for state, n in sorted(g["members"].items()):
+        members.add_metric([state], n)
+    yield members
+    events = CounterMetricFamily(
+        "dwcp_gossip_events",
+        "Membership protocol events (probes, accusations, suspicions, refutations, deaths...).",
+        labels=["event"],
+    )
+    for name, n in sorted(g["counters"].items()):
+        events.add_metric([name], n)
+    yield events
+    dropped = CounterMetricFamily(
+        "dwcp_gossip_dropped", "Datagrams dropped before the protocol saw them.", labels=["reason"]
+    )
+    for reason, n in sorted(g["dropped"].items()):
+        dropped.add_metric([reason], n)
+    yield dropped
+    traffic = CounterMetricFamily(
+        "dwcp_gossip_bytes", "Gossip datagram bytes.", labels=["direction"]
+    )
+    traffic.add_metric(["sent"], g["bytes_sent"])
+    traffic.add_metric(["received"], g["bytes_received"])
+    yield traffic
 
 
 def _consensus_metrics(c: dict[str, Any]) -> Iterator[Metric]:

@@ -33,8 +33,9 @@ import zstandard
 from dwcp.errors import UsageError
 
 LEVELS = tuple(range(1, 10))  # 10+ cost 2-4x the CPU of 9 for under 1% fewer bytes
-SAMPLE_PIECES = 8
-PIECE_BYTES = 128 << 10
+SAMPLE_PIECES = 4
+PIECE_BYTES = 1 << 20  # one frame each, so ratio and speed are those of real frames
+FRAME = 1 << 20  # input per zstd frame (dwcp.delta.frames.BATCH_BYTES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,9 +66,19 @@ def stage_times(cost: LevelCost, rate_bps: float, send_cpu_s_per_byte: float) ->
 
 
 def choose_level(
-    costs: Iterable[LevelCost], rate_bps: float, *, send_cpu_s_per_byte: float = 0.0
+    costs: Iterable[LevelCost],
+    rate_bps: float,
+    *,
+    send_cpu_s_per_byte: float = 0.0,
+    nbytes: int | None = None,
+    frame: int = FRAME,
 ) -> LevelChoice:
-    """The level whose slowest pipeline stage is fastest at ``rate_bps``."""
+    """The level whose slowest pipeline stage is fastest at ``rate_bps``.
+
+    With ``nbytes`` (the transfer's input size) the pipeline's fill and drain count
+    too: the first frame is encoded before anything is sent and the last one sent
+    after everything is encoded, which matters when a transfer is a few frames long.
+    """
     if rate_bps <= 0:
         raise UsageError(f"rate {rate_bps} bit/s: predict the path's rate first")
     table = []
@@ -76,6 +87,9 @@ def choose_level(
         st = stage_times(c, rate_bps, send_cpu_s_per_byte)
         bound = max(st, key=lambda k: st[k])
         t = st[bound]
+        if nbytes:
+            f = min(nbytes, frame)
+            t += f * (st["cpu"] + max(st["link"], st["send"])) / nbytes
         table.append((c.level, round(t * 1e9, 3)))
         if best is None or t < best[0]:
             best = (t, c.level, bound)
