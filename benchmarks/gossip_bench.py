@@ -117,7 +117,7 @@ def accuracy(n: int, seed: int, lifeguard: bool, loss: float, seconds: float, st
     stats = [node.stats for node in net.nodes.values()]
     per_hour = 3600.0 / seconds
     dead_views = sum(1 for a in net.nodes.values() for m in a.members.values() if m.state == DEAD)
-    return {
+    row = {
         "n": n,
         "lifeguard": lifeguard,
         "loss": loss,
@@ -131,6 +131,8 @@ def accuracy(n: int, seed: int, lifeguard: bool, loss: float, seconds: float, st
         "msgs_per_node_s": round(net.messages / n / seconds, 2),
         "wall_s": round(wall, 1),
     }
+    print("  run:", json.dumps(row), flush=True)  # long runs: each row as soon as it is known
+    return row
 
 
 def _table(title: str, rows: list[dict[str, Any]], cols: list[str]) -> None:

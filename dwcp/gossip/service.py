@@ -21,12 +21,14 @@ from typing import Any
 from dwcp.errors import ConfigError, PeerError
 from dwcp.gossip.admission import Admission, load_admission
 from dwcp.gossip.auth import Signer, Verifier
+from dwcp.gossip.inventory import FINAL, REQUEST, RESPONSE, TAG, Inventory, decode_sync, encode_sync
 from dwcp.gossip.messages import ALIVE, STATE_NAMES, decode, encode
 from dwcp.gossip.records import SwimConfig
 from dwcp.gossip.swim import Send, Swim
 from dwcp.node.context import NodeContext
 from dwcp.node.control import Emit, Handler
 from dwcp.node.service import BaseService
+from dwcp.tasks import cancel_and_wait, log_failure
 
 log = logging.getLogger("dwcp.node")
 
@@ -79,9 +81,11 @@ class GossipService(BaseService):
         self._inc_path = ctx.config.data_dir / "gossip" / "incarnation"
         self._started = time.monotonic()
         self._persisted = 0
+        self.inventory: Inventory | None = None
+        self._refresher: asyncio.Task[None] | None = None
 
     def handlers(self) -> Mapping[str, Handler]:
-        return {"members": self.op_members}
+        return {"members": self.op_members, "where": self.op_where}
 
     async def start(self) -> None:
         adm = self.admission
@@ -116,9 +120,16 @@ class GossipService(BaseService):
             len(adm.members),
             extra={"event": "gossip_started", "incarnation": inc},
         )
+        self.inventory = Inventory(me)
+        self.ctx.stats.gossip = self.metrics
         self._rearm()
+        self._refresher = asyncio.create_task(self._refresh_loop(), name="gossip-inventory")
+        self._refresher.add_done_callback(log_failure)  # a bug here is logged, not lost
 
     async def stop(self) -> None:
+        if self._refresher is not None:
+            await cancel_and_wait(self._refresher)
+            self._refresher = None
         core, transport = self.core, self._transport
         if core is not None and transport is not None:
             self._emit(core.leave(asyncio.get_running_loop().time()))
@@ -140,6 +151,9 @@ class GossipService(BaseService):
             sender, body = self.verifier.open(data)
         except PeerError:
             return  # counted by the verifier, never acted upon
+        if body[:2] == TAG:
+            self._on_sync(sender, body)
+            return
         try:
             msg = decode(body)
         except PeerError:
@@ -191,12 +205,87 @@ class GossipService(BaseService):
         if transport is None:
             return
         for dst, msg in sends:
-            addr = self._addrs.get(dst)
-            if addr is None:
-                continue
-            datagram = self.signer.seal(encode(msg))
-            self.bytes_sent += len(datagram)
-            transport.sendto(datagram, addr)
+            self._send_raw(dst, encode(msg))
+
+    # --- inventories: local images published, push-pull with a random member each period ---
+
+    async def _local_images(self) -> dict[str, str]:
+        d = self.ctx.store.images_dir.resolve()
+
+        def listing(ix: Any) -> dict[str, str]:
+            ix.sync_dir(d)
+            return {
+                f"img/{r.path.name}": f"{r.size} {r.sha256 or ''}"
+                for r in ix.images()
+                if r.path.parent == d
+            }
+
+        got: dict[str, str] = await self.ctx.index.call(listing)
+        return got
+
+    async def _refresh_loop(self) -> None:
+        assert self.admission is not None and self.inventory is not None and self.core is not None
+        period = self.admission.period
+        while True:
+            try:
+                changed = self.inventory.set_local(await self._local_images())
+            except OSError as exc:  # the image directory is unreadable: keep gossiping
+                log.warning("gossip: cannot list local images: %s", exc)
+                changed = False
+            alive = [n for n, m in self.core.members.items() if m.state == ALIVE]
+            if alive:
+                rng = self.core.rng
+                for dst in rng.sample(alive, min(len(alive), 3 if changed else 1)):
+                    self._send_raw(dst, encode_sync(self.inventory.digest(), [], REQUEST))
+            await asyncio.sleep(period)
+
+    def _on_sync(self, sender: str, body: bytes) -> None:
+        inv = self.inventory
+        if inv is None:
+            return
+        try:
+            digest, deltas, leg = decode_sync(body)
+        except PeerError:
+            self.malformed += 1
+            return
+        if deltas:
+            inv.apply(deltas, set(self._addrs))
+        if leg == REQUEST:
+            self._send_raw(sender, encode_sync(inv.digest(), inv.deltas_for(digest), RESPONSE))
+        elif leg == RESPONSE:
+            back = inv.deltas_for(digest)
+            if back:
+                self._send_raw(sender, encode_sync({}, back, FINAL))
+
+    def _send_raw(self, dst: str, body: bytes) -> None:
+        addr = self._addrs.get(dst)
+        if addr is None or self._transport is None:
+            return
+        datagram = self.signer.seal(body)
+        self.bytes_sent += len(datagram)
+        self._transport.sendto(datagram, addr)
+
+    async def op_where(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        image = str(args.get("image", ""))
+        if self.inventory is None:
+            return {"enabled": False, "image": image, "holders": []}
+        return {"enabled": True, "image": image, "holders": self.inventory.where(image)}
+
+    def metrics(self) -> dict[str, Any]:
+        """What ``dwcp_gossip_*`` reports when the node is scraped."""
+        core = self.core
+        assert core is not None
+        by_state = dict.fromkeys(STATE_NAMES, 0)
+        for m in core.members.values():
+            by_state[STATE_NAMES[m.state]] += 1
+        by_state["alive"] += 1  # this node
+        return {
+            "members": by_state,
+            "counters": dict(core.stats),
+            "dropped": {**self.verifier.dropped, "malformed_body": self.malformed},
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+        }
 
     # --- control ----------------------------------------------------------------------------
 
@@ -213,6 +302,7 @@ class GossipService(BaseService):
                 "incarnation": core.incarnation,
                 "heard_s": 0.0,
                 "self": True,
+                "images": sorted(self.inventory.images(core.name)) if self.inventory else [],
             }
         ]
         by_name = adm.by_name()
@@ -226,6 +316,7 @@ class GossipService(BaseService):
                     "incarnation": m.inc,
                     "heard_s": None if m.heard is None else round(now - m.heard, 3),
                     "self": False,
+                    "images": sorted(self.inventory.images(name)) if self.inventory else [],
                 }
             )
         up = max(time.monotonic() - self._started, 1e-9)

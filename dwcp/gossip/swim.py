@@ -90,6 +90,7 @@ class Swim:
         self._probe: Probe | None = None
         self._relays: dict[int, tuple[str, int]] = {}
         self._gossip_armed = False
+        self._gossip_phase = self.rng.random() * cfg.gossip_interval
         self._reconnect_at = now + cfg.reconnect_interval
         self.queue.push((ALIVE, name, incarnation, name))
         self._arm(now + self.rng.random() * cfg.probe_interval, _PROBE, None)
@@ -120,8 +121,12 @@ class Swim:
 
     def _arm_gossip(self, now: float) -> None:
         if not self._gossip_armed and len(self.queue):
+            # on this member's own ticker phase (memberlist's gossip ticker), not one
+            # interval after the update arrived: that would add a full interval per hop
             self._gossip_armed = True
-            self._arm(now + self.config.gossip_interval, _GOSSIP, None)
+            step = self.config.gossip_interval
+            wait = (self._gossip_phase - now) % step
+            self._arm(now + (wait if wait > 1e-9 else step), _GOSSIP, None)
 
     def next_deadline(self) -> float:
         return self._timers[0][0] if self._timers else float("inf")

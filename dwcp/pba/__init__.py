@@ -9,6 +9,9 @@ the transport (``dwcp.transport.bbr``), whose snapshots feed this package.
 The path predictor (``predictor``: P10/P50/P90 of a path's rate for the next
 second or a whole transfer, ``Predictor.predict`` / ``eta``), the synthetic
 and recorded link-rate traces it is evaluated on (``traces``) and the offline
-evaluation (``evaluate``) live here too.
+evaluation (``evaluate``) live here too, with the per-peer path history that
+warms new sessions and answers planners (``paths``: ``PathStore.predict(peer,
+horizon_s)`` -> ``RateDistribution``, the API for ITP's shares and ETAs) and the
+starting zstd level chosen from the predicted rate and a data sample (``zlevel``).
 All modules here are sans-IO: they take samples and ``now``, never read a clock.
 """

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 
 from dwcp.errors import UsageError
 from dwcp.pba.parallelism import LinkSample
-from dwcp.pba.predictor import Predictor
+from dwcp.pba.predictor import Predictor, RateDistribution
 
 KEEP = 600  # seconds of history per peer
 KEEP_ERRORS = 50
@@ -130,6 +131,10 @@ class PathStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        # Sessions and migrations update a peer's file from worker threads at the same
+        # moment (check-in, then the migration's result): without this one's
+        # read-modify-write would undo the other's.
+        self._lock = threading.Lock()
 
     def _file(self, peer: str) -> Path:
         if not peer or peer.startswith(".") or _SAFE.search(peer):
@@ -148,6 +153,15 @@ class PathStore:
             return PathRecord.from_json(doc)
         except (ValueError, KeyError, TypeError, IndexError):
             return None
+
+    def predict(self, peer: str, horizon_s: float = 1.0) -> RateDistribution | None:
+        """The rate to ``peer`` over the next ``horizon_s`` seconds (P10/P50/P90), or None
+        for a path with no history. The public entry point for planners (ITP's shares,
+        the migration's ETA): ``horizon_s`` is the transfer's expected length."""
+        rec = self.get(peer)
+        if rec is None or not rec.seconds:
+            return None
+        return rec.predictor().predict(horizon_s)
 
     def all(self) -> list[PathRecord]:
         try:
@@ -175,6 +189,12 @@ class PathStore:
         level: tuple[int, int] | None = None,
     ) -> PathRecord:
         """Add a session's seconds; score the 1 s-ahead forecasts the history made for them."""
+        with self._lock:
+            return self._record_session(peer, seconds, name, level)
+
+    def _record_session(
+        self, peer: str, seconds: Sequence[Second], name: str, level: tuple[int, int] | None
+    ) -> PathRecord:
         rec = self.get(peer) or PathRecord(peer)
         rec.name = name or rec.name
         if seconds:
@@ -194,11 +214,12 @@ class PathStore:
 
     def record_transfer(self, peer: str, predicted_s: float, actual_s: float) -> None:
         """A transfer's predicted and actual time (``dwcp migrate`` reports both)."""
-        rec = self.get(peer) or PathRecord(peer)
-        err = abs(predicted_s - actual_s) / actual_s if actual_s > 0 else 0.0
-        rec.errors.append({"kind": "transfer", "error": round(err, 4)})
-        self._trim(rec)
-        self.put(rec)
+        with self._lock:
+            rec = self.get(peer) or PathRecord(peer)
+            err = abs(predicted_s - actual_s) / actual_s if actual_s > 0 else 0.0
+            rec.errors.append({"kind": "transfer", "error": round(err, 4)})
+            self._trim(rec)
+            self.put(rec)
 
     @staticmethod
     def _trim(rec: PathRecord) -> None:

@@ -4,8 +4,11 @@ a node that is not admitted gets nothing."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import socket
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +47,9 @@ def states(n: NodeProc) -> dict[str, str]:
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Any:
-    nodes = [NodeProc(tmp_path, f"g{i}") for i in range(N)]
+    mport = free_udp_port(socket.SOCK_STREAM)
+    nodes = [NodeProc(tmp_path, f"g{i}", metrics_port=mport if i == 0 else None) for i in range(N)]
+    nodes[0].metrics_port = mport  # type: ignore[attr-defined]
     ports = {n.name: free_udp_port() for n in nodes}
     write_admission(nodes, ports)
     try:
@@ -92,6 +97,32 @@ def test_eight_nodes_alive_dead_and_back(fleet: Any) -> None:
     rows = json.loads(out)
     assert rows[0]["name"] == nodes[0].name and len(rows) == N
     assert {r["state"] for r in rows} == {"alive"}
+    port = nodes[0].metrics_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    assert f'dwcp_gossip_members{{state="alive"}} {float(N)}' in text
+    assert 'dwcp_gossip_events_total{event="probes"}' in text
+
+
+def test_an_image_appears_in_where_everywhere(fleet: Any) -> None:
+    nodes, _ = fleet
+    src = nodes[5]
+    data = os.urandom(1 << 20)
+    (src.images / "vm-where.img").write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+
+    def everywhere() -> bool:
+        for n in nodes:
+            got = json.loads(n.cli("where", "vm-where.img", "--json").stdout.splitlines()[-1])
+            if [r["member"] for r in got] != [src.name] or got[0]["sha256"] != sha:
+                return False
+        return True
+
+    wait_until(everywhere, "the image in 'where' at every node", polls=60, interval=0.5)
+    rows = json.loads(nodes[0].cli("members", "--json").stdout.splitlines()[-1])
+    assert next(r for r in rows if r["name"] == src.name)["images"] == ["vm-where.img"]
+    by_sha = json.loads(nodes[1].cli("where", sha, "--json").stdout.splitlines()[-1])
+    assert by_sha[0]["member"] == src.name
 
 
 def test_not_admitted_gets_nothing(fleet: Any) -> None:

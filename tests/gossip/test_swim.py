@@ -165,3 +165,15 @@ def test_partition_heals() -> None:
     net.blocked = None
     net.run_until(300)
     assert all(_views(net, n) == {ALIVE} for n in net.names)
+
+
+@pytest.mark.parametrize("lifeguard", [True, False])
+def test_a_stalled_member_is_suspected_then_refutes(lifeguard: bool) -> None:
+    net = SimNet(20, seed=6, config=SwimConfig(lifeguard=lifeguard))
+    net.run_until(10)
+    net.stall("n4", 4.0)
+    net.run_until(60)
+    assert all(_views(net, n) == {ALIVE} for n in net.names)
+    assert sum(node.stats["suspicions"] for node in net.nodes.values()) > 0
+    assert net.nodes["n4"].stats["refutations"] >= 1
+    assert sum(node.stats["deaths"] for node in net.nodes.values()) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -82,3 +83,33 @@ def test_dwcp_paths_json_lists_each_peer(
     assert {"p10_bps", "p90_bps", "loss", "age_s", "1s_error_median"} <= set(row)
     assert main(["--config", str(conf), "paths"]) == 0
     assert "20.0" in capsys.readouterr().out
+
+
+def test_predict_gives_a_known_paths_rate_for_a_planner(tmp_path: Path) -> None:
+    store = PathStore(tmp_path)
+    assert store.predict(PEER) is None
+    store.record_session(PEER, [Second(float(i), 30e6, 0.02, 0.0) for i in range(60)])
+    d = store.predict(PEER, horizon_s=20)
+    assert d is not None and d.horizon_s == 20 and d.p50 == pytest.approx(30e6)
+    assert d.seconds(30_000_000 // 8 * 10)[1] == pytest.approx(10.0)
+
+
+def test_updates_from_two_threads_at_once_are_all_kept(tmp_path: Path) -> None:
+    store = PathStore(tmp_path)
+
+    def sessions() -> None:
+        for i in range(20):
+            store.record_session(PEER, [Second(float(i), 1e6, 0.01, 0.0)])
+
+    def transfers() -> None:
+        for _ in range(20):
+            store.record_transfer(PEER, 1.0, 2.0)
+
+    threads = [threading.Thread(target=sessions), threading.Thread(target=transfers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rec = store.get(PEER)
+    assert rec is not None and len(rec.seconds) == 20
+    assert sum(e["kind"] == "transfer" for e in rec.errors) == 20
