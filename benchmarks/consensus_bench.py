@@ -28,8 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dwcp.consensus.net import ClientPool, LocalCluster, run
+from dwcp.consensus.net import ClientPool, run
 from dwcp.consensus.registry import encode_op
+from dwcp.consensus.testing import LocalCluster
 from dwcp.identity import NodeKey
 
 # research/pbft.md section 4, "Loopback prototype" (1/1 and 64/64 rows).

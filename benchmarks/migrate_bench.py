@@ -13,11 +13,15 @@ cases, in one run, each tool starting from the same destination state:
   (its best case; without it, it sends the whole image).
 
 rsync runs as ``rsync --no-whole-file -z`` (delta + zlib, as an operator would
-over a WAN). Wall time is the client command's; link bytes are what crossed the
-emulated link both ways (headers, acks and retransmissions included). The
-destination's SHA-256 is checked after every transfer.
+over a WAN). With ``--big`` it runs the sparse cell instead (``big_cell``): a
+64 GiB sparse image holding 4 GiB of data, cold then warm after 2% of the data
+changed, and reports the peak RSS (VmHWM) of both node processes. Wall time
+is the client command's; link bytes are what crossed the emulated link both
+ways (headers, acks and retransmissions included). The destination's SHA-256
+is checked after every transfer.
 
     python benchmarks/migrate_bench.py [--size MiB] [--data MiB] [--json]
+    python benchmarks/migrate_bench.py --big [--big-size GiB] [--big-data MiB] [--json]
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -223,6 +228,131 @@ def timed(fn: Any, link: Link) -> tuple[float, int, Any, float]:
     return elapsed, link_bytes(link) - b0, out, (l1 - l0) / max(1, p1 - p0)
 
 
+GiB = 1 << 30
+BLOCK = 4096
+ISLANDS = 64
+
+
+def vm_hwm_kib(pid: int) -> int:
+    """Peak resident set size of process ``pid`` (VmHWM, KiB)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmHWM for process {pid}")
+
+
+def _half_random(rng: random.Random, nbytes: int) -> bytes:
+    """``nbytes`` where every 4 KiB block is 2 KiB of random bytes then 2 KiB of zeros:
+    each block non-zero and unique, and the data compresses about 2x, as VM disks do."""
+    buf = bytearray(nbytes)
+    rnd = rng.randbytes(nbytes // 2)
+    half = BLOCK // 2
+    for i in range(nbytes // BLOCK):
+        buf[i * BLOCK : i * BLOCK + half] = rnd[i * half : (i + 1) * half]
+    return bytes(buf)
+
+
+def make_sparse_image(path: Path, size: int, data: int, seed: int) -> list[tuple[int, int]]:
+    """A ``size``-byte sparse file holding ``data`` bytes in ``ISLANDS`` evenly spaced
+    islands (the rest a hole); returns the islands as (offset, length)."""
+    rng = random.Random(seed)
+    island = data // ISLANDS // BLOCK * BLOCK
+    stride = size // ISLANDS // BLOCK * BLOCK
+    if island > stride or island == 0:
+        raise SystemExit(f"--big-data {data} does not fit {ISLANDS} islands in {size} bytes")
+    islands = [(k * stride + stride // 4 // BLOCK * BLOCK, island) for k in range(ISLANDS)]
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off, length in islands:
+            f.seek(off)
+            for pos in range(0, length, 8 * MiB):
+                f.write(_half_random(rng, min(8 * MiB, length - pos)))
+    return islands
+
+
+def change_sparse_image(
+    path: Path, islands: list[tuple[int, int]], fraction: float, seed: int
+) -> int:
+    """Overwrite ``fraction`` of the data in place, in 64 KiB extents at random places
+    in the islands (as a running VM writes); returns the bytes changed (an upper bound:
+    extents may overlap)."""
+    rng = random.Random(seed)
+    extent = 64 * 1024
+    total = sum(n for _, n in islands)
+    count = max(1, int(total * fraction) // extent)
+    with open(path, "r+b") as f:
+        for _ in range(count):
+            off, length = islands[rng.randrange(len(islands))]
+            f.seek(off + rng.randrange(length // extent) * extent)
+            f.write(_half_random(rng, extent))
+        f.flush()
+        os.fsync(f.fileno())
+    return count * extent
+
+
+def big_cell(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Cold then warm migration of a large sparse image; wall time, link bytes and the
+    peak RSS of each node process after each case."""
+    size, data = args.big_size * GiB, args.big_data * MiB
+    image = work / "big.img"
+    log(f"big: writing a {args.big_size} GiB sparse image with {args.big_data} MiB of data")
+    islands = make_sparse_image(image, size, data, args.seed)
+    rows: list[dict[str, Any]] = []
+    with Link(rate_bps=args.rate, delay_ms=args.rtt / 2, loss=args.loss, seed=args.seed) as link:
+        nodes = Nodes(link, work)
+        try:
+            changed = 0
+            for case in ("cold", "warm"):
+                if case == "warm":
+                    changed = change_sparse_image(image, islands, 0.02, args.seed + 1)
+                want = sha256_file(image)
+                log(f"big {case}: dwcp migrate {image.name}")
+                d_t, d_link, res, d_loss = timed(lambda: nodes.migrate(image, "big.img"), link)
+                got = nodes.images_b / "big.img"
+                ok = got.stat().st_size == size and sha256_file(got) == want == res["sha256"]
+                if not ok:
+                    raise SystemExit(f"big {case}: the stored image differs from the source")
+                rss = {s: vm_hwm_kib(p.pid) for s, p in nodes.procs.items()}
+                rows.append(
+                    {
+                        "case": f"big-{case}",
+                        "image_bytes": size,
+                        "data_bytes": data,
+                        "changed_bytes": changed,
+                        "missing_bytes": res["bytes_missing"],
+                        "dwcp_s": round(d_t, 2),
+                        "dwcp_link_bytes": d_link,
+                        "dwcp_app_bytes": res["bytes_wire"],
+                        "dwcp_loss": round(d_loss, 4),
+                        "peak_rss_mib_a": round(rss["a"] / 1024, 1),
+                        "peak_rss_mib_b": round(rss["b"] / 1024, 1),
+                        "sha256_ok": True,
+                    }
+                )
+        finally:
+            nodes.stop()
+    return {"rows": rows}
+
+
+def print_big(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    print(
+        f"link: {args.rate / 1e6:.0f} Mbit/s, {args.rtt:.0f} ms RTT, {args.loss:.1%} loss; "
+        f"{args.big_size} GiB sparse image with {args.big_data} MiB of data "
+        "(each block half random), warm after 2% of the data changed"
+    )
+    print(
+        f"{'case':<9} {'missing':>10} {'dwcp s':>8} {'link MB':>9} {'MB/s':>7} "
+        f"{'RSS a MiB':>10} {'RSS b MiB':>10}"
+    )
+    for r in out["rows"]:
+        print(
+            f"{r['case']:<9} {r['missing_bytes'] / 1e6:>9.1f}M {r['dwcp_s']:>8.2f} "
+            f"{r['dwcp_link_bytes'] / 1e6:>9.2f} {r['missing_bytes'] / 1e6 / r['dwcp_s']:>7.1f} "
+            f"{r['peak_rss_mib_a']:>10.1f} {r['peak_rss_mib_b']:>10.1f}"
+        )
+    print("RSS: each node process's VmHWM (peak since it started) after the case; SHA-256 verified")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, default=256, help="image size, MiB (default 256)")
@@ -232,6 +362,9 @@ def main() -> int:
     ap.add_argument("--loss", type=float, default=0.005, help="loss rate per direction")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="one JSON object on the last line")
+    ap.add_argument("--big", action="store_true", help="run the large sparse image cell only")
+    ap.add_argument("--big-size", type=int, default=64, help="sparse image size, GiB (64)")
+    ap.add_argument("--big-data", type=int, default=4096, help="MiB of data in it (4096)")
     args = ap.parse_args()
     reason = unavailable_reason()
     if reason:
@@ -241,6 +374,16 @@ def main() -> int:
         return 0
     work = Path(tempfile.mkdtemp(prefix="dwcp-migrate-bench-"))
     os.chmod(work, 0o755)
+    if args.big:
+        try:
+            out = big_cell(args, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print_big(args, out)
+        if args.json:
+            link = {"rate_bps": args.rate, "rtt_ms": args.rtt, "loss": args.loss}
+            print(json.dumps({"link": link, "big_size_gib": args.big_size, **out}))
+        return 0
     rows: list[dict[str, Any]] = []
     try:
         log(f"building images ({args.size} MiB ext4, ~{args.data} MiB of files) in {work}")

@@ -221,7 +221,7 @@ class DemoNode:
 def ownership_cluster(root: Path, a: DemoNode, b: DemoNode) -> list[subprocess.Popen[bytes]]:
     """Write a 4-replica cluster file (a, b and two plain replicas), point a and b at it
     and start the two plain replicas; return their processes."""
-    from dwcp.consensus.net import free_ports
+    from dwcp.consensus.testing import free_ports
     from dwcp.identity import NodeKey
 
     others = [NodeKey.generate() for _ in range(2)]

@@ -42,6 +42,8 @@ void dwcp_emu_shaper_init(dwcp_emu_shaper *s, const dwcp_emu_params *p) {
     s->busy_until_ns = 0.0;
 }
 
+void dwcp_emu_set_rate(dwcp_emu_shaper *s, uint64_t rate_bps) { s->p.rate_bps = rate_bps; }
+
 int dwcp_emu_admit(dwcp_emu_shaper *s, uint64_t now_ns, uint32_t len, uint64_t *deliver_ns,
                    uint64_t *backlog_bytes) {
     double now = (double)now_ns;
@@ -153,6 +155,7 @@ typedef struct {
     dwcp_emu_shaper shaper;
     delay_line line;
     dwcp_emu_stats *st;
+    const uint64_t *live_rate; /* in the shared report: nonzero = the owner's new rate */
     int in_fd, out_fd;
 } direction;
 
@@ -173,6 +176,8 @@ static int pump_in(direction *dir, uint64_t t0, uint8_t *scratch) {
         uint64_t now = clock_ns(CLOCK_MONOTONIC) - t0;
         dir->st->rx_packets++;
         dir->st->rx_bytes += (uint64_t)n;
+        uint64_t live = __atomic_load_n(dir->live_rate, __ATOMIC_RELAXED);
+        if (live && live != dir->shaper.p.rate_bps) dwcp_emu_set_rate(&dir->shaper, live);
         uint64_t due = 0, backlog = 0;
         int verdict = dwcp_emu_admit(&dir->shaper, now, (uint32_t)n, &due, &backlog);
         if (verdict == DWCP_EMU_LOST) {
@@ -241,6 +246,8 @@ int dwcp_emu_run(int fd_a, int fd_b, int stop_fd, const dwcp_emu_params *a_to_b,
     dwcp_emu_shaper_init(&dirs[0].shaper, a_to_b);
     dwcp_emu_shaper_init(&dirs[1].shaper, b_to_a);
     dirs[0].st = &report->ab;
+    dirs[0].live_rate = &report->live_rate_ab_bps;
+    dirs[1].live_rate = &report->live_rate_ba_bps;
     dirs[0].in_fd = fd_a;
     dirs[0].out_fd = fd_b;
     dirs[1].st = &report->ba;

@@ -11,7 +11,7 @@
 #include <stdint.h>
 
 enum {
-    DWCP_NET_ABI = 2,
+    DWCP_NET_ABI = 3,
     DWCP_EMU_PASS = 0,        /* admitted: deliver at *deliver_ns */
     DWCP_EMU_LOST = 1,        /* dropped by random loss */
     DWCP_EMU_QUEUE_FULL = 2,  /* dropped at the tail of a full bottleneck queue */
@@ -61,10 +61,17 @@ typedef struct {
     uint64_t wall_ns;    /* wall time since the loop started */
     uint64_t wakeups;    /* poll returns */
     int64_t running;     /* 1 while the loop runs, 0 once it has returned */
+    /* Written by the owner while the loop runs (trace-driven links): when nonzero, the
+     * bottleneck rate of a -> b / b -> a from the next arriving packet on. */
+    uint64_t live_rate_ab_bps;
+    uint64_t live_rate_ba_bps;
 } dwcp_emu_report;
 
 /* Reset a shaper to an empty queue and the start of its seed's loss sequence. */
 void dwcp_emu_shaper_init(dwcp_emu_shaper *s, const dwcp_emu_params *p);
+
+/* Change a shaper's bottleneck rate from now on (packets already queued keep their times). */
+void dwcp_emu_set_rate(dwcp_emu_shaper *s, uint64_t rate_bps);
 
 /* Decide the fate of one packet of len bytes arriving at now_ns (non-decreasing
  * across calls). Returns DWCP_EMU_PASS and sets *deliver_ns, or a drop reason.

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from dwcp.errors import DwcpError, LocalError
+from dwcp.version import PROTOCOL_VERSION, __version__
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the operation failed (bad data, peer, integrity...)
@@ -52,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="DWCP v3: move VM images across a WAN (delta encoding, QUIC, BFT commit).",
     )
     parser.add_argument("--config", metavar="FILE", help="node configuration (node.toml)")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"dwcp {__version__} (DWCP protocol {PROTOCOL_VERSION})",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in command_modules():
         module = importlib.import_module(f"dwcp.cli.{name}")

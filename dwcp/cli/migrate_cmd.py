@@ -18,7 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dwcp import rates
 from dwcp.cli._node import call_node, human_bytes, require_config
+from dwcp.rates import rate_arg
 
 
 def register(sub: Any) -> None:
@@ -28,7 +30,7 @@ def register(sub: Any) -> None:
     p.add_argument("image", metavar="IMAGE", help="image file (raw, qcow2, ...) or stored name")
     p.add_argument("--to", required=True, metavar="PEER", help="a peer name from 'dwcp peers'")
     p.add_argument("--name", help="name at the destination (default: IMAGE's file name)")
-    p.add_argument("--bwlimit", metavar="RATE", help="bytes/s: 12500000, 10M (MiB/s), 100Mbit")
+    p.add_argument("--bwlimit", metavar="RATE", type=rate_arg, help=f"as rsync's: {rates.EXAMPLES}")
     p.add_argument(
         "--level",
         type=int,

@@ -1,4 +1,4 @@
-"""``dwcp peers [add NAME HOST:PORT PUBKEY]``: list or trust peers."""
+"""``dwcp peers [add NAME HOST:PORT PUBKEY | remove NAME]``: list, trust or forget peers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from dwcp.cli._node import call_node, require_config
-from dwcp.node.config import append_peer, load_config
+from dwcp.node.config import append_peer, load_config, remove_peer
 from dwcp.node.control import NodeNotRunningError
 
 
@@ -17,23 +17,52 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     p.set_defaults(func=run_list)
-    psub = p.add_subparsers(dest="peers_command", metavar="add")
+    psub = p.add_subparsers(dest="peers_command", metavar="add|remove")
     a = psub.add_parser("add", help="trust a peer: NAME HOST:PORT PUBKEY")
     a.add_argument("name", metavar="NAME")
     a.add_argument("address", metavar="HOST:PORT")
     a.add_argument("public_key", metavar="PUBKEY", help="'ed25519:...' or a .pub file")
     a.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     a.set_defaults(func=run_add)
+    r = psub.add_parser("remove", help="stop trusting a peer: NAME (the running node reloads)")
+    r.add_argument("name", metavar="NAME")
+    r.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    r.set_defaults(func=run_remove)
+
+
+def _reload(path: object) -> bool:
+    """Tell a running node to re-read its config; False if it is not running."""
+    try:
+        call_node(load_config(str(path)), "reload")
+    except NodeNotRunningError:
+        return False
+    return True
+
+
+def run_remove(args: argparse.Namespace) -> int:
+    config = require_config(args)
+    peer = remove_peer(config, args.name)
+    live = _reload(config.path)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "name": peer.name,
+                    "address": str(peer.address),
+                    "public_key": peer.public_key.text,
+                    "node_reloaded": live,
+                }
+            )
+        )
+    else:
+        print(f"no longer trusting peer {peer.name} at {peer.address}")
+    return 0
 
 
 def run_add(args: argparse.Namespace) -> int:
     config = require_config(args)
     peer = append_peer(config, args.name, args.address, args.public_key)
-    try:
-        call_node(load_config(config.path), "reload")
-        live = True
-    except NodeNotRunningError:
-        live = False
+    live = _reload(config.path)
     if args.json:
         print(
             json.dumps(

@@ -17,8 +17,10 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from dwcp import rates
 from dwcp.errors import TransportError, UsageError
 from dwcp.identity import NodeKey, PublicKey
+from dwcp.rates import rate_arg
 
 BLOCK = 1 << 20
 
@@ -59,7 +61,12 @@ def register(sub: Any) -> None:
     p.add_argument("--streams", type=int, default=2, help="initial streams per connection")
     p.add_argument("--max-connections", type=int, default=8)
     p.add_argument("--max-streams", type=int, default=8)
-    p.add_argument("--rate", type=float, default=1e9, help="link rate hint in bit/s (BDP sizing)")
+    p.add_argument(
+        "--rate",
+        type=rate_arg,
+        default=rates.parse_rate("1gbit"),
+        help=f"link rate hint for BDP sizing ({rates.EXAMPLES}; default 1gbit)",
+    )
     p.add_argument("--rtt", type=float, default=0.05, help="RTT hint in seconds (BDP sizing)")
     p.add_argument(
         "--congestion",
@@ -79,7 +86,7 @@ def _config(args: argparse.Namespace) -> Any:
 
     return TransportConfig(
         idle_timeout=args.idle_timeout,
-        bandwidth_bps=args.rate,
+        bandwidth_bps=args.rate * 8,
         rtt=args.rtt,
         policy=args.policy,
         initial_connections=args.connections,

@@ -40,18 +40,16 @@ import concurrent.futures
 import contextlib
 import functools
 import json
+import logging
 import os
 import signal
-import socket
-import struct
-import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from dwcp.consensus.actions import (
     Action,
@@ -66,17 +64,30 @@ from dwcp.consensus.actions import (
 )
 from dwcp.consensus.client import Client
 from dwcp.consensus.config import ClusterConfig
+from dwcp.consensus.conn import Endpoint, FrameProtocol, Link
+from dwcp.consensus.handshake import (
+    ROLE_CLIENTS,
+    ROLE_REPLICA,
+    DialerHandshake,
+    ListenerHandshake,
+    Peer,
+    max_handshake_frame,
+)
 from dwcp.consensus.messages import Codec, Replies, Reply
 from dwcp.consensus.registry import VMRegistry
 from dwcp.consensus.replica import Replica
 from dwcp.consensus.wal import Wal
-from dwcp.errors import AuthenticationError, ConfigError, ConsensusError, ProtocolError, UsageError
+from dwcp.errors import AuthenticationError, ConfigError, ConsensusError, ProtocolError
 from dwcp.identity import NodeKey, PublicKey
 
-_LEN = struct.Struct(">I")
-_RID = struct.Struct(">H")
-MAX_WRITE_BUFFER = 64 << 20
-"""Bytes queued to one peer before further frames to it are dropped."""
+log = logging.getLogger("dwcp.consensus")
+
+MAX_PENDING_HANDSHAKES = 64
+"""Connections a replica holds while they prove their keys; the oldest goes beyond it."""
+MAX_CONNS_PER_PEER = 4
+"""Authenticated connections kept per peer (a replica or a client pool's key set); a
+newer one closes the oldest (a peer that restarted reconnects before its old connection
+times out)."""
 _TUNING = (
     "checkpoint_interval",
     "watermark_window",
@@ -85,10 +96,6 @@ _TUNING = (
     "view_change_timeout",
     "client_retry",
 )
-
-
-def frame(data: bytes) -> bytes:
-    return _LEN.pack(len(data)) + data
 
 
 @dataclass(frozen=True)
@@ -146,142 +153,7 @@ class NetConfig:
         Path(path).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
 
 
-class FrameProtocol(asyncio.Protocol):
-    """Splits a byte stream into frames; the first frame is handed to ``on_hello``."""
-
-    def __init__(
-        self,
-        limit: int,
-        on_frame: Callable[[FrameProtocol, bytes], None],
-        on_lost: Callable[[FrameProtocol], None] | None = None,
-        on_hello: Callable[[FrameProtocol, bytes], None] | None = None,
-    ) -> None:
-        self.limit = limit
-        self.on_frame = on_frame
-        self.on_lost = on_lost
-        self.on_hello = on_hello
-        self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
-        self.dropped = 0
-        self.connected = asyncio.get_running_loop().create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement the interface without subclassing it.
-        self.transport = cast(asyncio.Transport, transport)
-        if not self.connected.done():
-            self.connected.set_result(None)
-
-    def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        # Usually whole frames arrive: parse them from ``data`` without copying it first.
-        view: bytes | bytearray = data
-        if buf:
-            buf += data
-            view = buf
-        pos = 0
-        end = len(view)
-        while end - pos >= 4:
-            (n,) = _LEN.unpack_from(view, pos)
-            if n > self.limit:
-                self.close()
-                return
-            if end - pos - 4 < n:
-                break
-            payload = bytes(view[pos + 4 : pos + 4 + n])
-            pos += 4 + n
-            if self.on_hello is not None:
-                hello, self.on_hello = self.on_hello, None
-                hello(self, payload)
-            else:
-                self.on_frame(self, payload)
-            if self.transport is None:
-                return
-        if view is buf:
-            del buf[:pos]
-        elif pos < end:
-            buf += memoryview(data)[pos:]
-
-    def send(self, frames: Sequence[bytes]) -> None:
-        t = self.transport
-        if t is None or t.is_closing():
-            return
-        if t.get_write_buffer_size() > MAX_WRITE_BUFFER:
-            self.dropped += len(frames)
-            return
-        t.write(b"".join(frame(f) for f in frames))
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        if self.on_lost is not None:
-            self.on_lost(self)
-
-
-class _Link:
-    """An outgoing connection to one replica, re-dialled in the background when lost."""
-
-    def __init__(self, node: _Endpoint, target: int, hello: bytes) -> None:
-        self.node = node
-        self.target = target
-        self.hello = hello
-        self.proto: FrameProtocol | None = None
-        self.task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._dial())
-
-    async def _dial(self) -> None:
-        loop = asyncio.get_running_loop()
-        host, port = self.node.net.addresses[self.target]
-        delay = 0.02
-        while True:
-            lost: asyncio.Future[None] = loop.create_future()
-            try:
-                _, proto = await loop.create_connection(
-                    functools.partial(self._protocol, lost), host, port
-                )
-            except OSError:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.5)
-                continue
-            delay = 0.02
-            proto.send([self.hello])
-            self.proto = proto
-            await lost
-            self.proto = None
-
-    def _protocol(self, lost: asyncio.Future[None]) -> FrameProtocol:
-        def on_lost(_: FrameProtocol) -> None:
-            if not lost.done():
-                lost.set_result(None)
-
-        return FrameProtocol(self.node.limit, self.node.on_frame, on_lost)
-
-    def send(self, frames: Sequence[bytes]) -> None:
-        if self.proto is not None:
-            self.proto.send(frames)
-
-    def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-        if self.proto is not None:
-            self.proto.close()
-
-
-class _Endpoint:
-    """Common state of a replica server and a client pool."""
-
-    net: NetConfig
-    limit: int
-
-    def on_frame(self, proto: FrameProtocol, data: bytes) -> None:
-        raise UsageError("subclasses handle frames")
-
-
-class ReplicaServer(_Endpoint):
+class ReplicaServer(Endpoint):
     """Runs one sans-IO ``Replica`` on loopback/TCP with a fsync'd WAL."""
 
     def __init__(
@@ -313,8 +185,13 @@ class ReplicaServer(_Endpoint):
             public_key=key.public.raw,
             create=recovering or create,
         )
-        self.links: dict[int, _Link] = {}
+        self.key = key
+        self.addresses = net.addresses
+        self.links: dict[int, Link] = {}
         self.clients: dict[bytes, FrameProtocol] = {}
+        self._handshaking: dict[FrameProtocol, None] = {}
+        self._peers: dict[object, list[FrameProtocol]] = {}
+        self._peer_of: dict[FrameProtocol, object] = {}
         self.executed = 0
         self.view = 0
         self.core_errors = 0
@@ -344,31 +221,67 @@ class ReplicaServer(_Endpoint):
             port,
             reuse_address=True,
         )
-        hello = b"R" + _RID.pack(self.id)
-        for j in range(self.net.cluster.n):
+        cfg = self.net.cluster
+        for j in range(cfg.n):
             if j != self.id:
-                link = _Link(self, j, hello)
+                link = Link(self, j, functools.partial(self._dialler, j))
                 self.links[j] = link
                 link.start()
         self._queue(self.replica.recover(self._records, loop.time()))
 
+    def _dialler(self, target: int) -> DialerHandshake:
+        return DialerHandshake(self.net.cluster, [self.key], ROLE_REPLICA, target)
+
     def _accept(self) -> FrameProtocol:
-        proto = FrameProtocol(self.limit, self.on_frame, self._lost, self._hello)
+        """A new connection: kept (in a bounded set) only while it proves its key."""
+        hs = ListenerHandshake(self.net.cluster, self.key)
+
+        def on_handshake(proto: FrameProtocol, data: bytes) -> bool:
+            reply = hs.receive(data)
+            if reply is not None:
+                proto.send([reply])
+                return False
+            assert hs.peer is not None
+            self._admit(proto, hs.peer)
+            return True
+
+        proto = FrameProtocol(
+            self.limit,
+            self.on_frame,
+            self._lost,
+            handshake=on_handshake,
+            hs_limit=max_handshake_frame(self.net.cluster),
+        )
         self._accepted.add(proto)
+        self._handshaking[proto] = None
+        while len(self._handshaking) > MAX_PENDING_HANDSHAKES:
+            oldest = next(iter(self._handshaking))
+            del self._handshaking[oldest]
+            oldest.close()
         return proto
 
-    def _hello(self, proto: FrameProtocol, data: bytes) -> None:
-        if data[:1] == b"C" and (len(data) - 1) % 32 == 0:
-            cfg = self.net.cluster
-            for i in range(1, len(data), 32):
-                key = data[i : i + 32]
-                if cfg.client_index(key) is not None:  # bounded by the configured clients
-                    self.clients[key] = proto
-        elif not (data[:1] == b"R" and len(data) == 3):
-            proto.close()
+    def _admit(self, proto: FrameProtocol, peer: Peer) -> None:
+        """The peer proved its keys: route its clients' replies here; cap its connections."""
+        self._handshaking.pop(proto, None)
+        who: object = peer.replica if peer.replica is not None else peer.clients
+        conns = self._peers.setdefault(who, [])
+        conns.append(proto)
+        self._peer_of[proto] = who
+        while len(conns) > MAX_CONNS_PER_PEER:
+            conns.pop(0).close()
+        for key in peer.clients:
+            self.clients[key] = proto
 
     def _lost(self, proto: FrameProtocol) -> None:
         self._accepted.discard(proto)
+        self._handshaking.pop(proto, None)
+        who = self._peer_of.pop(proto, None)
+        if who is not None:
+            conns = self._peers.get(who, [])
+            if proto in conns:
+                conns.remove(proto)
+            if not conns:
+                self._peers.pop(who, None)
         for k in [k for k, p in self.clients.items() if p is proto]:
             del self.clients[k]
 
@@ -388,7 +301,7 @@ class ReplicaServer(_Endpoint):
         except Exception as exc:  # the core must not raise on input; never let a peer crash us
             self.core_errors += 1
             if self.core_errors == 1:
-                print(f"replica {self.id}: input raised {exc!r} (dropped)", file=sys.stderr)
+                log.error("replica %d: input raised %r (dropped)", self.id, exc)
             return
         self._pending.extend(actions)
 
@@ -450,7 +363,7 @@ class ReplicaServer(_Endpoint):
 
     def fail(self, exc: BaseException) -> None:
         """Stop this replica after a local failure (the WAL could not be written)."""
-        print(f"replica {self.id}: stopping: {exc!r}", file=sys.stderr, flush=True)
+        log.error("replica %d: stopping: %r", self.id, exc)
         self._pending.clear()
         self.close()
         if self.stopped is not None and not self.stopped.done():
@@ -475,7 +388,7 @@ class ReplicaServer(_Endpoint):
                 self.executed += 1
             elif isinstance(a, ViewChanged):
                 self.view = a.view
-                print(f"replica {self.id}: view {a.view} primary {a.primary}", flush=True)
+                log.info("replica %d: view %d primary %d", self.id, a.view, a.primary)
         for j, frames in to_peer.items():
             link = self.links.get(j)
             if link is not None:
@@ -511,7 +424,7 @@ class ReplicaServer(_Endpoint):
         self.wal.close()
 
 
-class ClientPool(_Endpoint):
+class ClientPool(Endpoint):
     """Many sans-IO ``Client``s (one per key) sharing one connection per replica."""
 
     def __init__(self, net: NetConfig, keys: Sequence[NodeKey]) -> None:
@@ -523,8 +436,11 @@ class ClientPool(_Endpoint):
         self.by_index = {c.index: c for c in self.clients}
         self._waiters: dict[int, asyncio.Future[Completed]] = {}
         self._timers: dict[int, asyncio.TimerHandle] = {}
-        hello = b"C" + b"".join(k.public.raw for k in keys)
-        self.links = {j: _Link(self, j, hello) for j in range(cfg.n)}
+        self.addresses = net.addresses
+        self.links = {
+            j: Link(self, j, functools.partial(DialerHandshake, cfg, keys, ROLE_CLIENTS, j))
+            for j in range(cfg.n)
+        }
         self._out: dict[int, list[bytes]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.bad_signatures = 0
@@ -680,94 +596,6 @@ def init_cluster(
     return net
 
 
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """Ports the kernel just handed out (closed again; good enough for loopback tests)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-class LocalCluster:
-    """Starts n replica processes on loopback from a fresh directory (tests, benchmarks, demos)."""
-
-    def __init__(self, directory: str | os.PathLike[str], *, clients: int = 1, **tuning: Any):
-        self.dir = Path(directory)
-        ports = free_ports(4 if "n" not in tuning else int(tuning["n"]))
-        self.net = init_cluster(self.dir, clients=clients, base_port=0, **tuning)
-        self.net = NetConfig(self.net.cluster, tuple(("127.0.0.1", p) for p in ports))
-        self.net.dump(self.dir / "cluster.json")
-        self.procs: dict[int, subprocess.Popen[bytes]] = {}
-        self.replica_args: list[str] = []
-        """Extra command-line flags for every replica (e.g. ``--sync-thread``)."""
-
-    def client_keys(self) -> list[NodeKey]:
-        return [
-            NodeKey.load(self.dir / f"client-{j}.key") for j in range(len(self.net.cluster.clients))
-        ]
-
-    def start(self, i: int, *, recovering: bool = False) -> None:
-        wal = self.dir / f"replica-{i}.wal"
-        cmd = [
-            sys.executable,
-            "-m",
-            "dwcp.consensus.net",
-            "replica",
-            "--config",
-            str(self.dir / "cluster.json"),
-            "--id",
-            str(i),
-            "--key",
-            str(self.dir / f"replica-{i}.key"),
-            "--wal",
-            str(wal),
-        ]
-        cmd.extend(self.replica_args)
-        if recovering:
-            cmd.append("--recovering")
-        elif not wal.exists():
-            cmd.append("--new")
-        log = open(self.dir / f"replica-{i}.log", "ab")  # noqa: SIM115 - owned by the child
-        self.procs[i] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-
-    def start_all(self) -> None:
-        for i in range(self.net.cluster.n):
-            self.start(i)
-
-    def kill(self, i: int) -> None:
-        """SIGKILL replica ``i`` (a crash: no clean shutdown)."""
-        p = self.procs.pop(i)
-        p.kill()
-        p.wait()
-
-    def log(self, i: int) -> str:
-        return (self.dir / f"replica-{i}.log").read_text(encoding="utf-8", errors="replace")
-
-    def stop(self) -> None:
-        for p in self.procs.values():
-            p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self.procs.clear()
-
-    def __enter__(self) -> LocalCluster:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
 async def _serve(args: argparse.Namespace) -> None:
     net = NetConfig.load(args.config)
     server = ReplicaServer(
@@ -781,7 +609,7 @@ async def _serve(args: argparse.Namespace) -> None:
     )
     await server.start()
     assert server.stopped is not None
-    print(f"replica {args.id}: listening on {net.addresses[args.id][1]}", flush=True)
+    log.info("replica %d: listening on %d", args.id, net.addresses[args.id][1])
     stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set_result, None)
@@ -830,6 +658,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="this replica lost its log: rejoin without voting until it has caught up",
     )
     args = ap.parse_args(argv)
+    # A replica process logs to stdout (its parent keeps that as the replica's log).
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s", force=True)
     try:
         if args.cmd == "init":
             init_cluster(

@@ -137,6 +137,7 @@ class Replica:
         self._nv_raw = b""
         self._future: dict[int, deque[bytes]] = {}
         self._lazy: list[bytes] = []
+        self._carried: list[Action] = []  # WAL records of a message whose handler raised
         self._vc_deadline: float | None = None
         self._vc_resend: float | None = None
         self._backoff = 0
@@ -176,36 +177,36 @@ class Replica:
         return len(self._log)
 
     def receive(self, data: bytes, now: float) -> list[Action]:
-        """Handle one encoded message; invalid input is dropped and counted in ``stats``."""
-        out: list[Action] = []
+        """Handle one encoded message; invalid input is dropped and counted in ``stats``.
+
+        A bug raised while handling it propagates (the simulator must see it), but the WAL
+        records it had already taken from the lazy queue are kept for the next output.
+        """
+        out = self._take_carried()
+        mark = len(out)
         try:
-            s = self.codec.decode(data)
-        except ProtocolError:
-            self.stats["malformed"] += 1
-            return out
-        try:
-            self._dispatch(s, now, out)
-        except AuthenticationError:
-            self.stats["bad_signature"] += 1
-            return []
-        except ProtocolError:
-            self.stats["invalid"] += 1
-            return []
+            self._handle(data, now, out)
+        except Exception:
+            self._carried = self._durable_only(out, mark)
+            raise
         return out
 
     def receive_batch(self, datas: Iterable[bytes], now: float) -> list[Action]:
         """``receive`` each message in turn, then propose once: what arrived together
         (a driver's event-loop turn) shares a PRE-PREPARE instead of the first request
         going alone. Same result as ``receive`` one by one, apart from batch boundaries."""
-        out: list[Action] = []
+        out = self._take_carried()
         self._hold_proposals = True
         try:
             for data in datas:
+                mark = len(out)
                 try:
-                    out.extend(self.receive(data, now))
+                    self._handle(data, now, out)
                 except Exception:
-                    # A bug on one input must not drop the actions (WAL records among
-                    # them) of the messages before it: count it, keep the rest.
+                    # A bug on one input must not drop the WAL records among its actions
+                    # (earlier messages' lazy records may have moved there): count it,
+                    # keep those and the other messages' actions.
+                    out[mark:] = self._durable_only(out, mark)
                     self.stats["internal_errors"] += 1
         finally:
             self._hold_proposals = False
@@ -214,9 +215,42 @@ class Replica:
             self._propose(now, out)
         return out
 
+    def _handle(self, data: bytes, now: float, out: list[Action]) -> None:
+        """Decode and dispatch one message into ``out``.
+
+        Invalid input (bad signature, protocol violation found part-way) drops the
+        message's sends but keeps its WAL records: ``_persist`` may already have moved
+        earlier messages' lazily written votes into ``out``, and a later COMMIT relies on
+        them being durable (issue 19 item 8).
+        """
+        try:
+            s = self.codec.decode(data)
+        except ProtocolError:
+            self.stats["malformed"] += 1
+            return
+        mark = len(out)
+        try:
+            self._dispatch(s, now, out)
+        except AuthenticationError:
+            self.stats["bad_signature"] += 1
+            out[mark:] = self._durable_only(out, mark)
+        except ProtocolError:
+            self.stats["invalid"] += 1
+            out[mark:] = self._durable_only(out, mark)
+
+    @staticmethod
+    def _durable_only(out: list[Action], mark: int) -> list[Action]:
+        """The Persist/Compact actions of ``out[mark:]``, in order (what must still be written)."""
+        return [a for a in out[mark:] if isinstance(a, Persist | Compact)]
+
+    def _take_carried(self) -> list[Action]:
+        """Records kept from a message whose handler raised, to be written first."""
+        out, self._carried = self._carried, []
+        return out
+
     def tick(self, now: float) -> list[Action]:
         """Fire due timers: view-change timeouts, retransmissions, state fetch, recovery."""
-        out: list[Action] = []
+        out = self._take_carried()
         if self.recovering and self._status_deadline is not None and now >= self._status_deadline:
             self._query_status(now, out)
         if self._vc_deadline is not None and now >= self._vc_deadline:

@@ -8,6 +8,7 @@ only read; the output appears only complete and verified.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import time
@@ -58,12 +59,16 @@ class DeltaStats:
 def make_delta(
     new: str | os.PathLike[str],
     bases: list[str | os.PathLike[str]],
-    out: str | os.PathLike[str],
+    out: str | os.PathLike[str] | BinaryIO,
     *,
     level: int = frames.DEFAULT_LEVEL,
     threads: int = 1,
 ) -> DeltaStats:
-    """Write a delta of ``new`` against ``bases`` to ``out`` (atomically)."""
+    """Write a delta of ``new`` against ``bases`` to ``out`` (atomically).
+
+    ``out`` may also be an open binary stream (``dwcp delta -o -``): the format is
+    written front to back, so a pipe works; the stream is not closed.
+    """
     t0 = time.perf_counter()
     base_paths = [Path(b) for b in bases]
     for b in base_paths:
@@ -73,48 +78,87 @@ def make_delta(
     index = LocalIndex.of_files(base_paths)
     p = plan(manifest, index)
     p = refine(p, chunk_list(new, p.missing), index)
-    out_path = Path(out)
-    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            packed = zstandard.ZstdCompressor(level=9).compress(plan_to_bytes(p))
-            f.write(
-                _HEAD.pack(MAGIC, 1, len(base_paths), manifest.size, manifest.sha256, len(packed))
-            )
-            for src in range(len(base_paths)):
-                m = index.manifests[src]
-                f.write(_BASE.pack(m.size, m.root))
-            f.write(packed)
-            count, digest = 0, xxhash.xxh3_64()
-            for frame in frames.encode(new, p.missing, level=level, threads=threads):
-                f.write(frame)
-                digest.update(frame)
-                count += 1
-            f.write(_TAIL.pack(TRAILER, count, digest.intdigest()))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out_path)
-        dfd = os.open(out_path.parent, os.O_RDONLY)
+    if not isinstance(out, str | os.PathLike):
+        written = _write_delta(
+            out,
+            new,
+            base_paths,
+            index,
+            manifest.size,
+            manifest.sha256,
+            p,
+            level=level,
+            threads=threads,
+        )
+        out.flush()
+    else:
+        out_path = Path(out)
+        tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
         try:
-            os.fsync(dfd)  # the rename itself is durable
-        finally:
-            os.close(dfd)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise disk_error(exc, out_path) from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+            with open(tmp, "wb") as f:
+                written = _write_delta(
+                    f,
+                    new,
+                    base_paths,
+                    index,
+                    manifest.size,
+                    manifest.sha256,
+                    p,
+                    level=level,
+                    threads=threads,
+                )
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, out_path)
+            dfd = os.open(out_path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)  # the rename itself is durable
+            finally:
+                os.close(dfd)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise disk_error(exc, out_path) from exc
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return DeltaStats(
         bytes_image=manifest.size,
         bytes_zero=p.bytes_zero,
         bytes_copied=p.bytes_local,
         bytes_changed=p.bytes_missing,
-        bytes_written=out_path.stat().st_size,
+        bytes_written=written,
         seconds=time.perf_counter() - t0,
         sha256=manifest.sha256.hex(),
         level=level,
     )
+
+
+def _write_delta(
+    f: BinaryIO,
+    new: str | os.PathLike[str],
+    base_paths: list[Path],
+    index: LocalIndex,
+    size: int,
+    sha256: bytes,
+    p: Plan,
+    *,
+    level: int,
+    threads: int,
+) -> int:
+    """Write the whole delta front to back; returns the bytes written."""
+    packed = zstandard.ZstdCompressor(level=9).compress(plan_to_bytes(p))
+    written = f.write(_HEAD.pack(MAGIC, 1, len(base_paths), size, sha256, len(packed)))
+    for src in range(len(base_paths)):
+        m = index.manifests[src]
+        written += f.write(_BASE.pack(m.size, m.root))
+    written += f.write(packed)
+    count, digest = 0, xxhash.xxh3_64()
+    for frame in frames.encode(new, p.missing, level=level, threads=threads):
+        written += f.write(frame)
+        digest.update(frame)
+        count += 1
+    written += f.write(_TAIL.pack(TRAILER, count, digest.intdigest()))
+    return written
 
 
 def _read_exact(f: BinaryIO, n: int, what: str) -> bytes:
@@ -152,15 +196,26 @@ class PatchStats:
 
 
 def apply_delta(
-    delta: str | os.PathLike[str], bases: list[str | os.PathLike[str]], out: str | os.PathLike[str]
+    delta: str | os.PathLike[str] | BinaryIO,
+    bases: list[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
 ) -> PatchStats:
-    """Rebuild the image a delta describes; ``out`` appears only verified."""
+    """Rebuild the image a delta describes; ``out`` appears only verified.
+
+    ``delta`` may be an open binary stream (``dwcp patch -``): it is read front to
+    back and not closed.
+    """
     t0 = time.perf_counter()
-    try:
-        f = open(delta, "rb")  # noqa: SIM115
-    except OSError as exc:
-        raise ImageError(f"cannot read delta file {delta}: {exc.strerror}") from exc
-    with f:
+    if isinstance(delta, str | os.PathLike):
+        try:
+            f: BinaryIO = open(delta, "rb")  # noqa: SIM115
+        except OSError as exc:
+            raise ImageError(f"cannot read delta file {delta}: {exc.strerror}") from exc
+        closing: contextlib.AbstractContextManager[BinaryIO] = f
+    else:
+        f, delta = delta, "the delta stream"
+        closing = contextlib.nullcontext(f)
+    with closing:
         magic, version, n_bases, size, sha, plan_len = _HEAD.unpack(
             _read_exact(f, _HEAD.size, "the header")
         )

@@ -247,6 +247,31 @@ class Link:
     def popen_b(self, argv: list[str], **kw: Any) -> subprocess.Popen[Any]:
         return self.popen("b", argv, **kw)
 
+    # --- trace-driven rates ------------------------------------------------
+
+    def set_rate(self, a_to_b_bps: float, b_to_a_bps: float | None = None) -> None:
+        """Change the bottleneck rate while the link runs (b -> a only when given).
+
+        TUN backend: the forwarder picks the rate up at the next packet. Open the link
+        at the trace's peak rate: its delay line and queue are sized from the first rate.
+        """
+        if not self._open:
+            raise UsageError("the link is closed; use it inside `with Link(...) as link:`")
+        for r in (a_to_b_bps, b_to_a_bps or 1e3):
+            if not 1e3 <= r <= 100e9:
+                raise UsageError(f"rate {r} bit/s: give 1e3 up to 100e9 (0 = unlimited is fixed)")
+        if self._forwarder is not None:
+            self._forwarder.report.live_rate_ab_bps = int(a_to_b_bps)
+            if b_to_a_bps is not None:
+                self._forwarder.report.live_rate_ba_bps = int(b_to_a_bps)
+            return
+        todo = [(self.ns_a, self._if_a, a_to_b_bps)]
+        if b_to_a_bps is not None:
+            todo.append((self.ns_b, self._if_b, b_to_a_bps))
+        for ns, ifname, r in todo:
+            argv = ["tc", "-n", ns, "qdisc", "change", "dev", ifname, "root", "netem"]
+            netns.run([*argv, "rate", f"{int(r)}bit"])
+
     # --- observation -----------------------------------------------------
 
     def stats(self) -> LinkStats:

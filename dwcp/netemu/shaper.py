@@ -36,6 +36,10 @@ class Shaper:
         self._deliver = ffi.new("uint64_t *")
         self._backlog = ffi.new("uint64_t *")
 
+    def set_rate(self, rate_bps: float) -> None:
+        """The bottleneck rate from now on (a trace step); what is queued keeps its times."""
+        lib.dwcp_emu_set_rate(self._state, int(rate_bps))
+
     def admit(self, now_ns: int, length: int) -> Decision:
         v = lib.dwcp_emu_admit(self._state, now_ns, length, self._deliver, self._backlog)
         deliver = int(self._deliver[0]) if v == lib.DWCP_EMU_PASS else 0

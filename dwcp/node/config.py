@@ -9,6 +9,7 @@ operator's comments.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import stat
@@ -18,13 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dwcp import rates
 from dwcp.errors import ConfigError, KeyFileError
 from dwcp.identity import PublicKey
 
 DEFAULT_PORT = 7400
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_RATE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?b|bit|bps|b/s)?\s*$", re.I)
-_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
 @dataclass(frozen=True)
@@ -127,23 +127,8 @@ def parse_address(text: str, *, default_port: int | None = DEFAULT_PORT) -> Addr
 
 
 def parse_rate(value: str | int | float) -> int:
-    """Parse a rate in bytes per second: ``0``, ``12500000``, ``10M`` (MiB/s), ``100Mbit``."""
-    if isinstance(value, bool):
-        raise ValueError("expected a rate such as 10M or 100Mbit, got a boolean")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError(f"expected a rate >= 0, got {value}")
-        return int(value)
-    m = _RATE_RE.match(value)
-    if not m:
-        raise ValueError(
-            f"expected a rate in bytes/s such as 12500000, 10M (MiB/s) or 100Mbit, got {value!r}"
-        )
-    number, prefix, unit = float(m.group(1)), m.group(2).lower(), (m.group(3) or "").lower()
-    if unit in ("bit", "bps"):
-        # Network units: decimal prefixes, bits.
-        return int(number * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[prefix] / 8)
-    return int(number * _UNITS[prefix])
+    """A rate in node.toml: ``dwcp.rates.parse_rate`` with a bare number in bytes/s."""
+    return rates.parse_rate(value, bare=1)
 
 
 class _Reader:
@@ -385,3 +370,38 @@ def append_peer(config: NodeConfig, name: str, address: str, public_key: str) ->
         f.write(block)
     load_config(config.path)  # the file must still be valid
     return Peer(name, addr, key)
+
+
+def remove_peer(config: NodeConfig, name: str) -> Peer:
+    """Delete the ``[[peers]]`` table named ``name`` from the config file; return the peer.
+
+    The rest of the file (comments, other tables) is kept as written; the new text is
+    checked by loading it, then replaces the file by temp file, fsync and rename.
+    """
+    gone = next((p for p in config.peers if p.name == name), None)
+    if gone is None:
+        known = ", ".join(p.name for p in config.peers) or "none"
+        raise ConfigError(f"{config.path}: no peer named {name!r} (peers: {known})")
+    lines = config.path.read_text(encoding="utf-8").splitlines(keepends=True)
+    starts = [i for i, ln in enumerate(lines) if ln.lstrip().startswith("[")] + [len(lines)]
+    keep: list[str] = lines[: starts[0]]
+    for a, b in itertools.pairwise(starts):
+        block = lines[a:b]
+        if block[0].strip() == "[[peers]]":
+            table = tomllib.loads("".join(block[1:]))
+            if table.get("name") == name:
+                continue
+        keep.extend(block)
+    text = "".join(keep)
+    tmp = config.path.with_name(f".{config.path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, stat.S_IMODE(config.path.stat().st_mode))
+        _ = load_config(tmp)  # the file must still be valid before it replaces the old one
+        os.replace(tmp, config.path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return gone

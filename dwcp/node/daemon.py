@@ -4,7 +4,8 @@ startup    load the key, open the data directory, then start the services of
            ``SERVICES`` in order (the image index, the ownership client, the
            QUIC sessions, migrations, the node's own operations, metrics) and
            the control socket last;
-main loop  serve until SIGTERM/SIGINT sets ``should_exit``;
+main loop  serve until SIGTERM/SIGINT sets ``should_exit``; SIGHUP re-reads the
+           config (``ExecReload``), logging an invalid one and keeping the running one;
 shutdown   drain (refuse new work, give running transfers ``[limits]
            drain_seconds``, then stop them: receivers flush their journal and
            keep ``partial/ID`` so the same migration resumes after a restart),
@@ -30,6 +31,7 @@ from typing import Any
 
 from dwcp import __version__
 from dwcp.errors import ConfigError, LocalError, UsageError
+from dwcp.gossip.service import GossipService
 from dwcp.identity import NodeKey, PublicKey
 from dwcp.migrate import IndexWorker
 from dwcp.node import metrics
@@ -37,12 +39,15 @@ from dwcp.node.config import NodeConfig, load_config
 from dwcp.node.context import NodeContext
 from dwcp.node.control import ControlServer
 from dwcp.node.logs import setup_logging
+from dwcp.node.metrics_http import MetricsEndpoint
 from dwcp.node.migrations import Migrations
-from dwcp.node.ops import MetricsEndpoint, NodeOps
+from dwcp.node.ops import NodeOps
 from dwcp.node.ownership import Ownership
 from dwcp.node.service import BaseService, Service, ServiceSet
 from dwcp.node.sessions import PeerSessions
 from dwcp.node.store import Store
+from dwcp.pba.paths import PathStore
+from dwcp.tasks import cancel_and_wait, log_failure
 from dwcp.vm.supervisor import VmSupervisor
 
 EXIT_OK = 0
@@ -125,6 +130,7 @@ SERVICES: tuple[Callable[[NodeContext], Service], ...] = (
     lambda ctx: ctx.sessions,
     Migrations,
     NodeOps,
+    GossipService,
     VmSupervisor,
     MetricsEndpoint,
 )
@@ -143,6 +149,7 @@ class Node:
         self.should_exit = asyncio.Event()
         self.force_exit = False
         self._config_mtime = self._mtime()
+        self._reloads: set[asyncio.Task[None]] = set()
 
     # --- phases -------------------------------------------------------------------
 
@@ -152,6 +159,7 @@ class Node:
         try:
             await self.should_exit.wait()
         finally:
+            await cancel_and_wait(*self._reloads)
             await self.shutdown()
             await self._reap_tasks()
 
@@ -198,6 +206,7 @@ class Node:
             reload=self.reload,
         )
         self.stats.links = ctx.sessions.links
+        ctx.sessions.paths = PathStore(c.data_dir / "paths")  # warm starts on known paths
         for make in SERVICES:
             self.services.add(make(ctx))
         for op, handler in self.services.handlers().items():
@@ -213,9 +222,12 @@ class Node:
             log.info("removed stale partial transfer %s", tid, extra={"event": "partial_gc"})
         self.ctx = self.build(key)
         await self.services.start()
+        # The QUIC server is bound only once there is a peer to trust: say which it is.
+        listening = self.ctx.sessions.server is not None
         log.info(
-            "node %s ready: listening on %s (udp), control %s",
+            "node %s ready: %s %s (udp), control %s",
             self.config.name,
+            "listening on" if listening else "no peers yet, so not listening on",
             self.config.listen,
             self.config.control_path,
             extra={
@@ -239,6 +251,26 @@ class Node:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.handle_exit, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.handle_hup)
+
+    def handle_hup(self) -> None:
+        """SIGHUP: reload the config in the background (systemd's ``ExecReload``)."""
+        log.info("received SIGHUP: reloading %s", self.config.path, extra={"event": "signal"})
+        task = asyncio.get_running_loop().create_task(self._reload_on_signal())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+        task.add_done_callback(log_failure)
+
+    async def _reload_on_signal(self) -> None:
+        self._config_mtime = -1  # a signal reloads even when the mtime looks unchanged
+        try:
+            await self.reload()
+        except LocalError as exc:
+            log.error(
+                "reload failed, still running the previous config: %s",
+                exc,
+                extra={"event": "reload_failed"},
+            )
 
     def handle_exit(self, sig: int = signal.SIGTERM) -> None:
         """First signal: drain and stop; second: stop without waiting."""

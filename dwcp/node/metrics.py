@@ -13,9 +13,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from dwcp.version import PROTOCOL_VERSION, __version__
 
 
 @dataclass
@@ -41,6 +48,7 @@ class NodeStats:
     migrations: dict[tuple[str, str], int] = field(default_factory=dict)
     links: Callable[[], list[LinkStats]] = field(default=lambda: [])
     consensus: Callable[[], dict[str, Any]] | None = None  # Ownership.status, when configured
+    gossip: Callable[[], dict[str, Any]] | None = None  # GossipService.metrics, with gossip.toml
 
     def count_migration(self, direction: str, result: str) -> None:
         key = (direction, result)
@@ -120,6 +128,37 @@ class NodeCollector(Collector):
         yield done
         if s.consensus is not None:
             yield from _consensus_metrics(s.consensus())
+        if s.gossip is not None:
+            yield from _gossip_metrics(s.gossip())
+
+
+def _gossip_metrics(g: dict[str, Any]) -> Iterator[Metric]:
+    members = GaugeMetricFamily(
+        "dwcp_gossip_members", "Admitted members by state in this node's view.", labels=["state"]
+    )
+    for state, n in sorted(g["members"].items()):
+        members.add_metric([state], n)
+    yield members
+    events = CounterMetricFamily(
+        "dwcp_gossip_events",
+        "Membership protocol events (probes, accusations, suspicions, refutations, deaths...).",
+        labels=["event"],
+    )
+    for name, n in sorted(g["counters"].items()):
+        events.add_metric([name], n)
+    yield events
+    dropped = CounterMetricFamily(
+        "dwcp_gossip_dropped", "Datagrams dropped before the protocol saw them.", labels=["reason"]
+    )
+    for reason, n in sorted(g["dropped"].items()):
+        dropped.add_metric([reason], n)
+    yield dropped
+    traffic = CounterMetricFamily(
+        "dwcp_gossip_bytes", "Gossip datagram bytes.", labels=["direction"]
+    )
+    traffic.add_metric(["sent"], g["bytes_sent"])
+    traffic.add_metric(["received"], g["bytes_received"])
+    yield traffic
 
 
 def _consensus_metrics(c: dict[str, Any]) -> Iterator[Metric]:
@@ -145,6 +184,26 @@ def _consensus_metrics(c: dict[str, Any]) -> Iterator[Metric]:
             "Last sequence number executed by this node's replica.",
             value=c["executed"],
         )
+
+
+def register_process(registry: CollectorRegistry) -> None:
+    """Process (CPU, memory, fds), Python and build info, as every exporter shows them."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    registry.register(BuildInfo())
+
+
+class BuildInfo(Collector):
+    """``dwcp_build_info{version, protocol} 1``: which dwcp a node runs."""
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily(
+            "dwcp_build_info",
+            "The dwcp version and DWCP protocol version of this node (always 1).",
+            labels=["version", "protocol"],
+        )
+        info.add_metric([__version__, str(PROTOCOL_VERSION)], 1)
+        yield info
 
 
 def make_registry(stats: NodeStats) -> CollectorRegistry:

@@ -16,6 +16,7 @@ migration has an id and reports ``started``, ``progress`` and one of ``ok``,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -46,6 +47,8 @@ from dwcp.node.ownership import Claim
 from dwcp.node.service import BaseService
 from dwcp.node.store import check_image_name
 from dwcp.pba.compression import MAX_LEVEL, MIN_LEVEL, AdaptiveLevel
+from dwcp.pba.eta import MigrationEta
+from dwcp.pba.paths import PathStore
 from dwcp.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
@@ -393,6 +396,9 @@ class Migrations(BaseService):
         self.outgoing[mid] = task
         self.migrating.add(name)
         last: dict[str, Any] = {"t": 0.0, "phase": ""}
+        paths: PathStore | None = getattr(ctx.sessions, "paths", None)
+        hist = await asyncio.to_thread(paths.get, peer.public_key.node_id) if paths else None
+        eta = MigrationEta(hist.predictor() if hist else None)  # PBA: predicted_seconds, eta_s
 
         def say(data: dict[str, Any]) -> None:
             emit(data)
@@ -400,6 +406,8 @@ class Migrations(BaseService):
 
         def progress(p: Progress) -> None:
             now = time.monotonic()
+            if p.phase == "sending" and last["phase"] != "sending":
+                eta.start(now - t0, p.bytes_to_send)
             if now - last["t"] >= PROGRESS_INTERVAL or p.phase != last["phase"]:
                 last["t"], last["phase"] = now, p.phase
                 say(
@@ -411,6 +419,9 @@ class Migrations(BaseService):
                         "bytes_sent": p.bytes_sent,
                         "bytes_wire": p.bytes_wire,
                         "dedup_ratio": round(p.dedup_ratio, 4),
+                        "eta_s": eta.remaining(
+                            now - t0, p.bytes_to_send, p.bytes_sent, p.bytes_wire
+                        ),
                     }
                 )
 
@@ -451,6 +462,15 @@ class Migrations(BaseService):
         s.bytes_raw += result.bytes_sent
         s.bytes_compressed += result.bytes_wire
         out: dict[str, Any] = result.to_dict()
+        out["predicted_seconds"] = eta.predicted_seconds
+        if paths is not None and eta.predicted_seconds is not None:
+            with contextlib.suppress(OSError):  # the history is an optimisation
+                await asyncio.to_thread(
+                    paths.record_transfer,
+                    peer.public_key.node_id,
+                    eta.predicted_seconds,
+                    result.seconds,
+                )
         self._tell(MigrationEvent(mid, "out", "ok", name, peer.name, out))
         log.info(
             "migrated %s to %s: %d bytes on the wire for %d",

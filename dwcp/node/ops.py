@@ -1,5 +1,5 @@
-"""The node's own control operations (status, images, peers, owner, reload) and its
-Prometheus endpoint."""
+"""The node's own control operations (status, images, peers, owner, reload); its
+Prometheus endpoint is ``dwcp.node.metrics_http``."""
 
 from __future__ import annotations
 
@@ -10,13 +10,10 @@ from typing import Any
 
 from dwcp import __version__, delta
 from dwcp.errors import UsageError
-from dwcp.node import metrics
 from dwcp.node.context import NodeContext
 from dwcp.node.control import Emit, Handler
 from dwcp.node.service import BaseService
 from dwcp.node.store import check_image_name
-
-METRICS_READ_SECONDS = 5.0  # a scraper sends a few short lines
 
 
 class NodeOps(BaseService):
@@ -99,44 +96,3 @@ class NodeOps(BaseService):
     async def op_reload(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         await self.ctx.reload()
         return {"peers": [p.name for p in self.ctx.config.peers]}
-
-
-class MetricsEndpoint(BaseService):
-    """``GET /metrics`` over HTTP on ``[node] metrics_listen``, when set."""
-
-    name = "metrics"
-
-    def __init__(self, ctx: NodeContext) -> None:
-        self.ctx = ctx
-        self.registry = metrics.make_registry(ctx.stats)
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        m = self.ctx.config.metrics_listen
-        if m is not None:
-            self._server = await asyncio.start_server(self._serve, m.host, m.port)
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(METRICS_READ_SECONDS):
-                line = await reader.readline()
-                for _ in range(100):
-                    if await reader.readline() in (b"\r\n", b"\n", b""):
-                        break
-            ok = line.split(b" ")[1:2] == [b"/metrics"]
-            body = metrics.render(self.registry) if ok else b"see /metrics\n"
-            status = b"200 OK" if ok else b"404 Not Found"
-            writer.write(
-                b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; version=0.0.4\r\n"
-                b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
-            )
-            writer.write(body)
-            await writer.drain()
-        except (TimeoutError, ConnectionError, ValueError):
-            pass
-        finally:
-            writer.close()

@@ -10,7 +10,11 @@ is built in.
 Outgoing: a session that carried a migration to its end is kept for
 ``KEEP_SECONDS`` and reused by the next one to that peer: a new session costs a
 QUIC handshake and, worse over a WAN, a cold congestion controller that needs
-several round trips to reach the path's rate. A kept session is checked before
+several round trips to reach the path's rate. A new session to a peer this node
+has a path history for (``dwcp.pba.paths``, when ``paths`` is set) starts at the
+connections x streams its last session ended on instead of probing up from
+one; every session's measurements are added to that history when it is
+checked in. A kept session is checked before
 it is reused: a peer killed and restarted meanwhile no longer knows it, and
 would leave the next migration waiting for the idle timeout (issue 19, item 3).
 The check (one ``ping`` request, ``check_timeout``) runs while the source scans
@@ -28,9 +32,11 @@ from typing import TYPE_CHECKING
 
 from dwcp.errors import DwcpError, RemoteError
 from dwcp.identity import NodeKey, PublicKey
+from dwcp.node.bindinfo import bind_error
 from dwcp.node.config import Address, Peer
 from dwcp.node.metrics import LinkStats
 from dwcp.node.service import BaseService
+from dwcp.pba.paths import PathStore, to_seconds
 from dwcp.tasks import TaskSet, consume
 
 if TYPE_CHECKING:
@@ -77,6 +83,8 @@ class PeerSessions(BaseService):
         self._idle: dict[bytes, list[tuple[Session, asyncio.TimerHandle]]] = {}
         self._closing = TaskSet("session closes")
         self._stopped = False
+        self.paths: PathStore | None = None  # per-peer history: warm starts (dwcp.pba.paths)
+        self._recorded: dict[int, float] = {}  # session -> its last sample already recorded
 
     # --- registries -------------------------------------------------------------------
 
@@ -113,15 +121,18 @@ class PeerSessions(BaseService):
         if self.server is not None:
             self.server.trusted = frozenset(trusted)  # checked on every new connection
         elif trusted:
-            self.server = await serve(
-                self.listen.host,
-                self.listen.port,
-                self.key,
-                trusted,
-                self._on_session,
-                config=self.config,
-                on_request=self._on_request,
-            )
+            try:
+                self.server = await serve(
+                    self.listen.host,
+                    self.listen.port,
+                    self.key,
+                    trusted,
+                    self._on_session,
+                    config=self.config,
+                    on_request=self._on_request,
+                )
+            except OSError as exc:
+                raise bind_error(exc, self.listen.host, self.listen.port) from exc
 
     # --- incoming ---------------------------------------------------------------------
 
@@ -172,7 +183,7 @@ class PeerSessions(BaseService):
                 peer.address.port,
                 self.key,
                 [peer.public_key],
-                config=self.config,
+                config=await self.warm_config(peer),
             )
         self.sessions[id(session)] = (peer.name, session)
         return session
@@ -199,9 +210,45 @@ class PeerSessions(BaseService):
             return session
         return None
 
+    async def warm_config(self, peer: Peer) -> TransportConfig | None:
+        """The transport config for a new session: at the level the path's history knows."""
+        if self.paths is None:
+            return self.config
+        from dataclasses import replace
+
+        from dwcp.transport import TransportConfig
+
+        rec = await asyncio.to_thread(self.paths.get, peer.public_key.node_id)
+        if rec is None or rec.level is None:
+            return self.config
+        conns, streams = rec.level
+        base = self.config or TransportConfig()
+        return replace(base, initial_connections=conns, initial_streams=streams)
+
+    def _record(self, session: Session, name: str) -> None:
+        """Add the session's new measurements to its peer's path history (in a thread)."""
+        if self.paths is None or self._stopped:
+            return
+        snap = session.snapshot()
+        last = self._recorded.get(id(session), -1.0)
+        samples = [s for s, _ in snap.history if s.now > last]
+        if not samples:
+            return
+        self._recorded[id(session)] = samples[-1].now
+        seconds = to_seconds(samples, time.time())
+        level = (snap.decision.connections, snap.decision.streams) if snap.decision else None
+        work = asyncio.to_thread(
+            self.paths.record_session, session.peer.node_id, seconds, name=name, level=level
+        )
+        self._closing.spawn(work, name="path history")
+
     def checkin(self, session: Session, *, reuse: bool) -> None:
         """Done with ``session``: keep it for the next migration to its peer, or close it."""
-        self.sessions.pop(id(session), None)
+        name = self.sessions.pop(id(session), ("", None))[0]
+        try:
+            self._record(session, name)
+        except OSError as exc:  # history is an optimisation: never fail a migration over it
+            log.warning("could not record the path history: %s", exc)
         if not (reuse and self.accepting and not session.closed and self.keep_seconds > 0):
             self._close_later(session, "migration finished", linger=5.0)
             return
@@ -219,6 +266,7 @@ class PeerSessions(BaseService):
         self._close_later(session, "idle")
 
     def _close_later(self, session: Session, reason: str, *, linger: float = 0.0) -> None:
+        self._recorded.pop(id(session), None)
         """Close in the background (a linger must not hold up the migration's result)."""
         if self._stopped:  # close() already waited for the others: nothing to wait for this
             asyncio.ensure_future(session.close(reason, linger=0)).add_done_callback(consume)

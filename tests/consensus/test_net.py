@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from dwcp.consensus.net import ClientPool, FrameProtocol, LocalCluster, NetConfig, frame
+from dwcp.consensus.conn import FrameProtocol
+from dwcp.consensus.net import ClientPool, NetConfig
 from dwcp.consensus.registry import decode_result, encode_op
+from dwcp.consensus.testing import LocalCluster
+from dwcp.framing import encode as frame
 
 # Upper bounds only, so a hung cluster fails instead of blocking CI; never a speed assertion.
 HANG_GUARD = 60.0
@@ -80,9 +83,12 @@ def test_frame_protocol_splits_and_refuses_oversized_frames() -> None:
     async def scenario() -> None:
         got: list[bytes] = []
         hellos: list[bytes] = []
-        proto = FrameProtocol(
-            16, lambda p, d: got.append(d), on_hello=lambda p, d: hellos.append(d)
-        )
+
+        def handshake(p: FrameProtocol, d: bytes) -> bool:
+            hellos.append(d)
+            return True
+
+        proto = FrameProtocol(16, lambda p, d: got.append(d), handshake=handshake)
 
         class T(asyncio.Transport):
             closed = False
@@ -118,7 +124,7 @@ def test_partial_or_huge_length_does_not_deliver(junk: bytes) -> None:
         proto.connection_made(T())
         proto.data_received(junk)
         assert got == []
-        assert len(proto.buf) <= len(junk)
+        assert proto.buffered <= len(junk)
 
     asyncio.run(scenario())
 

@@ -753,14 +753,14 @@ def test_a_core_error_on_one_message_keeps_the_batch_s_other_actions(
         (send,) = net.clients[ci].request(encode_op("register", f"vm{ci}", "hostA"), net.now)
         raws.append(send.data)
     rep = net.replica(0)
-    real = rep.receive
+    real = rep._handle
 
-    def flaky(data: bytes, now: float) -> list[Action]:
+    def flaky(data: bytes, now: float, out: list[Action]) -> None:
         if data == raws[1]:
             raise RuntimeError("a bug")
-        return real(data, now)
+        real(data, now, out)
 
-    monkeypatch.setattr(rep, "receive", flaky)
+    monkeypatch.setattr(rep, "_handle", flaky)
     actions = rep.receive_batch(raws, net.now)
     assert rep.stats["internal_errors"] == 1
     pps = [CODEC.decode(a.data) for a in actions if isinstance(a, Broadcast)]

@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from dwcp.consensus.net import ClientPool, NetConfig, free_ports
+from dwcp.consensus.net import ClientPool, NetConfig
 from dwcp.consensus.registry import decode_result, encode_op
+from dwcp.consensus.testing import free_ports
 from dwcp.identity import NodeKey, PublicKey
 from node.cluster import ENV, PY, NodeProc, dwcp, make_image, sha256_file
 

@@ -1,0 +1,196 @@
+"""ASS membership (SWIM + Lifeguard) in the seeded virtual-time simulator, beside plain SWIM.
+
+Measures, each run with ``lifeguard`` on and off (plain SWIM: fixed timeouts, no local
+health, no nacks, fixed suspicion timeout, no buddy rule), probe period 1 s, gossip every
+0.2 s to 3 members (memberlist's LAN defaults):
+- dissemination: a new incarnation announced by one member, rounds (gossip intervals of
+  0.2 s) until 99.9% and 100% of members hold it;
+- detection: a member crashes; seconds until the first suspicion and until every live
+  member holds it dead;
+- accuracy: no member fails, loss 1/5/10% (independent, per message): false "dead"
+  declarations (suspicion timeouts that fired on a live member) and accusations per hour
+  of virtual time; and with 10% of members stalling (each alternates 5-15 s running and
+  2-5 s doing nothing, its timers firing before its queued messages on resume) at 1% loss;
+- scale: wall time of 5,000 members x 600 virtual s at 1% loss (one process, one core);
+- gossip bytes per member per second (encoded size + signature envelope).
+
+    python benchmarks/gossip_bench.py [--n 1000] [--big 5000] [--seconds 3600]
+        [--scale-seconds 600] [--seed 1] [--only dissem,detect,accuracy,scale] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from typing import Any
+
+from dwcp.gossip import DEAD, Change, SwimConfig
+from dwcp.gossip.sim import SimNet
+
+GOSSIP_INTERVAL = 0.2
+
+
+def dissemination(n: int, seed: int, lifeguard: bool, loss: float) -> dict[str, Any]:
+    net = SimNet(n, seed=seed, config=SwimConfig(lifeguard=lifeguard), loss=loss)
+    net.run_until(3.0)
+    got: dict[str, float] = {}
+    inc = 0
+
+    def seen(node: str, c: Change) -> None:
+        if c.name == "n0" and c.incarnation >= inc and node not in got:
+            got[node] = net.now
+
+    net.on_change = seen
+    t0 = net.now
+    inc = net.bump("n0")
+    t = t0
+    while len(got) < n - 1 and t < t0 + 120:
+        t += GOSSIP_INTERVAL / 4
+        net.run_until(t)
+    times = sorted(v - t0 for v in got.values())
+    k999 = max(0, -(-(n - 1) * 999 // 1000) - 1)
+    s999 = times[k999] if len(times) > k999 else float("inf")
+    s100 = times[-1] if len(times) == n - 1 else float("inf")
+    return {
+        "n": n,
+        "loss": loss,
+        "lifeguard": lifeguard,
+        "s_999": round(s999, 3),
+        "s_100": round(s100, 3),
+        "rounds_999": round(s999 / GOSSIP_INTERVAL, 1),
+        "rounds_100": round(s100 / GOSSIP_INTERVAL, 1),
+    }
+
+
+def detection(n: int, seed: int, lifeguard: bool) -> dict[str, Any]:
+    net = SimNet(n, seed=seed, config=SwimConfig(lifeguard=lifeguard))
+    net.run_until(5.0)
+    victim = "n7"
+    first: list[float] = []
+    dead: set[str] = set()
+
+    def seen(node: str, c: Change) -> None:
+        if c.name != victim:
+            return
+        if not first:
+            first.append(net.now)
+        if c.new == DEAD:
+            dead.add(node)
+
+    net.on_change = seen
+    t0 = net.now
+    net.crash(victim)
+    t = t0
+    while len(dead) < n - 1 and t < t0 + 600:
+        t += 0.5
+        net.run_until(t)
+    return {
+        "n": n,
+        "lifeguard": lifeguard,
+        "first_suspicion_s": round(first[0] - t0, 2) if first else None,
+        "dead_everywhere_s": round(t - t0, 1) if len(dead) == n - 1 else None,
+    }
+
+
+def accuracy(n: int, seed: int, lifeguard: bool, loss: float, seconds: float, stall: bool):
+    cfg = SwimConfig(lifeguard=lifeguard)
+    net = SimNet(n, seed=seed, config=cfg, loss=loss)
+    rng = random.Random(seed + 17)
+    stallers = rng.sample(net.names, n // 10) if stall else []
+    next_stall = {s: rng.uniform(0, 15) for s in stallers}
+    step = 0.25
+    t = 0.0
+    wall = time.perf_counter()
+    while t < seconds:
+        t += step
+        for s, when in next_stall.items():
+            if when <= t:
+                d = rng.uniform(2, 5)
+                net.stall(s, d)
+                next_stall[s] = t + d + rng.uniform(5, 15)
+        net.run_until(t)
+    wall = time.perf_counter() - wall
+    stats = [node.stats for node in net.nodes.values()]
+    per_hour = 3600.0 / seconds
+    dead_views = sum(1 for a in net.nodes.values() for m in a.members.values() if m.state == DEAD)
+    row = {
+        "n": n,
+        "lifeguard": lifeguard,
+        "loss": loss,
+        "stall": stall,
+        "seconds": seconds,
+        "false_dead_per_h": round(sum(s["deaths"] for s in stats) * per_hour, 1),
+        "accusations_per_h": round(sum(s["accusations"] for s in stats) * per_hour, 1),
+        "refutations_per_h": round(sum(s["refutations"] for s in stats) * per_hour, 1),
+        "dead_views_at_end": dead_views,
+        "bytes_per_node_s": round(net.bytes_sent / n / seconds, 1),
+        "msgs_per_node_s": round(net.messages / n / seconds, 2),
+        "wall_s": round(wall, 1),
+    }
+    print("  run:", json.dumps(row), flush=True)  # long runs: each row as soon as it is known
+    return row
+
+
+def _table(title: str, rows: list[dict[str, Any]], cols: list[str]) -> None:
+    print(f"\n{title}")
+    print("  ".join(f"{c:>16}" for c in cols))
+    for r in rows:
+        print("  ".join(f"{r.get(c)!s:>16}" for c in cols))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--big", type=int, default=5000)
+    ap.add_argument("--seconds", type=float, default=3600.0, help="virtual s per accuracy run")
+    ap.add_argument("--scale-seconds", type=float, default=600.0)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--only", default="dissem,detect,accuracy,scale")
+    ap.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    out: dict[str, Any] = {"load": os.getloadavg()[0], "seed": args.seed}
+    modes = (True, False)
+    if "dissem" in only:
+        rows = [
+            dissemination(n, args.seed, lg, loss)
+            for n in (args.n, args.big)
+            for loss in (0.0, 0.05)
+            for lg in modes
+        ]
+        cols = ["n", "loss", "lifeguard", "rounds_999", "rounds_100", "s_999", "s_100"]
+        _table("dissemination (round = 0.2 s gossip interval)", rows, cols)
+        out["dissemination"] = rows
+    if "detect" in only:
+        rows = [detection(args.n, args.seed, lg) for lg in modes]
+        _table(
+            "crash detection", rows, ["n", "lifeguard", "first_suspicion_s", "dead_everywhere_s"]
+        )
+        out["detection"] = rows
+    if "accuracy" in only:
+        cases = [(0.01, False), (0.05, False), (0.10, False), (0.01, True), (0.05, True)]
+        rows = [
+            accuracy(args.n, args.seed, lg, loss, args.seconds, stall)
+            for loss, stall in cases
+            for lg in modes
+        ]
+        cols = ["loss", "stall", "lifeguard", "false_dead_per_h", "accusations_per_h",
+                "refutations_per_h", "bytes_per_node_s", "wall_s"]  # fmt: skip
+        _table(f"accuracy, n = {args.n}, {args.seconds:g} virtual s per run", rows, cols)
+        out["accuracy"] = rows
+    if "scale" in only:
+        r = accuracy(args.big, args.seed, True, 0.01, args.scale_seconds, False)
+        _table("scale (Lifeguard, 1% loss)", [r], ["n", "seconds", "wall_s", "bytes_per_node_s"])
+        out["scale"] = r
+    out["load_end"] = os.getloadavg()[0]
+    if args.json:
+        print(json.dumps(out, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

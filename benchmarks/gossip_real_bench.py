@@ -1,0 +1,164 @@
+"""ASS on real daemons: 8 ``dwcp-node`` processes on loopback gossiping over signed UDP.
+
+Measures (probe period ``--period``, default 1 s, memberlist's LAN timing scaled to it):
+- seconds from the last node's start until every node has heard every other and holds it
+  alive;
+- seconds from SIGKILL of one node until every other holds it dead (the bound is the
+  Lifeguard suspicion maximum, 6 x 4 x max(1, log10 n) periods, plus a probe cycle);
+- seconds from its restart until it is alive everywhere again;
+- seconds from an image written into one node's image directory until ``where`` at every
+  node names it (target <= 5 s);
+- gossip bytes sent per node per second over a quiet window (signed datagrams).
+Loopback has no loss here: the link emulator needs namespaces this bench does not create.
+
+    python benchmarks/gossip_real_bench.py [--period 1.0] [--quiet 20] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from dwcp.gossip.health import suspicion_min
+from dwcp.node import control
+from dwcp.node.config import load_config
+
+N = 8
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Node:
+    def __init__(self, root: Path, name: str) -> None:
+        self.name, self.dir = name, root / name
+        out = subprocess.run(
+            [PY, "-m", "dwcp.cli", "init", str(self.dir), "--listen", f"127.0.0.1:{free_port()}",
+             "--name", name],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        self.pubkey = out.stdout.strip().splitlines()[-1]
+        self.config = self.dir / "node.toml"
+        self.sock = load_config(self.config).control_path
+        self.gossip_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = open(self.dir / "node.log", "ab")  # noqa: SIM115 - the child keeps it
+        self.proc = subprocess.Popen(
+            [PY, "-m", "dwcp.node", "--config", str(self.config)], stderr=log, stdout=log
+        )
+        for _ in range(600):
+            try:
+                control.call(self.sock, "status", timeout=5)
+                return
+            except (control.NodeNotRunningError, OSError):
+                time.sleep(0.05)
+        raise SystemExit(f"node {self.name} did not start")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+            self.proc = None
+
+    def members(self) -> dict[str, Any]:
+        return dict(control.call(self.sock, "members", timeout=10))
+
+
+def wait(pred: Any, limit: float) -> float | None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit:
+        if pred():
+            return round(time.monotonic() - t0, 2)
+        time.sleep(0.05)
+    return None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--period", type=float, default=1.0)
+    ap.add_argument("--quiet", type=float, default=20.0, help="seconds of the bytes/s window")
+    ap.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    args = ap.parse_args()
+    out: dict[str, Any] = {"n": N, "period": args.period, "load": os.getloadavg()[0]}
+    with tempfile.TemporaryDirectory(prefix="gossip-bench-") as tmp:
+        nodes = [Node(Path(tmp), f"g{i}") for i in range(N)]
+        table = "".join(
+            f'\n[[members]]\nname = "{n.name}"\nkey = "{n.pubkey}"\n'
+            f'address = "127.0.0.1:{n.gossip_port}"\n'
+            for n in nodes
+        )
+        for n in nodes:
+            (n.dir / "gossip.toml").write_text(
+                f'listen = "127.0.0.1:{n.gossip_port}"\nperiod = {args.period}\n' + table
+            )
+        try:
+            for n in nodes:
+                n.start()
+
+            def states(n: Node) -> dict[str, tuple[str, Any]]:
+                return {r["name"]: (r["state"], r["heard_s"]) for r in n.members()["members"]}
+
+            def all_alive(skip: str = "") -> bool:
+                for n in nodes:
+                    st = states(n)
+                    if any(s != "alive" or h is None for s, h in st.values()):
+                        return False
+                return True
+
+            out["all_alive_s"] = wait(all_alive, 120)
+            before = {n.name: n.members()["bytes_sent"] for n in nodes}
+            time.sleep(args.quiet)
+            after = {n.name: n.members()["bytes_sent"] for n in nodes}
+            rates = [(after[k] - before[k]) / args.quiet for k in before]
+            out["bytes_per_node_s"] = round(sum(rates) / len(rates), 1)
+            victim = nodes[3]
+            victim.stop(signal.SIGKILL)
+            bound = suspicion_min(4, N, args.period) * 6 + N * args.period
+            out["dead_bound_s"] = round(bound, 1)
+            out["dead_everywhere_s"] = wait(
+                lambda: all(states(n)[victim.name][0] == "dead" for n in nodes if n is not victim),
+                bound + 30,
+            )
+            victim.start()
+            out["alive_again_s"] = wait(all_alive, 120)
+            (nodes[5].dir / "data" / "images").mkdir(parents=True, exist_ok=True)
+            img = load_config(nodes[5].config).data_dir / "images" / "bench.img"
+            img.write_bytes(os.urandom(4 << 20))
+            out["where_everywhere_s"] = wait(
+                lambda: all(
+                    any(
+                        h["member"] == nodes[5].name
+                        for h in control.call(n.sock, "where", {"image": "bench.img"})["holders"]
+                    )
+                    for n in nodes
+                ),
+                60,
+            )
+        finally:
+            for n in nodes:
+                n.stop()
+    out["load_end"] = os.getloadavg()[0]
+    for k, v in out.items():
+        print(f"{k:>20}  {v}")
+    if args.json:
+        print(json.dumps(out, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

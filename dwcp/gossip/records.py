@@ -1,0 +1,92 @@
+"""The records of the ASS membership core: its configuration, members, suspicions, probes.
+
+Why apart from ``swim``: they are plain data with no protocol logic; the core and the
+service read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from dwcp.errors import UsageError
+from dwcp.gossip.messages import ALIVE
+
+
+@dataclass(frozen=True)
+class SwimConfig:
+    """memberlist's LAN defaults (probe 1 s / 0.5 s, 3 indirect checks, SuspicionMult 4)."""
+
+    probe_interval: float = 1.0
+    probe_timeout: float = 0.5
+    """Until an RTT is measured; then clamp(3 x worst recent RTT, min_probe_timeout, interval/2)."""
+    min_probe_timeout: float = 0.2
+    indirect_checks: int = 3
+    suspicion_mult: int = 4
+    suspicion_max_mult: int = 6
+    retransmit_mult: int = 4
+    gossip_interval: float = 0.2
+    gossip_nodes: int = 3
+    gossip_to_dead: float = 30.0
+    """Members dead for less than this still get gossip, so a live one learns it and refutes."""
+    reconnect_interval: float = 30.0
+    """Every this often a probe goes to a random dead member instead (serf's reconnect), so
+    both sides of a healed partition find each other: admission says who to try."""
+    awareness_max: int = 8
+    packet_budget: int = 1400 - 64 - 40
+    """Bytes of one message before the envelope (signature, sender, counter)."""
+    lifeguard: bool = True
+
+    def __post_init__(self) -> None:
+        if self.probe_interval <= 0 or self.probe_timeout <= 0 or self.gossip_interval <= 0:
+            raise UsageError("probe_interval, probe_timeout and gossip_interval must be > 0")
+        if self.probe_timeout >= self.probe_interval:
+            raise UsageError("probe_timeout must be shorter than probe_interval")
+        if self.indirect_checks < 0 or self.suspicion_mult < 1 or self.gossip_nodes < 1:
+            raise UsageError("indirect_checks >= 0, suspicion_mult >= 1, gossip_nodes >= 1")
+
+
+class Change(NamedTuple):
+    """A member's state or incarnation changed in this member's view."""
+
+    time: float
+    name: str
+    old: int
+    new: int
+    incarnation: int
+    by: str
+
+
+class Member:
+    __slots__ = ("heard", "inc", "name", "rtts", "since", "state", "susp")
+
+    def __init__(self, name: str, now: float) -> None:
+        self.name = name
+        self.state = ALIVE
+        self.inc = 0
+        self.since = now
+        self.heard: float | None = None
+        self.rtts: list[float] | None = None
+        self.susp: Suspicion | None = None
+
+
+class Suspicion:
+    __slots__ = ("confirmed", "deadline", "start", "token")
+
+    def __init__(self, start: float, origin: str, token: int) -> None:
+        self.start = start
+        self.confirmed = {origin}
+        self.deadline = start
+        self.token = token
+
+
+class Probe:
+    __slots__ = ("acked", "expected_nacks", "nacks", "sent", "seq", "target")
+
+    def __init__(self, seq: int, target: str, sent: float) -> None:
+        self.seq = seq
+        self.target = target
+        self.sent = sent
+        self.acked = False
+        self.nacks = 0
+        self.expected_nacks = 0
