@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 
 from dwcp import errors
-from dwcp.consensus.net import free_ports
+from dwcp.consensus.testing import free_ports
 from dwcp.identity import NodeKey
 from dwcp.node import control
 from dwcp.node.config import load_config
