@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from dwcp.cli._node import call_node, require_config
-from dwcp.node.config import append_peer, load_config, remove_peer
+from dwcp.node.config import Peer, append_peer, load_config, remove_peer
 from dwcp.node.control import NodeNotRunningError
 
 
@@ -39,23 +39,25 @@ def _reload(path: object) -> bool:
     return True
 
 
+def _report(peer: Peer, live: bool, as_json: bool, text: str) -> None:
+    """One result line for ``peers add``/``remove``: the JSON shape both share, or ``text``."""
+    if as_json:
+        doc = {
+            "name": peer.name,
+            "address": str(peer.address),
+            "public_key": peer.public_key.text,
+            "node_reloaded": live,
+        }
+        print(json.dumps(doc))
+    else:
+        print(text)
+
+
 def run_remove(args: argparse.Namespace) -> int:
     config = require_config(args)
     peer = remove_peer(config, args.name)
     live = _reload(config.path)
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "name": peer.name,
-                    "address": str(peer.address),
-                    "public_key": peer.public_key.text,
-                    "node_reloaded": live,
-                }
-            )
-        )
-    else:
-        print(f"no longer trusting peer {peer.name} at {peer.address}")
+    _report(peer, live, args.json, f"no longer trusting peer {peer.name} at {peer.address}")
     return 0
 
 
@@ -63,19 +65,8 @@ def run_add(args: argparse.Namespace) -> int:
     config = require_config(args)
     peer = append_peer(config, args.name, args.address, args.public_key)
     live = _reload(config.path)
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "name": peer.name,
-                    "address": str(peer.address),
-                    "public_key": peer.public_key.text,
-                    "node_reloaded": live,
-                }
-            )
-        )
-    else:
-        print(f"trusting peer {peer.name} at {peer.address} (node id {peer.public_key.node_id})")
+    text = f"trusting peer {peer.name} at {peer.address} (node id {peer.public_key.node_id})"
+    _report(peer, live, args.json, text)
     return 0
 
 

@@ -13,7 +13,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import Protocol, cast
 
 from dwcp import framing
 from dwcp.consensus.handshake import DialerHandshake
@@ -119,14 +119,13 @@ class FrameProtocol(asyncio.Protocol):
             self.on_lost(self)
 
 
-class Endpoint:
+class Endpoint(Protocol):
     """What a ``Link`` needs of its owner: the cluster, the frame limit, the frame handler."""
 
     addresses: tuple[tuple[str, int], ...]
     limit: int
 
-    def on_frame(self, proto: FrameProtocol, data: bytes) -> None:
-        raise NotImplementedError
+    def on_frame(self, proto: FrameProtocol, data: bytes) -> None: ...
 
 
 class Link:
