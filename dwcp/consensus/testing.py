@@ -6,6 +6,7 @@ Kept out of the daemon's import path (``dwcp.consensus.net`` is what a node load
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -15,19 +16,38 @@ from typing import Any
 from dwcp.consensus.net import NetConfig, init_cluster
 from dwcp.identity import NodeKey
 
+_HANDED_OUT: set[int] = set()
+# Below the kernel's ephemeral range (32768-60999 by default), so a port handed out here is
+# not also given to some process's outgoing connection between the check and the bind.
+_PORT_RANGE = (10000, 32767)
+
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """Ports the kernel just handed out (closed again; good enough for loopback tests)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """Ports free for both TCP and UDP on ``host`` (checked, then closed again: good enough
+    for loopback tests), never the same twice in one process. Drawn at random outside the
+    ephemeral range, because the kernel's own ``bind(0)`` picks from the range that outgoing
+    connections use too, which made concurrent test runs collide ("Address already in use")."""
+    rng = random.SystemRandom()
+    ports: list[int] = []
+    for _ in range(64 * count):
+        if len(ports) == count:
+            return ports
+        port = rng.randint(*_PORT_RANGE)
+        if port in _HANDED_OUT or not _bindable(host, port):
+            continue
+        _HANDED_OUT.add(port)
+        ports.append(port)
+    raise OSError(f"no {count} free ports on {host} in {_PORT_RANGE}")
+
+
+def _bindable(host: str, port: int) -> bool:
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+    return True
 
 
 class LocalCluster:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dwcp.consensus.testing import free_ports
 from dwcp.node import control
 from dwcp.node.config import load_config
 
@@ -22,9 +23,9 @@ STARTUP_POLLS = 400  # x 0.05 s: generous for a loaded 2-core machine
 
 
 def free_udp_port(kind: int = socket.SOCK_DGRAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free for TCP and UDP alike (``kind`` is kept for the callers' clarity)."""
+    del kind
+    return free_ports(1)[0]
 
 
 def sha256_file(path: Path) -> str:
