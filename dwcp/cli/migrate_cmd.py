@@ -48,6 +48,15 @@ def register(sub: Any) -> None:
         action="store_true",
         help="replace it, keeping the old one at the peer as NAME.~N~",
     )
+    p.add_argument(
+        "--live",
+        action="store_true",
+        help="IMAGE names a running VM: move it while it runs (disk, RAM, then ownership)",
+    )
+    p.add_argument(
+        "--downtime-limit", type=int, metavar="MS", help="with --live: QEMU's downtime limit"
+    )
+    p.add_argument("--postcopy", action="store_true", help="with --live: allow postcopy")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     p.set_defaults(func=run)
 
@@ -111,7 +120,30 @@ class _Bar:
             self.progress.stop()
 
 
+def run_live(args: argparse.Namespace) -> int:
+    """``migrate --live VM --to PEER``: returns when the VM runs at PEER."""
+    config = require_config(args)
+    if args.postcopy:
+        print("dwcp: --postcopy is not supported yet; run without it", file=sys.stderr)
+        return 2
+    request = {"name": args.image, "to": args.to, "downtime_limit": args.downtime_limit}
+    result: dict[str, Any] = call_node(config, "migrate_live", request)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(
+        f"live-migrated VM {result['name']} to {result['peer']} in {result['seconds']:.2f} s "
+        f"(downtime {result['downtime_ms']:.0f} ms, {human_bytes(result['bytes_wire'])} on the "
+        f"wire: RAM {human_bytes(result['bytes_ram'])}, disk {human_bytes(result['bytes_disk'])})"
+    )
+    if result.get("owner"):
+        print(f"VM {result['name']} now owned by {result['peer']} (epoch {result['epoch']})")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.live:
+        return run_live(args)
     config = require_config(args)
     image = Path(args.image)
     target = str(image.resolve()) if image.exists() else args.image

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dwcp.errors import UsageError, VmError
+from dwcp.live.node import LiveMigrator
 from dwcp.node.context import NodeContext
 from dwcp.node.control import Emit, Handler
 from dwcp.node.service import BaseService
@@ -50,6 +51,8 @@ class VmSupervisor(BaseService):
         self.ctx = ctx
         self.qmp: dict[str, QmpClient] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self.live = LiveMigrator(self)
+        self.live.register()  # its peer channels, before the node accepts sessions
 
     @property
     def vms_dir(self) -> Path:
@@ -68,6 +71,7 @@ class VmSupervisor(BaseService):
             "vm_stop": self.op_stop,
             "vm_list": self.op_list,
             "vm_status": self.op_status,
+            "migrate_live": self.live.op_migrate_live,
         }
 
     async def start(self) -> None:
@@ -80,6 +84,7 @@ class VmSupervisor(BaseService):
 
     async def stop(self) -> None:
         """Leave the VMs running (see the module docstring); close our QMP connections."""
+        await self.live.stop()
         for c in list(self.qmp.values()):
             await c.close()
         self.qmp.clear()
@@ -113,10 +118,13 @@ class VmSupervisor(BaseService):
             return "stopped", None
         return str(got.get("status", "unknown")), pid
 
-    async def launch(self, d: VmDefinition, incoming: str | None = None) -> QmpClient:
-        """Start QEMU for ``d`` (paused with ``-S``) and connect QMP."""
+    async def launch(
+        self, d: VmDefinition, incoming: str | None = None, disk_path: Path | None = None
+    ) -> QmpClient:
+        """Start QEMU for ``d`` (paused with ``-S``) and connect QMP; ``disk_path``: a
+        staging disk file instead of the store's (an incoming live migration)."""
         p = self.paths(d.name)
-        disk = self.ctx.store.images_dir / d.disk
+        disk = disk_path or self.ctx.store.images_dir / d.disk
         if not disk.is_file():
             raise UsageError(
                 f"disk image {d.disk} is not in this node's store ({self.ctx.store.images_dir}): "

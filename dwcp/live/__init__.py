@@ -1,0 +1,1 @@
+"""Live migration of running QEMU VMs between dwcp nodes (issue 12)."""

@@ -1,0 +1,475 @@
+"""The node's side of live migration: ``migrate_live`` (source) and the incoming channels.
+
+Source: claim the VM, open a ``dwcp-live/1`` control channel to the peer and send the
+definition (kernel and initrd included). The destination starts QEMU paused under
+``-incoming defer`` on a fresh disk file, exports that disk over NBD and listens for the
+migration stream, each on a private unix socket. The source's QEMU connects to local
+unix sockets; every connection is relayed over its own ``dwcp-live-relay/1`` channel.
+Disk: ``blockdev-mirror sync=full`` to the NBD export until READY. RAM: QEMU pre-copy with
+``pause-before-switchover``; at ``pre-switchover`` (source paused) the mirror is completed,
+the final state sent, ownership committed through PBFT (with ``[consensus]``), and only
+then does the destination ``cont``. Any failure before the commit: the source resumes
+and the destination discards its QEMU and disk file (``phases.Outcome``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dwcp import framing
+from dwcp.errors import ConsensusError, DwcpError, UsageError, VmError
+from dwcp.identity import PublicKey
+from dwcp.live.phases import Outcome, Phase, PhaseMachine
+from dwcp.live.relay import Counter, pipe
+from dwcp.node.control import Emit
+from dwcp.node.store import check_image_name
+from dwcp.vm import definition as vmdef
+from dwcp.vm.definition import VmDefinition
+from dwcp.vm.qmp import QmpClient, QmpClosedError
+
+if TYPE_CHECKING:
+    from dwcp.transport import Channel, Session
+    from dwcp.vm.supervisor import VmSupervisor
+
+log = logging.getLogger("dwcp.live")
+CONTROL = "dwcp-live/1"
+RELAY = "dwcp-live-relay/1"
+MAX_FRAME = 256 << 20  # a kernel or initrd travels as one frame
+MAX_CONTROL = 1 << 16
+POLL = 0.1
+WAIT_RUN_SECONDS = 1800.0  # destination: longest a prepared migration may wait for the run
+
+
+def _msg(obj: dict[str, Any]) -> bytes:
+    return framing.encode(json.dumps(obj).encode())
+
+
+async def _read_msg(reader: Any, timeout: float) -> dict[str, Any]:
+    async with asyncio.timeout(timeout):
+        raw = await framing.read_frame(reader, MAX_CONTROL)
+    got = json.loads(raw)
+    if not isinstance(got, dict):
+        raise VmError("the peer sent a live-migration message that is not an object")
+    return got
+
+
+def disk_size(path: Path) -> tuple[str, int]:
+    fmt = vmdef.disk_format(path)
+    if fmt == "raw":
+        return fmt, path.stat().st_size
+    out = subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", str(path)],
+        capture_output=True, check=True, timeout=30,
+    )  # fmt: skip
+    return fmt, int(json.loads(out.stdout)["virtual-size"])
+
+
+class LiveMigrator:
+    """Both ends of live migration, sharing the supervisor's QMP connections and locks."""
+
+    def __init__(self, vms: VmSupervisor) -> None:
+        self.vms = vms
+        self.ctx = vms.ctx
+        self.targets: dict[str, dict[str, Path]] = {}  # migration id -> kind -> unix socket
+        self.tasks: set[asyncio.Task[None]] = set()  # incoming control and relay channels
+
+    def register(self) -> None:
+        self.ctx.sessions.add_channel_handler(CONTROL, self._on_control)
+        self.ctx.sessions.add_channel_handler(RELAY, self._on_relay)
+
+    # --- source ---------------------------------------------------------------------
+
+    async def op_migrate_live(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        ctx = self.ctx
+        if ctx.draining:
+            raise UsageError("the node is shutting down; re-run when it is back")
+        await ctx.reload()
+        name = check_image_name(str(args.get("name", "")))
+        peer = ctx.config.peer(str(args.get("to", "")))
+        downtime = args.get("downtime_limit")
+        async with self.vms.lock(name):
+            state, _ = await self.vms.state(name)
+            if state != "running":
+                raise UsageError(
+                    f"VM {name} is not running on this node ({state}): 'dwcp vm list' shows "
+                    f"where it is; 'dwcp vm start {name}' starts it here"
+                )
+            return await self._migrate(name, peer, downtime, emit)
+
+    async def _migrate(self, name: str, peer: Any, downtime: Any, emit: Emit) -> dict[str, Any]:
+        ctx, loop = self.ctx, asyncio.get_running_loop()
+        pm = PhaseMachine()
+        t0 = loop.time()
+        pm.start(t0)
+        d = vmdef.load(self.vms.paths(name))
+        paths = self.vms.paths(name)
+        qmp = await self.vms.attach(name)
+        mid = secrets.token_hex(8)
+        claim = None
+        if ctx.ownership is not None:
+            emit({"phase": pm.phase.value})
+            async with asyncio.timeout(pm.remaining(loop.time())):
+                claim = await ctx.ownership.claim(name, peer.public_key)
+        session = await ctx.sessions.checkout(peer)
+        relays: list[asyncio.Task[None]] = []
+        servers: list[asyncio.Server] = []
+        disk_bytes, ram_counter = Counter(), Counter()
+        chan: Channel | None = None
+        result: dict[str, Any] = {}
+        try:
+            pm.advance(Phase.PREPARE, loop.time())
+            emit({"phase": pm.phase.value})
+            chan = await session.open_channel(CONTROL)
+            fmt, size = await asyncio.to_thread(disk_size, ctx.store.images_dir / d.disk)
+            prep = {"op": "prepare", "id": mid, "def": d.to_json(), "format": fmt, "size": size}
+            chan.writer.write(_msg(prep))
+            for present, f in ((d.kernel, paths.kernel), (d.initrd, paths.initrd)):
+                if present:
+                    chan.writer.write(framing.encode(await asyncio.to_thread(f.read_bytes)))
+            await chan.writer.drain()
+            got = await _read_msg(chan.reader, pm.remaining(loop.time()))
+            if not got.get("ok"):
+                raise VmError(f"{peer.name} cannot take VM {name}: {got.get('error')}")
+
+            for kind, counter in (("nbd", disk_bytes), ("mig", ram_counter)):
+                sock = paths.root / f"relay-{kind}.sock"
+                with contextlib.suppress(FileNotFoundError):
+                    sock.unlink()
+                servers.append(
+                    await asyncio.start_unix_server(
+                        self._relay_out(session, mid, kind, counter, relays), path=str(sock)
+                    )
+                )
+            pm.advance(Phase.DISK, loop.time())
+            emit({"phase": pm.phase.value})
+            await qmp.execute(
+                "blockdev-add",
+                {
+                    "driver": "nbd", "node-name": "tgt0", "export": "disk0",
+                    "server": {"type": "unix", "path": str(paths.root / "relay-nbd.sock")},
+                },
+                timeout=min(60.0, pm.remaining(loop.time())),
+            )  # fmt: skip
+            await qmp.execute(
+                "blockdev-mirror",
+                {"job-id": "m0", "device": "disk0", "target": "tgt0", "sync": "full"},
+            )
+            await self._wait_job_ready(qmp, pm, emit)
+
+            pm.advance(Phase.RAM, loop.time())
+            emit({"phase": pm.phase.value})
+            caps = [{"capability": "pause-before-switchover", "state": True}]
+            await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
+            params: dict[str, Any] = {"max-bandwidth": 1 << 40}
+            if downtime is not None:
+                params["downtime-limit"] = int(downtime)
+            await qmp.execute("migrate-set-parameters", params)
+            await qmp.execute("migrate", {"uri": f"unix:{paths.root / 'relay-mig.sock'}"})
+            await self._wait_migration(qmp, pm, ("pre-switchover",), emit)
+
+            pm.advance(Phase.SWITCH, loop.time())  # the source is paused from here
+            emit({"phase": pm.phase.value})
+            await qmp.execute("block-job-cancel", {"device": "m0"})
+            await qmp.wait_event(
+                "BLOCK_JOB_COMPLETED", pm.remaining(loop.time()), match={"device": "m0"}
+            )
+            await qmp.execute("blockdev-del", {"node-name": "tgt0"})
+            await qmp.execute("migrate-continue", {"state": "pre-switchover"})
+            info = await self._wait_migration(qmp, pm, ("completed",), emit)
+
+            pm.advance(Phase.COMMIT, loop.time())
+            emit({"phase": pm.phase.value})
+            owner, epoch = None, None
+            if claim is not None:
+                assert ctx.ownership is not None
+                async with asyncio.timeout(pm.remaining(loop.time())):
+                    got_own = await ctx.ownership.hand_over(claim, peer.public_key)
+                owner, epoch = got_own.owner, got_own.epoch
+            pm.advance(Phase.RUN, loop.time())  # committed: the destination owns the VM
+            emit({"phase": pm.phase.value})
+            chan.writer.write(_msg({"op": "run"}))
+            await chan.writer.drain()
+            ran = await _read_msg(chan.reader, pm.remaining(loop.time()))
+            if not ran.get("ok"):
+                raise VmError(f"{peer.name} could not resume VM {name}: {ran.get('error')}")
+            pm.advance(Phase.DONE, loop.time())
+            ram = info.get("ram", {})
+            result = {
+                "name": name,
+                "peer": peer.name,
+                "live": True,
+                "seconds": round(loop.time() - t0, 3),
+                "downtime_ms": round((pm.downtime() or 0.0) * 1000, 1),
+                "qemu_downtime_ms": info.get("downtime"),
+                "bytes_ram": int(ram.get("transferred", 0)),
+                "bytes_disk": disk_bytes.up + disk_bytes.down,
+                "bytes_wire": disk_bytes.up + disk_bytes.down + ram_counter.up + ram_counter.down,
+                "owner": owner,
+                "epoch": epoch,
+            }
+        except (DwcpError, OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
+            await self._fail(name, qmp, pm, exc)
+            raise self._error(name, peer.name, pm, exc) from None
+        except BaseException:  # cancelled: same rule, then let the cancellation go on
+            await asyncio.shield(self._fail(name, qmp, pm, None))
+            raise
+        finally:
+            for s in servers:
+                s.close()
+            for t in relays:
+                t.cancel()
+            await asyncio.gather(*relays, return_exceptions=True)
+            if chan is not None:
+                with contextlib.suppress(Exception):
+                    chan.writer.close()
+            ctx.sessions.checkin(session, reuse=False)
+        await self.vms.quit(name)  # the destination runs it: the source QEMU exits
+        log.info("live-migrated VM %s to %s", name, peer.name, extra={"event": "live_ok"})
+        return result
+
+    def _relay_out(
+        self, session: Session, mid: str, kind: str, counter: Counter, tasks: list[Any]
+    ) -> Any:
+        async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            tasks.append(asyncio.current_task())
+            try:
+                chan = await session.open_channel(RELAY)
+                chan.writer.write(_msg({"id": mid, "kind": kind}))
+                await chan.writer.drain()  # NBD's server speaks first: the peer must connect now
+                await pipe(r, w, chan.reader, chan.writer, counter)
+            except (DwcpError, OSError):
+                w.close()
+
+        return on_conn
+
+    async def _wait_job_ready(self, qmp: QmpClient, pm: PhaseMachine, emit: Emit) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if pm.expired(loop.time()):
+                raise VmError("the disk copy did not become ready in time")
+            jobs = await qmp.execute("query-block-jobs")
+            job = next((j for j in jobs if j.get("device") == "m0"), None)
+            if job is None:
+                raise VmError("the disk mirror stopped (the destination's NBD export went away)")
+            emit({"phase": "disk", "disk_done": job.get("offset"), "disk_total": job.get("len")})
+            log.debug("disk mirror %s", job, extra={"event": "live_disk"})
+            if job.get("ready"):
+                return
+            await asyncio.sleep(POLL)
+
+    async def _wait_migration(
+        self, qmp: QmpClient, pm: PhaseMachine, want: tuple[str, ...], emit: Emit
+    ) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        while True:
+            if pm.expired(loop.time()):
+                raise VmError(
+                    f"the RAM copy did not reach {want[0]} in time (the guest may dirty memory "
+                    "faster than the link carries it: raise --downtime-limit)"
+                )
+            info: dict[str, Any] = await qmp.execute("query-migrate")
+            status = info.get("status")
+            if status in want:
+                return info
+            if status in ("failed", "cancelled", "cancelling"):
+                raise VmError(f"QEMU's migration {status}: {info.get('error-desc', '')}")
+            ram = info.get("ram", {})
+            log.info("migration %s %s", status, ram, extra={"event": "live_ram"})
+            emit({"phase": pm.phase.value, "ram_sent": ram.get("transferred"),
+                  "ram_remaining": ram.get("remaining")})  # fmt: skip
+            await asyncio.sleep(POLL)
+
+    async def _fail(self, name: str, qmp: QmpClient, pm: PhaseMachine, exc: Any) -> None:
+        """Apply the failure rule (see ``phases``): before the commit, resume the source."""
+        if pm.on_failure() is Outcome.DESTINATION_RUNS:
+            with contextlib.suppress(DwcpError):
+                await self.vms.quit(name)
+            return
+        for cmd, a in (
+            ("migrate_cancel", None),
+            ("block-job-cancel", {"device": "m0", "force": True}),
+        ):
+            with contextlib.suppress(DwcpError):
+                await qmp.execute(cmd, a)
+        with contextlib.suppress(DwcpError):  # the job ends a moment after the cancel
+            await qmp.wait_event("BLOCK_JOB_CANCELLED", 5.0, match={"device": "m0"})
+        with contextlib.suppress(DwcpError):
+            await qmp.execute("blockdev-del", {"node-name": "tgt0"})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10.0
+        while loop.time() < deadline:  # wait for the cancel to settle, then resume
+            with contextlib.suppress(DwcpError):
+                st = (await qmp.execute("query-migrate")).get("status")
+                if st not in ("cancelling", "active", "pre-switchover", "device"):
+                    break
+            await asyncio.sleep(POLL)
+        with contextlib.suppress(DwcpError):
+            if (await qmp.execute("query-status")).get("status") != "running":
+                await qmp.execute("cont")
+        log.info("live migration of %s failed in %s: %s; the VM runs here",
+                 name, pm.phase.value, exc, extra={"event": "live_failed"})  # fmt: skip
+
+    def _error(self, name: str, peer: str, pm: PhaseMachine, exc: BaseException) -> DwcpError:
+        where = (
+            f"VM {name} runs at {peer} (ownership committed)"
+            if pm.on_failure() is Outcome.DESTINATION_RUNS
+            else f"VM {name} keeps running here"
+        )
+        what = str(exc) or type(exc).__name__
+        cls = ConsensusError if isinstance(exc, ConsensusError) else VmError
+        return cls(f"live migration to {peer} failed while {pm.phase.value} ({what}); {where}; "
+                   "re-run the command to try again")  # fmt: skip
+
+    # --- destination ----------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        """A session serves its channels one handler at a time: live migration's control
+        and relay channels run at once, so each runs as its own task (cancelled at stop)."""
+        t = asyncio.create_task(coro)
+        self.tasks.add(t)
+        t.add_done_callback(self.tasks.discard)
+
+    async def stop(self) -> None:
+        for t in list(self.tasks):
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def _on_relay(self, peer_key: PublicKey, session: Session, chan: Channel) -> None:
+        self._spawn(self._relay_in(chan))
+
+    async def _relay_in(self, chan: Channel) -> None:
+        try:
+            hdr = await _read_msg(chan.reader, 30.0)
+            sock = self.targets.get(str(hdr.get("id")), {}).get(str(hdr.get("kind")))
+            log.debug("relay %s to %s", hdr, sock, extra={"event": "live_relay"})
+            if sock is None:
+                chan.writer.close()
+                return
+            r, w = await asyncio.open_unix_connection(str(sock))
+            await pipe(chan.reader, chan.writer, r, w, Counter())
+        except (DwcpError, OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
+            chan.writer.close()
+
+    async def _on_control(self, peer_key: PublicKey, session: Session, chan: Channel) -> None:
+        self._spawn(self._control_in(peer_key, chan))
+
+    async def _control_in(self, peer_key: PublicKey, chan: Channel) -> None:
+        try:
+            prep = await _read_msg(chan.reader, 30.0)
+            d = VmDefinition.from_json(prep["def"])
+        except (DwcpError, TimeoutError, asyncio.IncompleteReadError, ValueError, KeyError):
+            chan.writer.close()
+            return
+        async with self.vms.lock(d.name):
+            await self._incoming(peer_key, chan, prep, d)
+
+    async def _incoming(
+        self, peer_key: PublicKey, chan: Channel, prep: dict[str, Any], d: VmDefinition
+    ) -> None:
+        paths = self.vms.paths(d.name)
+        mid = str(prep.get("id"))
+        disk = self.ctx.store.images_dir / f".{d.disk}.live-{mid}"
+        launched = ran = False
+        try:
+            blobs = []
+            for present in (d.kernel, d.initrd):
+                if present:
+                    async with asyncio.timeout(120.0):
+                        blobs.append(await framing.read_frame(chan.reader, MAX_FRAME))
+            if (await self.vms.state(d.name))[0] != "stopped":
+                raise UsageError(f"VM {d.name} is already running at the destination")
+            await asyncio.to_thread(self._stage, paths, d, blobs, disk, prep)
+            qmp = await self.vms.launch(d, incoming="defer", disk_path=disk)
+            launched = True
+            for k in ("nbd", "mig"):
+                with contextlib.suppress(FileNotFoundError):
+                    (paths.root / f"{k}.sock").unlink()
+            await qmp.execute(
+                "nbd-server-start",
+                {"addr": {"type": "unix", "data": {"path": str(paths.root / "nbd.sock")}}},
+            )
+            await qmp.execute(
+                "block-export-add",
+                {"type": "nbd", "id": "e0", "node-name": "disk0", "name": "disk0",
+                 "writable": True},
+            )  # fmt: skip
+            await qmp.execute("migrate-incoming", {"uri": f"unix:{paths.root / 'mig.sock'}"})
+            self.targets[mid] = {"nbd": paths.root / "nbd.sock", "mig": paths.root / "mig.sock"}
+            chan.writer.write(_msg({"ok": True}))
+            await chan.writer.drain()
+            try:
+                order = await _read_msg(chan.reader, WAIT_RUN_SECONDS)
+            except (DwcpError, TimeoutError, asyncio.IncompleteReadError, ValueError):
+                order = {"op": "run"} if await self._own(d.name) else {"op": "abort"}
+            if order.get("op") != "run":
+                raise VmError("the source aborted the live migration")
+            await self._run(qmp, d, disk)
+            ran = True
+            with contextlib.suppress(DwcpError, OSError):
+                chan.writer.write(_msg({"ok": True, "state": "running"}))
+                await chan.writer.drain()
+        except (DwcpError, OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
+            log.info("incoming live migration of %s failed: %s", d.name, exc,
+                     extra={"event": "live_in_failed"})  # fmt: skip
+            with contextlib.suppress(DwcpError, OSError):
+                chan.writer.write(_msg({"ok": False, "error": str(exc)}))
+        finally:
+            self.targets.pop(mid, None)
+            if not ran:
+                if launched:
+                    with contextlib.suppress(DwcpError):
+                        await self.vms.quit(d.name)
+                with contextlib.suppress(FileNotFoundError):
+                    disk.unlink()
+            chan.writer.close()
+
+    def _stage(
+        self, paths: Any, d: VmDefinition, blobs: list[bytes], disk: Path, prep: dict[str, Any]
+    ) -> None:
+        paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        files = [
+            f for present, f in ((d.kernel, paths.kernel), (d.initrd, paths.initrd)) if present
+        ]
+        for f, blob in zip(files, blobs, strict=True):
+            vmdef.write_atomic(f, blob)
+        vmdef.save(paths, d)
+        size = int(prep["size"])
+        if prep.get("format") == "qcow2":
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), str(size)],
+                           check=True, timeout=30, capture_output=True)  # fmt: skip
+        else:
+            with open(disk, "wb") as f:
+                f.truncate(size)
+
+    async def _own(self, name: str) -> bool:
+        own = self.ctx.ownership
+        if own is None:
+            return False
+        with contextlib.suppress(DwcpError, TimeoutError):
+            async with asyncio.timeout(30.0):
+                return (await own.owner(name)).owner == self.ctx.key.public.node_id
+        return False
+
+    async def _run(self, qmp: QmpClient, d: VmDefinition, disk: Path) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60.0
+        while (st := (await qmp.execute("query-status")).get("status")) == "inmigrate":
+            if loop.time() > deadline:
+                raise VmError("the migration stream did not complete at the destination")
+            await asyncio.sleep(POLL)
+        if st not in ("paused", "prelaunch", "postmigrate"):
+            raise VmError(f"the destination QEMU is {st} after the migration")
+        with contextlib.suppress(QmpClosedError, VmError):
+            await qmp.execute("nbd-server-stop")
+        final = self.ctx.store.images_dir / d.disk
+        await asyncio.to_thread(os.replace, disk, final)
+        await qmp.execute("cont")
+        log.info("VM %s arrived live and runs here", d.name, extra={"event": "live_in_ok"})
