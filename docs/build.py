@@ -22,7 +22,6 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-
 GUIDE = Path(__file__).with_name("guide.md")
 
 
@@ -58,7 +57,8 @@ def build(out: Path) -> None:
         search=True,
         show_source=False,
     )
-    # dwcp's __all__ lists its entry points, not its subpackages: name its public modules (pdoc walks their submodules).
+    # dwcp's __all__ lists its entry points, not its subpackages: name its public
+    # modules (pdoc walks their submodules).
     public = [
         m.name
         for m in pkgutil.iter_modules(dwcp.__path__, "dwcp.")
