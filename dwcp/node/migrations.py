@@ -365,7 +365,14 @@ class Migrations(BaseService):
             raise UsageError("--force and --backup: choose one")
         replace = FORCE if args.get("force") else BACKUP if args.get("backup") else REFUSE
         return await self.migrate(
-            image, peer, name=name, level=level, bwlimit=bw, emit=emit, replace=replace
+            image,
+            peer,
+            name=name,
+            level=level,
+            bwlimit=bw,
+            emit=emit,
+            replace=replace,
+            dry_run=bool(args.get("dry_run")),
         )
 
     async def migrate(
@@ -378,8 +385,14 @@ class Migrations(BaseService):
         bwlimit: int,
         emit: Emit = lambda d: None,
         replace: int = REFUSE,
+        dry_run: bool = False,
     ) -> dict[str, Any]:
         """Move ``image`` to ``peer`` as ``name``; the result once the peer stored it.
+
+        ``dry_run``: scan, offer and plan only; the result says what a real run would
+        send (``bytes_to_send``, ``bytes_zero``, ``bytes_local``) and ``predicted_seconds``
+        (from the path's history, else ``bwlimit``; None when neither is known). Nothing
+        is claimed, sent, stored or counted.
 
         ``replace`` (``messages.REFUSE``, ``FORCE``, ``BACKUP``): what the peer may do
         with a different image it already stores under ``name``.
@@ -427,14 +440,17 @@ class Migrations(BaseService):
                     }
                 )
 
-        self._tell(MigrationEvent(mid, "out", "started", name, peer.name, {"image": str(image)}))
+        if not dry_run:
+            self._tell(
+                MigrationEvent(mid, "out", "started", name, peer.name, {"image": str(image)})
+            )
         t0 = time.monotonic()
         try:
             async with self.slots:
                 ctx.stats.active_out += 1
                 try:
                     result = await self._send(
-                        image, peer, name, level, bwlimit, say, progress, replace
+                        image, peer, name, level, bwlimit, say, progress, replace, dry_run
                     )
                 finally:
                     ctx.stats.active_out -= 1
@@ -457,6 +473,12 @@ class Migrations(BaseService):
             del self.outgoing[mid]
             self.migrating.discard(name)
         result.seconds = round(time.monotonic() - t0, 3)
+        if dry_run:
+            plan = result.to_dict()
+            plan["predicted_seconds"] = eta.start(result.seconds, result.bytes_to_send) or (
+                round(result.seconds + result.bytes_to_send / bwlimit, 3) if bwlimit else None
+            )
+            return plan
         s = ctx.stats
         s.count_migration("out", "ok")
         s.bytes_sent += result.bytes_wire
@@ -498,6 +520,7 @@ class Migrations(BaseService):
         say: Emit,
         progress: Callable[[Progress], None],
         replace: int,
+        dry_run: bool = False,
     ) -> MigrationResult:
         ctx = self.ctx
         # Connect while the VM is claimed and the image scanned (~0.1 s and a handshake's
@@ -507,7 +530,7 @@ class Migrations(BaseService):
         ok = False
         try:
             claim: Claim | None = None
-            if ctx.ownership is not None:
+            if ctx.ownership is not None and not dry_run:
                 say({"phase": "claiming"})
                 claim = await ctx.ownership.claim(name, peer.public_key)
             result = await send_image(
@@ -520,8 +543,9 @@ class Migrations(BaseService):
                 bwlimit=bwlimit,
                 on_progress=progress,
                 replace=replace,
+                dry_run=dry_run,
             )
-            ok = True
+            ok = not dry_run  # a dry run leaves its channel mid-protocol: abandoned
         finally:
             await self._give_back(opening, reuse=ok)
         if claim is not None:
