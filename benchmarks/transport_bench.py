@@ -3,6 +3,7 @@
     python benchmarks/transport_bench.py [--seconds 10 | --quick] [--json]
     python benchmarks/transport_bench.py --loopback [--loopback-bytes 200M] [--runs 3] [--json]
     python benchmarks/transport_bench.py --flood [--hellos 3000] [--flood-seconds 7] [--json]
+    python benchmarks/transport_bench.py --warm-start [--seconds 10] [--runs 3] [--json]
 
 Each cell gets a fresh dwcp.netemu.Link (same seed, so the same loss pattern)
 per tool; each tool runs for --seconds and reports received bytes over its own
@@ -435,12 +436,36 @@ def main() -> int:
     ap.add_argument("--flood-seconds", type=float, default=7.0, help="duration of the flood")
     ap.add_argument("--loopback", action="store_true", help="loopback CPU-s/GB cell (issue 17)")
     ap.add_argument("--loopback-bytes", default="200M", help="bytes per loopback transfer")
-    ap.add_argument("--runs", type=int, default=3, help="alternating runs per loopback tool")
+    ap.add_argument(
+        "--warm-start",
+        action="store_true",
+        help="PBA: time to 90%% of final goodput, probing from 1 connection vs a known path",
+    )
+    ap.add_argument(
+        "--runs",
+        type=int,
+        default=3,
+        help="--warm-start: cold/warm pairs; --loopback: alternating dwcp/aioquic runs",
+    )
     a = ap.parse_args()
     if a.loopback:
         return _loopback_main(a)
     if a.flood:
         return _flood_main(a)
+    if a.warm_start:
+        why = unavailable_reason()
+        if why:
+            print(f"transport_bench: skipped: {why}")
+            return 0
+        ws = warm_start(a.seconds, a.runs)
+        print(f"{'run':>3} {'cold t90 s':>10} {'warm level':>10} {'warm t90 s':>10} {'speedup':>8}")
+        for i, r in enumerate(ws["runs"]):
+            lv = "x".join(map(str, r["warm_level"]))
+            print(f"{i:>3} {r['cold_t90_s']:>10} {lv:>10} {r['warm_t90_s']:>10} {r['speedup']:>8}")
+        print(f"median speedup {ws['median_speedup']} ({ws['cell']}, {ws['seconds']} s each)")
+        if a.json:
+            print(json.dumps({"warm_start": ws}))
+        return 0
     if a.rt:
         ENDPOINT[:] = ["chrt", "-f", "1"]
     seconds = 3.0 if a.quick else a.seconds
@@ -497,6 +522,91 @@ def _table(results: dict[str, dict[str, Any]], tools: list[str], seconds: float,
     }
     for err in sorted(errors):
         print(f"  n/a {err}")
+
+
+# --- warm start on a known path (PBA, issue 14) ---------------------------------------
+
+WARM_CELL = Cell(100e6, 50, 0.005)
+
+
+def time_to_share(timeline: list[dict[str, Any]], share: float = 0.9) -> tuple[float, float]:
+    """(seconds until goodput first reaches ``share`` of the final, final goodput): the
+    final is the median of the last third of the timeline's per-interval goodput."""
+    rates = [float(p["goodput_bps"]) for p in timeline]
+    if not rates:
+        raise ValueError("dwcp perf reported no timeline")
+    tail = sorted(rates[len(rates) * 2 // 3 :])
+    final = tail[len(tail) // 2]
+    for p in timeline:
+        if float(p["goodput_bps"]) >= share * final:
+            return float(p["t"]), final
+    return float(timeline[-1]["t"]), final
+
+
+def _perf_run(link: Link, seconds: float, keys: Path, conns: int, streams: int) -> dict[str, Any]:
+    dwcp = [sys.executable, "-m", "dwcp"]
+    ka, kb = keys / "a.key", keys / "b.key"
+    listen = [*dwcp, "perf", "--listen", f"{link.addr_b}:{PORT}"]
+    server = link.popen_b(
+        [*ENDPOINT, *listen, "--key", str(kb), "--trust", f"{ka}.pub"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_port(link, "udp", PORT, server)
+        argv = [*dwcp, "perf", f"{link.addr_b}:{PORT}", "--key", str(ka), "--trust", f"{kb}.pub"]
+        argv += ["--seconds", str(seconds), "--json", "--rtt", str(WARM_CELL.rtt_ms / 1000)]
+        argv += ["--connections", str(conns), "--streams", str(streams)]
+        cp = link.run_in_a([*ENDPOINT, *argv], capture_output=True, text=True, timeout=seconds + 90)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    if cp.returncode != 0:
+        raise RuntimeError(f"dwcp perf failed: {cp.stderr.strip()[-500:]}")
+    out: dict[str, Any] = json.loads(cp.stdout.strip().splitlines()[-1])
+    return out
+
+
+def warm_start(seconds: float, runs: int) -> dict[str, Any]:
+    """Cold (today's probing from 1 connection x 2 streams) then warm (starting at the
+    connections x streams the cold session ended on, which is what the path store hands
+    a new session: ``PeerSessions.warm_config``), alternating, ``runs`` pairs."""
+    pairs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        keys = Path(tmp)
+        for name in ("a", "b"):
+            subprocess.run(
+                [sys.executable, "-m", "dwcp", "keygen", str(keys / f"{name}.key")],
+                check=True,
+                capture_output=True,
+            )
+        c = WARM_CELL
+        for _ in range(runs):
+            with Link(rate_bps=c.rate_bps, delay_ms=c.rtt_ms / 2, loss=c.loss, seed=1) as link:
+                cold = _perf_run(link, seconds, keys, 1, 2)
+            level = (int(cold["connections"]), int(cold["streams"]))
+            with Link(rate_bps=c.rate_bps, delay_ms=c.rtt_ms / 2, loss=c.loss, seed=1) as link:
+                warm = _perf_run(link, seconds, keys, *level)
+            tc, fc = time_to_share(cold["timeline"])
+            tw, fw = time_to_share(warm["timeline"])
+            pairs.append(
+                {
+                    "cold_t90_s": round(tc, 2),
+                    "cold_final_bps": round(fc),
+                    "warm_level": list(level),
+                    "warm_t90_s": round(tw, 2),
+                    "warm_final_bps": round(fw),
+                    "speedup": round(tc / max(tw, 1e-3), 2),
+                }
+            )
+            print(f"  warm start: {pairs[-1]}", file=sys.stderr)
+    sp = sorted(p["speedup"] for p in pairs)
+    return {
+        "cell": WARM_CELL.label,
+        "seconds": seconds,
+        "runs": pairs,
+        "median_speedup": sp[len(sp) // 2],
+    }
 
 
 if __name__ == "__main__":

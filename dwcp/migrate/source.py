@@ -42,6 +42,7 @@ from dwcp.migrate.channel import BulkChannel, MessageChannel
 from dwcp.migrate.threads import in_thread, iterate_in_thread
 from dwcp.pba.compression import AdaptiveLevel
 from dwcp.pba.hostcpu import HostCpu
+from dwcp.pba.zlevel import start_level
 from dwcp.tasks import cancel_and_wait
 
 log = logging.getLogger("dwcp.migrate")
@@ -287,6 +288,17 @@ class Sending:
             nonlocal count, total
             if isinstance(level, AdaptiveLevel):
                 adapt, host = level, HostCpu()
+                if adapt.predicted_bps:  # PBA: start where the predicted link and the data say
+                    choice = await asyncio.to_thread(
+                        start_level, image, adapt.predicted_bps, nbytes=prog.bytes_to_send
+                    )
+                    adapt.start_at(choice.level)
+                    log.debug(
+                        "zstd level %d (%s-bound) at %.0f bit/s",
+                        choice.level,
+                        choice.bound,
+                        adapt.predicted_bps,
+                    )
 
                 def observe(busy: float, interval: float) -> None:
                     adapt.observe(busy, interval, host.idle_share())

@@ -399,6 +399,8 @@ class Migrations(BaseService):
         paths: PathStore | None = getattr(ctx.sessions, "paths", None)
         hist = await asyncio.to_thread(paths.get, peer.public_key.node_id) if paths else None
         eta = MigrationEta(hist.predictor() if hist else None)  # PBA: predicted_seconds, eta_s
+        if isinstance(level, AdaptiveLevel) and hist is not None and hist.seconds:
+            level.predicted_bps = hist.predictor().predict(60.0).p50  # PBA: the starting level
 
         def say(data: dict[str, Any]) -> None:
             emit(data)
