@@ -44,6 +44,7 @@ from dwcp.node.metrics_http import MetricsEndpoint
 from dwcp.node.migrations import Migrations
 from dwcp.node.ops import NodeOps
 from dwcp.node.ownership import Ownership
+from dwcp.node.pulls import Pulls
 from dwcp.node.service import BaseService, Service, ServiceSet
 from dwcp.node.sessions import PeerSessions
 from dwcp.node.store import Store
@@ -130,6 +131,7 @@ SERVICES: tuple[Callable[[NodeContext], Service], ...] = (
     OwnershipService,
     lambda ctx: ctx.sessions,
     Migrations,
+    Pulls,
     NodeOps,
     GossipService,
     VmSupervisor,
