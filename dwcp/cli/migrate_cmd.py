@@ -11,7 +11,8 @@ none); ``--progress`` without a terminal prints plain lines there instead; with
 the command stops the migration; re-running it resumes where it stopped.
 ``--dry-run`` exchanges the offer and the plan only: it prints what a real run would
 send (bytes zero, already at the destination, to send; an estimated time) and sends
-nothing else.
+nothing else. ``--detach`` starts the migration on the node and returns its job id at
+once: closing the CLI then does not stop it (``dwcp jobs`` follows it).
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ def register(sub: Any) -> None:
         "--dry-run",
         action="store_true",
         help="plan only: what would be sent (zero / already there / to send) and how long",
+    )
+    p.add_argument(
+        "--detach",
+        action="store_true",
+        help="start it on the node and return its job id ('dwcp jobs' follows it)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     shown = p.add_mutually_exclusive_group()
@@ -175,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
         "force": args.force,
         "backup": args.backup,
         "dry_run": args.dry_run,
+        "detach": args.detach,
     }
     bar: _Bar | _Lines
     if args.progress and not sys.stderr.isatty():
@@ -188,6 +195,12 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
     if args.json:
         print(json.dumps(result))
+        return 0
+    if result.get("detached"):
+        print(
+            f"migrating {result['name']} to {result['peer']} as job {result['id']}: "
+            f"'dwcp jobs' follows it, 'dwcp jobs cancel {result['id']}' stops it"
+        )
         return 0
     if result.get("dry_run"):
         eta = result.get("predicted_seconds")

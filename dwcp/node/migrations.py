@@ -22,7 +22,7 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,7 +49,7 @@ from dwcp.node.store import check_image_name
 from dwcp.pba.compression import MAX_LEVEL, MIN_LEVEL, AdaptiveLevel
 from dwcp.pba.eta import MigrationEta
 from dwcp.pba.paths import PathStore
-from dwcp.tasks import cancel_and_wait
+from dwcp.tasks import TaskSet, cancel_and_wait
 
 if TYPE_CHECKING:
     from dwcp.transport import Channel, Session
@@ -119,6 +119,7 @@ class Migrations(BaseService):
         self.slots = asyncio.Semaphore(ctx.config.limits.max_transfers)
         self.memory = MemoryBudget(ctx.config.limits.transfer_memory)
         self._listeners: list[Listener] = []
+        self.detached = TaskSet("detached migrations")  # migrate --detach: no CLI waits
         ctx.sessions.add_channel_handler(CHANNEL_NAME, self._on_channel)
 
     def handlers(self) -> Mapping[str, Handler]:
@@ -168,6 +169,9 @@ class Migrations(BaseService):
                 len(stragglers),
                 extra={"event": "stopped_transfers"},
             )
+
+    async def stop(self) -> None:
+        await self.detached.aclose()  # after drain: what is left resumes when re-run
 
     # --- incoming -----------------------------------------------------------------------
 
@@ -364,6 +368,16 @@ class Migrations(BaseService):
         if args.get("force") and args.get("backup"):
             raise UsageError("--force and --backup: choose one")
         replace = FORCE if args.get("force") else BACKUP if args.get("backup") else REFUSE
+        if args.get("detach"):  # runs on without the CLI; 'dwcp jobs' follows it
+            if args.get("dry_run"):
+                raise UsageError("--detach and --dry-run: a dry run answers at once")
+            self._check_free(name)
+            mid = secrets.token_hex(6)
+            job = self.migrate(
+                image, peer, name=name, level=level, bwlimit=bw, replace=replace, mid=mid
+            )
+            self.detached.spawn(self._quietly(job), name=f"migration {mid}")
+            return {"id": mid, "detached": True, "name": name, "peer": peer.name}
         return await self.migrate(
             image,
             peer,
@@ -374,6 +388,19 @@ class Migrations(BaseService):
             replace=replace,
             dry_run=bool(args.get("dry_run")),
         )
+
+    @staticmethod
+    async def _quietly(job: Awaitable[dict[str, Any]]) -> None:
+        """A detached migration: its failure is logged and listed by ``migrate`` already."""
+        with contextlib.suppress(DwcpError):  # not BaseException: cancellation propagates
+            await job
+
+    def _check_free(self, name: str) -> None:
+        if name in self.migrating:
+            raise UsageError(
+                f"{name} is already being migrated from this node; wait for that migration "
+                "(two at once could both copy it, and only one can move its ownership)"
+            )
 
     async def migrate(
         self,
@@ -386,6 +413,7 @@ class Migrations(BaseService):
         emit: Emit = lambda d: None,
         replace: int = REFUSE,
         dry_run: bool = False,
+        mid: str | None = None,
     ) -> dict[str, Any]:
         """Move ``image`` to ``peer`` as ``name``; the result once the peer stored it.
 
@@ -398,14 +426,10 @@ class Migrations(BaseService):
         with a different image it already stores under ``name``.
         """
         ctx = self.ctx
-        if name in self.migrating:
-            raise UsageError(
-                f"{name} is already being migrated from this node; wait for that migration "
-                "(two at once could both copy it, and only one can move its ownership)"
-            )
+        self._check_free(name)
         task = asyncio.current_task()
         assert task is not None
-        mid = secrets.token_hex(6)
+        mid = mid or secrets.token_hex(6)
         self.outgoing[mid] = task
         self.migrating.add(name)
         last: dict[str, Any] = {"t": 0.0, "phase": ""}
