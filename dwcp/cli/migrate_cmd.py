@@ -9,6 +9,10 @@ terminal, a progress bar (bytes, rate, dedup ratio, ETA) runs on stderr (``--qui
 none); ``--progress`` without a terminal prints plain lines there instead; with
 ``--json`` the result is one JSON object on stdout's last line. Interrupting
 the command stops the migration; re-running it resumes where it stopped.
+``--dry-run`` exchanges the offer and the plan only: it prints what a real run would
+send (bytes zero, already at the destination, to send; an estimated time) and sends
+nothing else. ``--detach`` starts the migration on the node and returns its job id at
+once: closing the CLI then does not stop it (``dwcp jobs`` follows it).
 """
 
 from __future__ import annotations
@@ -49,6 +53,16 @@ def register(sub: Any) -> None:
         "--backup",
         action="store_true",
         help="replace it, keeping the old one at the peer as NAME.~N~",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="plan only: what would be sent (zero / already there / to send) and how long",
+    )
+    p.add_argument(
+        "--detach",
+        action="store_true",
+        help="start it on the node and return its job id ('dwcp jobs' follows it)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     shown = p.add_mutually_exclusive_group()
@@ -166,6 +180,8 @@ def run(args: argparse.Namespace) -> int:
         "level": args.level,
         "force": args.force,
         "backup": args.backup,
+        "dry_run": args.dry_run,
+        "detach": args.detach,
     }
     bar: _Bar | _Lines
     if args.progress and not sys.stderr.isatty():
@@ -179,6 +195,24 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
     if args.json:
         print(json.dumps(result))
+        return 0
+    if result.get("detached"):
+        print(
+            f"migrating {result['name']} to {result['peer']} as job {result['id']}: "
+            f"'dwcp jobs' follows it, 'dwcp jobs cancel {result['id']}' stops it"
+        )
+        return 0
+    if result.get("dry_run"):
+        eta = result.get("predicted_seconds")
+        print(
+            f"dry run: {result['name']} to {result['peer']}: "
+            f"{human_bytes(result['bytes_image'])} image, "
+            f"{human_bytes(result['bytes_zero'])} zero, "
+            f"{human_bytes(result['bytes_local'])} already at {result['peer']}, "
+            f"{human_bytes(result['bytes_to_send'])} to send"
+            + (f", about {eta:.1f} s" if eta is not None else ", time unknown (no history yet)")
+            + "; nothing sent"
+        )
         return 0
     saved = result["bytes_image"] - result["bytes_wire"]
     print(

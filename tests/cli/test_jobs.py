@@ -91,3 +91,29 @@ def test_the_job_table_is_bounded_and_ignores_unknown_ids() -> None:
         assert done is not None and done["state"] == "failed" and done["rate"] == 5.0
     assert t.running == {} and len(t.jobs()) == HISTORY
     assert t.jobs()[0]["id"] == str(HISTORY + 9)
+
+
+def test_a_detached_migration_runs_on_without_the_cli(tmp_path: Path) -> None:
+    a, b = NodeProc(tmp_path, "a"), NodeProc(tmp_path, "b")
+    a.trust(b)
+    b.trust(a)
+    img = tmp_path / "vm.raw"
+    make_image(img, 4, seed=9)
+    a.start()
+    b.start()
+    try:
+        r = a.cli("migrate", str(img), "--to", "b", "--detach", "--bwlimit", "2M", "--json")
+        started = json.loads(r.stdout.splitlines()[-1])
+        assert started["detached"] is True and started["name"] == "vm.raw"
+        jid = started["id"]
+
+        def state() -> str:
+            return next((j["state"] for j in _jobs(a) if j["id"] == jid), "absent")
+
+        wait_until(lambda: state() == "ok", "the detached migration to finish")
+        assert sha256_file(b.images / "vm.raw") == sha256_file(img)
+        both = a.cli("migrate", str(img), "--to", "b", "--detach", "--dry-run", check=False)
+        assert both.returncode == 2 and "--detach and --dry-run" in both.stderr
+    finally:
+        a.stop()
+        b.stop()
