@@ -2,6 +2,13 @@
 
     python aioquic_peer.py server HOST PORT --seconds N  # prints "ready", serves one transfer
     python aioquic_peer.py client HOST PORT            # sends until the server replies; JSON line
+    python aioquic_peer.py server HOST PORT --bytes N  # counts one N-byte stream to its end
+    python aioquic_peer.py client HOST PORT --bytes N  # sends N bytes, ends the stream; JSON line
+
+With ``--bytes`` both sides report their own CPU (``time.process_time``) over the
+transfer only (first byte to last), so the loopback efficiency cell of
+transport_bench compares protocol stacks, not interpreter start-up; ``--uvloop``
+runs either side on uvloop, as dwcp does by default.
 
 What a user would get from aioquic with sensible settings: a self-signed
 certificate made at run time, 1452-byte datagrams, flow-control windows of
@@ -22,8 +29,9 @@ import ssl
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from aioquic.asyncio import QuicConnectionProtocol, connect, serve
 from aioquic.quic.configuration import QuicConfiguration
@@ -93,15 +101,19 @@ def _big_buffers(protocol: QuicConnectionProtocol) -> None:
 
 
 class Receiver(QuicConnectionProtocol):
-    """Counts stream bytes for ``seconds`` from the first one, then replies with the count."""
+    """Counts stream bytes for ``seconds`` from the first one (or, with ``total``, until the
+    stream ends), then replies with the count."""
 
     done: asyncio.Event
     seconds: float
+    total: int | None = None
+    result: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.received = 0
         self.first = 0.0
+        self.cpu0 = 0.0
         self.stream_id = -1
 
     def connection_made(self, transport: Any) -> None:
@@ -112,28 +124,64 @@ class Receiver(QuicConnectionProtocol):
         if isinstance(event, StreamDataReceived) and not Receiver.done.is_set():
             if self.stream_id < 0:
                 self.first = time.monotonic()
+                self.cpu0 = time.process_time()
                 self.stream_id = event.stream_id
-                asyncio.get_running_loop().call_later(Receiver.seconds, self.report)
+                if Receiver.total is None:
+                    asyncio.get_running_loop().call_later(Receiver.seconds, self.report)
             self.received += len(event.data)
+            if Receiver.total is not None and event.end_stream:
+                self.report()
 
     def report(self) -> None:
         secs = time.monotonic() - self.first
-        reply = json.dumps({"bytes": self.received, "seconds": secs}).encode()
+        cpu = time.process_time() - self.cpu0
+        Receiver.result = {"bytes": self.received, "seconds": secs, "cpu_seconds": cpu}
+        reply = json.dumps(Receiver.result).encode()
         self._quic.send_stream_data(self.stream_id, reply, end_stream=True)
         self.transmit()
         Receiver.done.set()
 
 
-async def run_server(host: str, port: int, seconds: float, cc: str) -> None:
+async def run_server(host: str, port: int, seconds: float, cc: str, total: int | None) -> None:
     cfg = _config(False, cc)
     _self_signed(cfg)
     Receiver.done = asyncio.Event()
     Receiver.seconds = seconds
+    Receiver.total = total
     server = await serve(host, port, configuration=cfg, create_protocol=Receiver)
     print("ready", flush=True)
     await Receiver.done.wait()
     await asyncio.sleep(2.0)  # let the reply be delivered
     server.close()
+    if total is not None:
+        print(json.dumps(Receiver.result), flush=True)
+
+
+async def send_bytes(host: str, port: int, total: int, cc: str) -> dict[str, Any]:
+    """Send ``total`` bytes on one stream, end it, wait for the receiver's count."""
+    async with connect(host, port, configuration=_config(True, cc)) as proto:
+        _big_buffers(proto)
+        quic = proto._quic
+        sid = quic.get_next_available_stream_id()
+        reader, writer = await proto.create_stream(sid)
+        t0, cpu0 = time.monotonic(), time.process_time()
+        first = min(total, len(CHUNK))
+        left = total - first
+        quic.send_stream_data(sid, CHUNK[:first], end_stream=left == 0)
+        sender = quic._streams[sid].sender  # private: aioquic exposes no send-buffer level
+        while left > 0:
+            while left > 0 and sender._buffer_stop - sender._buffer_start < UNACKED_LIMIT:
+                n = min(left, len(CHUNK))
+                left -= n
+                quic.send_stream_data(sid, CHUNK[:n], end_stream=left == 0)
+            proto.transmit()
+            await asyncio.sleep(0.002)
+        reply = json.loads(await asyncio.wait_for(reader.read(), timeout=120))
+        reply["sender_seconds"] = time.monotonic() - t0
+        reply["sender_cpu_seconds"] = time.process_time() - cpu0
+        reply["goodput_bps"] = reply["bytes"] * 8 / reply["sender_seconds"]
+        del writer
+        return dict(reply)
 
 
 async def run_client(host: str, port: int, seconds: float, cc: str) -> dict[str, Any]:
@@ -163,12 +211,21 @@ def main() -> int:
     ap.add_argument("host")
     ap.add_argument("port", type=int)
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--bytes", type=int, help="one transfer of exactly N bytes")
     ap.add_argument("--cc", default="reno", help="aioquic congestion control (reno, cubic)")
+    ap.add_argument("--uvloop", action="store_true", help="run on uvloop")
     a = ap.parse_args()
+    run: Callable[[Coroutine[Any, Any, Any]], Any] = asyncio.run
+    if a.uvloop:
+        import uvloop
+
+        run = uvloop.run
     if a.role == "server":
-        asyncio.run(run_server(a.host, a.port, a.seconds, a.cc))
+        run(run_server(a.host, a.port, a.seconds, a.cc, a.bytes))
+    elif a.bytes is not None:
+        print(json.dumps(run(send_bytes(a.host, a.port, a.bytes, a.cc))))
     else:
-        print(json.dumps(asyncio.run(run_client(a.host, a.port, a.seconds, a.cc))))
+        print(json.dumps(run(run_client(a.host, a.port, a.seconds, a.cc))))
     return 0
 
 

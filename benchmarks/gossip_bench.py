@@ -10,12 +10,16 @@ health, no nacks, fixed suspicion timeout, no buddy rule), probe period 1 s, gos
 - accuracy: no member fails, loss 1/5/10% (independent, per message): false "dead"
   declarations (suspicion timeouts that fired on a live member) and accusations per hour
   of virtual time; and with 10% of members stalling (each alternates 5-15 s running and
-  2-5 s doing nothing, its timers firing before its queued messages on resume) at 1% loss;
+  2-5 s doing nothing, its timers firing first on resume) at 1% and 5% loss. With
+  ``--stall-model drop`` (the default) a stalled member neither processes nor answers:
+  what arrives during the stall is lost (Lifeguard's model); ``queue`` keeps it for the
+  resume. False deaths are split by victim: a stalled member, or one that never stalls;
 - scale: wall time of 5,000 members x 600 virtual s at 1% loss (one process, one core);
 - gossip bytes per member per second (encoded size + signature envelope).
 
     python benchmarks/gossip_bench.py [--n 1000] [--big 5000] [--seconds 3600]
-        [--scale-seconds 600] [--seed 1] [--only dissem,detect,accuracy,scale] [--json]
+        [--scale-seconds 600] [--seed 1] [--only dissem,detect,accuracy,scale]
+        [--stall-model drop|queue] [--json]
 """
 
 from __future__ import annotations
@@ -96,11 +100,21 @@ def detection(n: int, seed: int, lifeguard: bool) -> dict[str, Any]:
     }
 
 
-def accuracy(n: int, seed: int, lifeguard: bool, loss: float, seconds: float, stall: bool):
+def accuracy(
+    n: int, seed: int, lifeguard: bool, loss: float, seconds: float, stall: bool, drop: bool = True
+) -> dict[str, Any]:
     cfg = SwimConfig(lifeguard=lifeguard)
-    net = SimNet(n, seed=seed, config=cfg, loss=loss)
+    net = SimNet(n, seed=seed, config=cfg, loss=loss, stall_drop=drop)
     rng = random.Random(seed + 17)
     stallers = rng.sample(net.names, n // 10) if stall else []
+    staller_set = set(stallers)
+    killed = {"stalled": 0, "healthy": 0}
+
+    def declared(node: str, c: Change) -> None:
+        if c.new == DEAD and c.by == node:  # this member's own suspicion timeout fired
+            killed["stalled" if c.name in staller_set else "healthy"] += 1
+
+    net.on_change = declared
     next_stall = {s: rng.uniform(0, 15) for s in stallers}
     step = 0.25
     t = 0.0
@@ -121,9 +135,12 @@ def accuracy(n: int, seed: int, lifeguard: bool, loss: float, seconds: float, st
         "n": n,
         "lifeguard": lifeguard,
         "loss": loss,
-        "stall": stall,
+        "stall": (("drop" if drop else "queue") if stall else False),
         "seconds": seconds,
         "false_dead_per_h": round(sum(s["deaths"] for s in stats) * per_hour, 1),
+        "false_dead_of_stalled_per_h": round(killed["stalled"] * per_hour, 1),
+        "false_dead_of_never_stalled_per_h": round(killed["healthy"] * per_hour, 1),
+        "stall_dropped": net.stall_dropped,
         "accusations_per_h": round(sum(s["accusations"] for s in stats) * per_hour, 1),
         "refutations_per_h": round(sum(s["refutations"] for s in stats) * per_hour, 1),
         "dead_views_at_end": dead_views,
@@ -150,6 +167,9 @@ def main() -> int:
     ap.add_argument("--scale-seconds", type=float, default=600.0)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--only", default="dissem,detect,accuracy,scale")
+    ap.add_argument("--stall-model", choices=("drop", "queue"), default="drop")
+    ap.add_argument("--loss", default="", help="accuracy: only these losses (0.01,0.05)")
+    ap.add_argument("--stall-only", action="store_true", help="accuracy: only the stall cases")
     ap.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -173,12 +193,19 @@ def main() -> int:
         out["detection"] = rows
     if "accuracy" in only:
         cases = [(0.01, False), (0.05, False), (0.10, False), (0.01, True), (0.05, True)]
+        if args.loss:
+            losses = {float(x) for x in args.loss.split(",")}
+            cases = [c for c in cases if c[0] in losses]
+        if args.stall_only:
+            cases = [c for c in cases if c[1]]
+        drop = args.stall_model == "drop"
         rows = [
-            accuracy(args.n, args.seed, lg, loss, args.seconds, stall)
+            accuracy(args.n, args.seed, lg, loss, args.seconds, stall, drop)
             for loss, stall in cases
             for lg in modes
         ]
-        cols = ["loss", "stall", "lifeguard", "false_dead_per_h", "accusations_per_h",
+        cols = ["loss", "stall", "lifeguard", "false_dead_per_h",
+                "false_dead_of_never_stalled_per_h", "accusations_per_h",
                 "refutations_per_h", "bytes_per_node_s", "wall_s"]  # fmt: skip
         _table(f"accuracy, n = {args.n}, {args.seconds:g} virtual s per run", rows, cols)
         out["accuracy"] = rows

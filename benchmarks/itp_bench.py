@@ -1,6 +1,7 @@
 """ITP: one 1 GiB transfer from 4 sources, the scheduler against T* and the naive ways.
 
     python benchmarks/itp_bench.py [--size-mib 1024] [--seeds 1,2,3] [--json]
+    python benchmarks/itp_bench.py --real [--size-mib 64] [--json]   (benchmarks/itp_star.py)
 
 VIRTUAL TIME: this runs ``dwcp.itp.sim`` (seeded sources serving the real scheduler),
 not the emulated star of dwcp.netemu, which does not exist yet (dwcp.netemu has a
@@ -67,7 +68,17 @@ def main() -> int:
     ap.add_argument("--piece-kib", type=int, default=1024)
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--real", action="store_true", help="real daemons through the emulated star (itp_star)"
+    )
     args = ap.parse_args()
+    if args.real:
+        from itp_star import run_real
+
+        out = run_real(args.size_mib if args.size_mib != 1024 else 64)
+        if args.json:
+            print(json.dumps(out))
+        return 0
     size = args.size_mib << 20
     chunks = split_chunks(size, args.piece_kib << 10)
     seeds = [int(s) for s in args.seeds.split(",")]

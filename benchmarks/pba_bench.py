@@ -37,7 +37,7 @@ from dwcp.pba import traces
 from dwcp.pba.evaluate import PredictorLike, evaluate
 from dwcp.pba.predictor import Baseline, Predictor
 
-IPERF = ["iperf3", "-i", "1", "-J", "-C", "cubic", "--get-server-output", "-c"]
+IPERF = ["iperf3", "-i", "1", "-l", "8K", "-J", "-C", "cubic", "--get-server-output", "-c"]
 PREDICTORS: dict[str, Any] = {
     "pba": Predictor,
     "hm5": lambda: Baseline("hm5"),

@@ -1,12 +1,20 @@
 """Goodput over the emulated WAN: dwcp vs one plain aioquic connection vs iperf3 TCP.
 
     python benchmarks/transport_bench.py [--seconds 10 | --quick] [--json]
+    python benchmarks/transport_bench.py --loopback [--loopback-bytes 200M] [--runs 3] [--json]
     python benchmarks/transport_bench.py --flood [--hellos 3000] [--flood-seconds 7] [--json]
+    python benchmarks/transport_bench.py --warm-start [--seconds 10] [--runs 3] [--json]
 
 Each cell gets a fresh dwcp.netemu.Link (same seed, so the same loss pattern)
 per tool; each tool runs for --seconds and reports received bytes over its own
 transfer time (slow start included). Ratios are goodput / link rate. Needs root
 (network namespaces); prints why and exits 0 when it cannot run.
+
+``--loopback`` (no root): the efficiency cell of issue 17. One --loopback-bytes
+transfer on 127.0.0.1 per run, dwcp (``dwcp perf``, its defaults) and plain
+aioquic (``aioquic_peer.py --bytes``, one stream, both on uvloop) alternating
+for --runs runs; CPU-s per GB at the sender and at the receiver, each side's
+``time.process_time`` over its transfer only, and goodput; medians.
 
 ``--flood`` (loopback, no root): a ``dwcp perf`` server's RSS and a 4 MiB
 transfer's time, alone and while this process sends --hellos ClientHellos over
@@ -19,6 +27,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -271,6 +280,124 @@ def run_flood(hellos: int, seconds: float) -> dict[str, Any]:
     }
 
 
+LOOP_PORT = 47433  # above the kernel's ephemeral range, like the loopback tests' ports
+_SERVER_CPU = re.compile(r"received (\d+) bytes in ([\d.]+) s .*cpu ([\d.]+) s")
+
+
+def _keygen(keys: Path) -> None:
+    for name in ("a", "b"):
+        subprocess.run(
+            [sys.executable, "-m", "dwcp", "keygen", str(keys / f"{name}.key")],
+            check=True,
+            capture_output=True,
+        )
+
+
+def _per_gb(cpu: float, nbytes: int) -> float:
+    return round(cpu / max(nbytes, 1) * 1e9, 2)
+
+
+def loop_dwcp(nbytes: int, keys: Path) -> dict[str, Any]:
+    """One ``dwcp perf --bytes`` transfer over loopback; both ends' CPU over the transfer."""
+    dwcp = [sys.executable, "-m", "dwcp", "perf"]
+    listen = [*dwcp, "--listen", f"127.0.0.1:{LOOP_PORT}", "--key", str(keys / "b.key")]
+    server = subprocess.Popen(
+        [*listen, "--trust", f"{keys / 'a.key'}.pub"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        if not server.stdout.readline().startswith("dwcp perf listening"):
+            raise RuntimeError("dwcp perf --listen did not start (is the port taken?)")
+        argv = [*dwcp, f"127.0.0.1:{LOOP_PORT}", "--key", str(keys / "a.key")]
+        argv += ["--trust", f"{keys / 'b.key'}.pub", "--bytes", str(nbytes), "--json"]
+        cp = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        if cp.returncode != 0:
+            raise RuntimeError(f"dwcp perf failed: {cp.stderr.strip()[-300:]}")
+        out = json.loads(cp.stdout.strip().splitlines()[-1])
+    finally:
+        server.terminate()
+        _, err = server.communicate(timeout=30)
+    m = _SERVER_CPU.search(err)
+    if m is None:
+        raise RuntimeError(f"no receiver report from dwcp perf --listen: {err.strip()[-300:]}")
+    return {
+        "goodput_bps": out["goodput_bps"],
+        "sender_s_per_gb": _per_gb(out["cpu_seconds"], out["bytes"]),
+        "receiver_s_per_gb": _per_gb(float(m.group(3)), int(m.group(1))),
+        "connections": out.get("connections"),
+        "streams": out.get("streams"),
+    }
+
+
+def loop_aioquic(nbytes: int) -> dict[str, Any]:
+    """One ``aioquic_peer.py --bytes`` transfer over loopback (uvloop at both ends)."""
+    peer = [sys.executable, str(HERE / "aioquic_peer.py")]
+    where = ["127.0.0.1", str(LOOP_PORT + 1), "--bytes", str(nbytes), "--uvloop"]
+    server = subprocess.Popen(
+        [*peer, "server", *where], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None
+        if server.stdout.readline().strip() != "ready":
+            raise RuntimeError("aioquic_peer.py server did not start (is the port taken?)")
+        cp = subprocess.run([*peer, "client", *where], capture_output=True, text=True, timeout=300)
+        if cp.returncode != 0:
+            raise RuntimeError(f"aioquic client failed: {cp.stderr.strip()[-300:]}")
+        out = json.loads(cp.stdout.strip().splitlines()[-1])
+        server.wait(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.terminate()
+        server.communicate(timeout=30)
+    return {
+        "goodput_bps": out["goodput_bps"],
+        "sender_s_per_gb": _per_gb(out["sender_cpu_seconds"], out["bytes"]),
+        "receiver_s_per_gb": _per_gb(out["cpu_seconds"], out["bytes"]),
+    }
+
+
+def run_loopback(nbytes: int, runs: int) -> dict[str, Any]:
+    """``runs`` alternating dwcp / aioquic transfers; medians per tool and dwcp/aioquic ratios."""
+    per_tool: dict[str, list[dict[str, Any]]] = {"dwcp": [], "aioquic": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        keys = Path(tmp)
+        _keygen(keys)
+        for i in range(runs):
+            for tool in ("dwcp", "aioquic") if i % 2 == 0 else ("aioquic", "dwcp"):
+                try:
+                    r = loop_dwcp(nbytes, keys) if tool == "dwcp" else loop_aioquic(nbytes)
+                except (RuntimeError, subprocess.SubprocessError, ValueError, KeyError) as e:
+                    r = {"error": str(e)}
+                per_tool[tool].append(r)
+                print(f"  run {i + 1} {tool:<8} {r}", file=sys.stderr)
+    keys_ = ("goodput_bps", "sender_s_per_gb", "receiver_s_per_gb")
+    med = {t: {k: _median(rs, k) for k in keys_} for t, rs in per_tool.items()}
+    ratio = {
+        k: round(d / a, 3) if d and a else None
+        for k in keys_
+        for d, a in [(med["dwcp"][k], med["aioquic"][k])]
+    }
+    return {"bytes": nbytes, "runs": per_tool, "median": med, "dwcp_over_aioquic": ratio}
+
+
+def _loopback_main(a: argparse.Namespace) -> int:
+    text = a.loopback_bytes.strip().upper().removesuffix("B")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    res = run_loopback(int(float(text.rstrip("KMG")) * mult), a.runs)
+    print(f"\nLoopback efficiency, {res['bytes']} bytes per transfer, median of {a.runs} runs")
+    print(f"{'tool':<10} {'goodput Mbit/s':>15} {'sender CPU-s/GB':>16} {'receiver CPU-s/GB':>18}")
+    for tool, m in [*res["median"].items(), ("dwcp/aioq", res["dwcp_over_aioquic"])]:
+        g = m["goodput_bps"]
+        gs = "n/a" if g is None else (f"{g:.2f}x" if tool == "dwcp/aioq" else f"{g / 1e6:.1f}")
+        print(f"{tool:<10} {gs:>15} {m['sender_s_per_gb']!s:>16} {m['receiver_s_per_gb']!s:>18}")
+    if a.json:
+        print(json.dumps({"loopback": res}))
+    return 0
+
+
 def _flood_main(a: argparse.Namespace) -> int:
     res = run_flood(a.hellos, a.flood_seconds)
     rss = res["server_rss_mib"]
@@ -307,9 +434,38 @@ def main() -> int:
     ap.add_argument("--flood", action="store_true", help="ClientHello flood (loopback)")
     ap.add_argument("--hellos", type=int, default=3000, help="ClientHellos in the flood")
     ap.add_argument("--flood-seconds", type=float, default=7.0, help="duration of the flood")
+    ap.add_argument("--loopback", action="store_true", help="loopback CPU-s/GB cell (issue 17)")
+    ap.add_argument("--loopback-bytes", default="200M", help="bytes per loopback transfer")
+    ap.add_argument(
+        "--warm-start",
+        action="store_true",
+        help="PBA: time to 90%% of final goodput, probing from 1 connection vs a known path",
+    )
+    ap.add_argument(
+        "--runs",
+        type=int,
+        default=3,
+        help="--warm-start: cold/warm pairs; --loopback: alternating dwcp/aioquic runs",
+    )
     a = ap.parse_args()
+    if a.loopback:
+        return _loopback_main(a)
     if a.flood:
         return _flood_main(a)
+    if a.warm_start:
+        why = unavailable_reason()
+        if why:
+            print(f"transport_bench: skipped: {why}")
+            return 0
+        ws = warm_start(a.seconds, a.runs)
+        print(f"{'run':>3} {'cold t90 s':>10} {'warm level':>10} {'warm t90 s':>10} {'speedup':>8}")
+        for i, r in enumerate(ws["runs"]):
+            lv = "x".join(map(str, r["warm_level"]))
+            print(f"{i:>3} {r['cold_t90_s']:>10} {lv:>10} {r['warm_t90_s']:>10} {r['speedup']:>8}")
+        print(f"median speedup {ws['median_speedup']} ({ws['cell']}, {ws['seconds']} s each)")
+        if a.json:
+            print(json.dumps({"warm_start": ws}))
+        return 0
     if a.rt:
         ENDPOINT[:] = ["chrt", "-f", "1"]
     seconds = 3.0 if a.quick else a.seconds
@@ -366,6 +522,91 @@ def _table(results: dict[str, dict[str, Any]], tools: list[str], seconds: float,
     }
     for err in sorted(errors):
         print(f"  n/a {err}")
+
+
+# --- warm start on a known path (PBA, issue 14) ---------------------------------------
+
+WARM_CELL = Cell(100e6, 50, 0.005)
+
+
+def time_to_share(timeline: list[dict[str, Any]], share: float = 0.9) -> tuple[float, float]:
+    """(seconds until goodput first reaches ``share`` of the final, final goodput): the
+    final is the median of the last third of the timeline's per-interval goodput."""
+    rates = [float(p["goodput_bps"]) for p in timeline]
+    if not rates:
+        raise ValueError("dwcp perf reported no timeline")
+    tail = sorted(rates[len(rates) * 2 // 3 :])
+    final = tail[len(tail) // 2]
+    for p in timeline:
+        if float(p["goodput_bps"]) >= share * final:
+            return float(p["t"]), final
+    return float(timeline[-1]["t"]), final
+
+
+def _perf_run(link: Link, seconds: float, keys: Path, conns: int, streams: int) -> dict[str, Any]:
+    dwcp = [sys.executable, "-m", "dwcp"]
+    ka, kb = keys / "a.key", keys / "b.key"
+    listen = [*dwcp, "perf", "--listen", f"{link.addr_b}:{PORT}"]
+    server = link.popen_b(
+        [*ENDPOINT, *listen, "--key", str(kb), "--trust", f"{ka}.pub"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_port(link, "udp", PORT, server)
+        argv = [*dwcp, "perf", f"{link.addr_b}:{PORT}", "--key", str(ka), "--trust", f"{kb}.pub"]
+        argv += ["--seconds", str(seconds), "--json", "--rtt", str(WARM_CELL.rtt_ms / 1000)]
+        argv += ["--connections", str(conns), "--streams", str(streams)]
+        cp = link.run_in_a([*ENDPOINT, *argv], capture_output=True, text=True, timeout=seconds + 90)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    if cp.returncode != 0:
+        raise RuntimeError(f"dwcp perf failed: {cp.stderr.strip()[-500:]}")
+    out: dict[str, Any] = json.loads(cp.stdout.strip().splitlines()[-1])
+    return out
+
+
+def warm_start(seconds: float, runs: int) -> dict[str, Any]:
+    """Cold (today's probing from 1 connection x 2 streams) then warm (starting at the
+    connections x streams the cold session ended on, which is what the path store hands
+    a new session: ``PeerSessions.warm_config``), alternating, ``runs`` pairs."""
+    pairs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        keys = Path(tmp)
+        for name in ("a", "b"):
+            subprocess.run(
+                [sys.executable, "-m", "dwcp", "keygen", str(keys / f"{name}.key")],
+                check=True,
+                capture_output=True,
+            )
+        c = WARM_CELL
+        for _ in range(runs):
+            with Link(rate_bps=c.rate_bps, delay_ms=c.rtt_ms / 2, loss=c.loss, seed=1) as link:
+                cold = _perf_run(link, seconds, keys, 1, 2)
+            level = (int(cold["connections"]), int(cold["streams"]))
+            with Link(rate_bps=c.rate_bps, delay_ms=c.rtt_ms / 2, loss=c.loss, seed=1) as link:
+                warm = _perf_run(link, seconds, keys, *level)
+            tc, fc = time_to_share(cold["timeline"])
+            tw, fw = time_to_share(warm["timeline"])
+            pairs.append(
+                {
+                    "cold_t90_s": round(tc, 2),
+                    "cold_final_bps": round(fc),
+                    "warm_level": list(level),
+                    "warm_t90_s": round(tw, 2),
+                    "warm_final_bps": round(fw),
+                    "speedup": round(tc / max(tw, 1e-3), 2),
+                }
+            )
+            print(f"  warm start: {pairs[-1]}", file=sys.stderr)
+    sp = sorted(p["speedup"] for p in pairs)
+    return {
+        "cell": WARM_CELL.label,
+        "seconds": seconds,
+        "runs": pairs,
+        "median_speedup": sp[len(sp) // 2],
+    }
 
 
 if __name__ == "__main__":

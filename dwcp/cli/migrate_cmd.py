@@ -5,9 +5,14 @@ different image the destination already stores under the same name is replaced
 only with ``--force`` (or ``--backup``, which keeps the old one as ``NAME.~N~``),
 unless it is an earlier version from the same source file, or the ownership
 cluster says this node owns that VM. On a
-terminal, a progress bar (bytes, rate, dedup ratio, ETA) runs on stderr; with
+terminal, a progress bar (bytes, rate, dedup ratio, ETA) runs on stderr (``--quiet``:
+none); ``--progress`` without a terminal prints plain lines there instead; with
 ``--json`` the result is one JSON object on stdout's last line. Interrupting
 the command stops the migration; re-running it resumes where it stopped.
+``--dry-run`` exchanges the offer and the plan only: it prints what a real run would
+send (bytes zero, already at the destination, to send; an estimated time) and sends
+nothing else. ``--detach`` starts the migration on the node and returns its job id at
+once: closing the CLI then does not stop it (``dwcp jobs`` follows it).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +55,16 @@ def register(sub: Any) -> None:
         help="replace it, keeping the old one at the peer as NAME.~N~",
     )
     p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="plan only: what would be sent (zero / already there / to send) and how long",
+    )
+    p.add_argument(
+        "--detach",
+        action="store_true",
+        help="start it on the node and return its job id ('dwcp jobs' follows it)",
+    )
+    p.add_argument(
         "--live",
         action="store_true",
         help="IMAGE names a running VM: move it while it runs (disk, RAM, then ownership)",
@@ -58,10 +74,51 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--postcopy", action="store_true", help="with --live: allow postcopy")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--progress",
+        action="store_true",
+        help="without a terminal too: a plain progress line on stderr every few seconds",
+    )
+    shown.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     p.set_defaults(func=run)
 
 
 _PLANNED = ("sending", "verifying")  # phases where the dedup ratio is known
+
+
+PLAIN_INTERVAL = 2.0  # seconds between plain progress lines (a phase change prints at once)
+
+
+class _Lines:
+    """Plain progress lines on stderr for logs and pipes (``--progress`` with no terminal):
+    no ANSI codes, binary units, one line per phase change and every PLAIN_INTERVAL."""
+
+    def __init__(self, image: str, peer: str) -> None:
+        self.label = f"{Path(image).name} -> {peer}"
+        self.t0 = time.monotonic()
+        self.last = (-PLAIN_INTERVAL, "")
+
+    def update(self, data: dict[str, Any]) -> None:
+        now, phase = time.monotonic(), str(data.get("phase", ""))
+        if now - self.last[0] < PLAIN_INTERVAL and phase == self.last[1]:
+            return
+        self.last = (now, phase)
+        line = f"{self.label}: {phase or 'starting'}"
+        if "bytes_sent" in data:
+            rate = data.get("bytes_wire", 0) / max(now - self.t0, 1e-6)
+            line += (
+                f", {human_bytes(data['bytes_sent'])} of {human_bytes(data['bytes_to_send'])}"
+                f" sent, {human_bytes(rate)}/s on the wire"
+            )
+            if phase in _PLANNED:
+                line += f", {float(data.get('dedup_ratio', 0.0)):.1%} already there"
+            if data.get("eta_s") is not None:
+                line += f", ETA {float(data['eta_s']):.0f} s"
+        print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
 
 
 class _Bar:
@@ -155,14 +212,39 @@ def run(args: argparse.Namespace) -> int:
         "level": args.level,
         "force": args.force,
         "backup": args.backup,
+        "dry_run": args.dry_run,
+        "detach": args.detach,
     }
-    bar = _Bar(args.image, args.to)
+    bar: _Bar | _Lines
+    if args.progress and not sys.stderr.isatty():
+        bar = _Lines(args.image, args.to)
+    else:
+        bar = _Bar(args.image, args.to)
+        bar.enabled = bar.enabled and not args.quiet
     try:
         result: dict[str, Any] = call_node(config, "migrate", request, on_progress=bar.update)
     finally:
         bar.close()
     if args.json:
         print(json.dumps(result))
+        return 0
+    if result.get("detached"):
+        print(
+            f"migrating {result['name']} to {result['peer']} as job {result['id']}: "
+            f"'dwcp jobs' follows it, 'dwcp jobs cancel {result['id']}' stops it"
+        )
+        return 0
+    if result.get("dry_run"):
+        eta = result.get("predicted_seconds")
+        print(
+            f"dry run: {result['name']} to {result['peer']}: "
+            f"{human_bytes(result['bytes_image'])} image, "
+            f"{human_bytes(result['bytes_zero'])} zero, "
+            f"{human_bytes(result['bytes_local'])} already at {result['peer']}, "
+            f"{human_bytes(result['bytes_to_send'])} to send"
+            + (f", about {eta:.1f} s" if eta is not None else ", time unknown (no history yet)")
+            + "; nothing sent"
+        )
         return 0
     saved = result["bytes_image"] - result["bytes_wire"]
     print(

@@ -21,6 +21,9 @@ retries to all replicas). Frames above the configured message limit close
 the connection; peers' write buffers are capped and overflow is dropped
 (PBFT retransmits through its timers), so memory stays bounded.
 
+``NetConfig`` (the cluster file) lives in ``dwcp.consensus.netconfig`` and
+``ClientPool`` in ``dwcp.consensus.clientpool``; both are re-exported here.
+
 Entry points::
 
     python -m dwcp.consensus.net init DIR --n 4 --clients 1 --base-port 7400
@@ -39,15 +42,12 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
-import json
 import logging
 import os
 import signal
 import sys
-import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,30 +55,28 @@ from dwcp.consensus.actions import (
     Action,
     Broadcast,
     Compact,
-    Completed,
     Executed,
     Persist,
     ReplyTo,
     Send,
     ViewChanged,
 )
-from dwcp.consensus.client import Client
+from dwcp.consensus.clientpool import ClientPool as ClientPool
 from dwcp.consensus.config import ClusterConfig
 from dwcp.consensus.conn import Endpoint, FrameProtocol, Link
 from dwcp.consensus.handshake import (
-    ROLE_CLIENTS,
     ROLE_REPLICA,
     DialerHandshake,
     ListenerHandshake,
     Peer,
     max_handshake_frame,
 )
-from dwcp.consensus.messages import Codec, Replies, Reply
+from dwcp.consensus.netconfig import NetConfig as NetConfig
 from dwcp.consensus.registry import VMRegistry
 from dwcp.consensus.replica import Replica
 from dwcp.consensus.wal import Wal
-from dwcp.errors import AuthenticationError, ConfigError, ConsensusError, ProtocolError
-from dwcp.identity import NodeKey, PublicKey
+from dwcp.errors import ConfigError, ConsensusError
+from dwcp.identity import NodeKey
 
 log = logging.getLogger("dwcp.consensus")
 
@@ -88,69 +86,6 @@ MAX_CONNS_PER_PEER = 4
 """Authenticated connections kept per peer (a replica or a client pool's key set); a
 newer one closes the oldest (a peer that restarted reconnects before its old connection
 times out)."""
-_TUNING = (
-    "checkpoint_interval",
-    "watermark_window",
-    "max_batch",
-    "max_inflight",
-    "view_change_timeout",
-    "client_retry",
-)
-
-
-@dataclass(frozen=True)
-class NetConfig:
-    """A cluster plus where each replica listens (``addresses[i]`` is replica ``i``)."""
-
-    cluster: ClusterConfig
-    addresses: tuple[tuple[str, int], ...]
-    owner_check: bool = False
-    """Replicas run ``VMRegistry(check_owner=True)``: clients act only for themselves."""
-
-    def __post_init__(self) -> None:
-        if len(self.addresses) != self.cluster.n:
-            raise ConfigError(
-                f"{len(self.addresses)} addresses for {self.cluster.n} replicas: "
-                "list one host:port per replica"
-            )
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> NetConfig:
-        """Read the JSON written by ``dump`` (or ``init``)."""
-        p = Path(path)
-        try:
-            doc = json.loads(p.read_text(encoding="utf-8"))
-            cluster = ClusterConfig(
-                bytes.fromhex(doc["cluster_id"]),
-                tuple(PublicKey.parse(t) for t in doc["replicas"]),
-                tuple(PublicKey.parse(t) for t in doc["clients"]),
-                **{k: v for k, v in doc.get("tuning", {}).items() if k in _TUNING},
-            )
-            addrs = []
-            for a in doc["addresses"]:
-                host, _, port = str(a).rpartition(":")
-                addrs.append((host, int(port)))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(
-                f"{p}: not a valid cluster file ({type(exc).__name__}: {exc}); "
-                "create one with 'python -m dwcp.consensus.net init DIR'"
-            ) from exc
-        owner_check = doc.get("owner_check", False)
-        if type(owner_check) is not bool:
-            raise ConfigError(f"{p}: owner_check: expected true or false")
-        return cls(cluster, tuple(addrs), owner_check)
-
-    def dump(self, path: str | os.PathLike[str]) -> None:
-        c = self.cluster
-        doc = {
-            "cluster_id": c.cluster_id.hex(),
-            "replicas": [k.text for k in c.replicas],
-            "clients": [k.text for k in c.clients],
-            "addresses": [f"{h}:{p}" for h, p in self.addresses],
-            "tuning": {k: getattr(c, k) for k in _TUNING},
-            "owner_check": self.owner_check,
-        }
-        Path(path).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
 
 
 class ReplicaServer(Endpoint):
@@ -422,145 +357,6 @@ class ReplicaServer(Endpoint):
             self._timer.cancel()
         self._executor.shutdown(wait=True)  # let an fsync in flight finish first
         self.wal.close()
-
-
-class ClientPool(Endpoint):
-    """Many sans-IO ``Client``s (one per key) sharing one connection per replica."""
-
-    def __init__(self, net: NetConfig, keys: Sequence[NodeKey]) -> None:
-        self.net = net
-        cfg = net.cluster
-        self.limit = cfg.max_message_bytes + 64
-        self.codec = Codec(cfg)
-        self.clients = [Client(cfg, k, codec=self.codec) for k in keys]
-        self.by_index = {c.index: c for c in self.clients}
-        self._waiters: dict[int, asyncio.Future[Completed]] = {}
-        self._timers: dict[int, asyncio.TimerHandle] = {}
-        self.addresses = net.addresses
-        self.links = {
-            j: Link(self, j, functools.partial(DialerHandshake, cfg, keys, ROLE_CLIENTS, j))
-            for j in range(cfg.n)
-        }
-        self._out: dict[int, list[bytes]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.bad_signatures = 0
-
-    def _ev(self) -> asyncio.AbstractEventLoop:
-        # Cached: asyncio.get_running_loop() costs a getpid() per call on Python 3.11.
-        loop = self._loop
-        if loop is None:
-            self._loop = loop = asyncio.get_running_loop()
-        return loop
-
-    async def start(self, timeout: float = 10.0) -> None:
-        """Dial every replica; return once all are connected (or raise after ``timeout``)."""
-        for link in self.links.values():
-            link.start()
-        loop = asyncio.get_running_loop()
-        end = loop.time() + timeout
-        while any(link.proto is None for link in self.links.values()):
-            if loop.time() > end:
-                raise ConsensusError(
-                    "could not connect to every replica; check that they run and the "
-                    "addresses in the cluster file"
-                )
-            await asyncio.sleep(0.01)
-
-    def _perform(self, client: Client, actions: list[Action]) -> None:
-        # Frames queued in one loop turn (many clients' requests) leave in one write per replica.
-        out = self._out
-        if not out:
-            self._ev().call_soon(self._flush)
-        for a in actions:
-            if isinstance(a, Send):
-                out.setdefault(a.to, []).append(a.data)
-            elif isinstance(a, Broadcast):
-                for j in self.links:
-                    out.setdefault(j, []).append(a.data)
-        old = self._timers.pop(client.index, None)
-        if old is not None:
-            old.cancel()
-        dl = client.next_deadline()
-        if dl is not None:
-            self._timers[client.index] = self._ev().call_at(dl, self._on_timer, client)
-
-    def _flush(self) -> None:
-        out, self._out = self._out, {}
-        for j, frames in out.items():
-            self.links[j].send(frames)
-
-    def _on_timer(self, client: Client) -> None:
-        self._timers.pop(client.index, None)
-        self._perform(client, client.tick(self._ev().time()))
-
-    def on_frame(self, proto: FrameProtocol, data: bytes) -> None:
-        try:
-            s = self.codec.decode(data)
-        except ProtocolError:
-            return
-        msg = s.msg
-        if isinstance(msg, Reply):
-            indices: Iterable[int] = (msg.client,)
-        elif isinstance(msg, Replies):
-            indices = dict.fromkeys(c for c, _, _ in msg.entries)
-        else:
-            return
-        # Only clients still waiting (the first f+1 replies complete them).
-        waiting = [c for c in map(self.by_index.get, indices) if c is not None and c.busy]
-        if len(waiting) > 1:
-            # Checked once here: a forged REPLIES naming all our clients must not cost a
-            # verification per client (a valid one is then found in the shared codec's cache).
-            try:
-                self.codec.verify(s)
-            except AuthenticationError:
-                self.bad_signatures += 1
-                return
-        now = self._ev().time()
-        for client in waiting:
-            for ev in client.receive_decoded(s, now):
-                waiter = self._waiters.pop(client.index, None)
-                timer = self._timers.pop(client.index, None)
-                if timer is not None:
-                    timer.cancel()
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(ev)
-
-    async def request(
-        self, op: bytes, client: int = 0, *, timeout: float | None = None
-    ) -> Completed:
-        """Submit ``op`` as ``clients[client]`` and wait for f + 1 matching replies.
-
-        After ``timeout`` seconds raise ``ConsensusError`` and stop waiting (the request
-        may still commit later; PBFT executes it at most once). Timestamps follow the
-        wall clock, so they keep rising across restarts of a long-lived client.
-        """
-        c = self.clients[client]
-        loop = self._ev()
-        fut: asyncio.Future[Completed] = loop.create_future()
-        self._waiters[c.index] = fut
-        c.advance_timestamp(int(time.time() * 1_000_000))
-        self._perform(c, c.request(op, loop.time()))
-        try:
-            async with asyncio.timeout(timeout):
-                return await fut
-        except TimeoutError:
-            raise ConsensusError(
-                f"no f+1 matching replies within {timeout:g} s: fewer than 2f+1 replicas "
-                "are reachable or agree; check 'dwcp status' on the replica nodes"
-            ) from None
-        finally:
-            if not fut.done():
-                self._waiters.pop(c.index, None)
-                timer = self._timers.pop(c.index, None)
-                if timer is not None:
-                    timer.cancel()
-                c.abandon()
-
-    def close(self) -> None:
-        for link in self.links.values():
-            link.stop()
-        for t in self._timers.values():
-            t.cancel()
 
 
 # --- command line ----------------------------------------------------------

@@ -262,7 +262,7 @@ class Replica:
             self._vc_resend = None
             if not self.active and self._own_vc:
                 out.append(Broadcast(self._own_vc))
-                self._vc_resend = now + self._timeout()
+                self._vc_resend = now + self._resend_interval()
         if self._fetch_deadline is not None and now >= self._fetch_deadline:
             if self._fetch_seq > self.last_executed:
                 raw = self._sign(FetchState(self._fetch_seq))
@@ -349,7 +349,7 @@ class Replica:
             vc = self.codec.decode(self._own_vc, limit=_WAL_LIMIT)
             self._vcs[self.id] = check_view_change(self.codec, vc.raw)
             out.append(Broadcast(self._own_vc))
-            self._vc_resend = now + self._timeout()
+            self._vc_resend = now + self._resend_interval()
         if self.recovering:
             if not self._marker:
                 # Durable first: a crash before recovery ends must not restart as a fresh replica.
@@ -365,6 +365,15 @@ class Replica:
 
     def _timeout(self) -> float:
         return self.config.view_change_timeout * float(1 << min(self._backoff, 16))
+
+    def _resend_interval(self) -> float:
+        """How often our VIEW-CHANGE is re-sent: well inside the view-change timeout.
+
+        Re-sending only once per timeout meant a single lost VIEW-CHANGE reached the new
+        primary at the very moment the others gave the view up (the quorum's timer and the
+        re-send fired together), so a 2% drop rate could skip views one after another.
+        """
+        return min(self._timeout() / 2, self.config.view_change_timeout)
 
     def _persist(self, out: list[Action], raw: bytes | None = None) -> None:
         if self._replaying:
@@ -935,7 +944,7 @@ class Replica:
         d = check_checkpoint_proof(self.codec, self.stable_seq, self._stable_proof)
         self._vcs[self.id] = CheckedViewChange(self.id, raw, vc, d, prepared)
         self._vc_deadline = None
-        self._vc_resend = now + self._timeout()
+        self._vc_resend = now + self._resend_interval()
         self._check_view_change_quorum(now, out)
 
     def _push_new_view(self, s: Signed, now: float, out: list[Action]) -> None:

@@ -6,8 +6,10 @@ no encoding (``Message.size`` is exact), so 5,000 members x 600 virtual seconds 
 core. Faults: independent loss, uniform delay, partitions (a predicate on (src, dst)),
 crashes and restarts (with or without the persisted incarnation), stalls (a member that
 runs nothing for a while, then its expired timers fire before it reads its queued
-messages, as after a long GC pause) and forged messages (dropped by authentication
-before the core sees them; counted).
+messages, as after a long GC pause; with ``stall_drop`` the messages that arrive during
+the stall are lost instead, as when a frozen process's socket buffer overflows: the
+Lifeguard paper's model of a member that neither processes nor answers) and forged
+messages (dropped by authentication before the core sees them; counted).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class SimNet:
         config: SwimConfig | None = None,
         loss: float = 0.0,
         delay: tuple[float, float] = (0.0005, 0.005),
+        stall_drop: bool = False,
     ) -> None:
         self.rng = random.Random(seed)
         self.config = config or SwimConfig()
@@ -45,6 +48,8 @@ class SimNet:
         self.nodes: dict[str, Swim] = {}
         self.down: set[str] = set()
         self.stalled_until: dict[str, float] = {}
+        self.stall_drop = stall_drop
+        self.stall_dropped = 0
         self.blocked: Callable[[str, str], bool] | None = None
         self.on_change: Callable[[str, Change], None] | None = None
         self.bytes_sent = 0
@@ -143,6 +148,9 @@ class SimNet:
             if stalled and name in stalled:
                 until = stalled[name]
                 if t < until:
+                    if kind == _DELIVER and self.stall_drop:
+                        self.stall_dropped += 1
+                        continue
                     self._seq += 1
                     # timers first at the end of the stall, then the queued messages
                     later = until if kind == _WAKE else until + 1e-9

@@ -42,6 +42,7 @@ from dwcp.migrate.channel import BulkChannel, MessageChannel
 from dwcp.migrate.threads import in_thread, iterate_in_thread
 from dwcp.pba.compression import AdaptiveLevel
 from dwcp.pba.hostcpu import HostCpu
+from dwcp.pba.zlevel import start_level
 from dwcp.tasks import cancel_and_wait
 
 log = logging.getLogger("dwcp.migrate")
@@ -90,6 +91,8 @@ class MigrationResult:
     resumed: bool
     owner: str | None = None  # with consensus: the VM's owner node id after the commit
     epoch: int | None = None  # ... and its epoch (fencing token)
+    bytes_to_send: int = 0  # what the plan said this run sends (after a resume: the rest)
+    dry_run: bool = False  # planned only: nothing sent, nothing stored (``dry_run=True``)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,8 +152,10 @@ class Sending:
         on_progress: Callable[[Progress], None],
         block_size: int = delta.BLOCK_SIZE,
         replace: int = msg.REFUSE,
+        dry_run: bool = False,
     ) -> None:
         self.key, self.image, self.name = key, image, name
+        self.dry_run = dry_run
         self.block_size, self.replace = block_size, replace
         self.level, self.bwlimit, self.on_progress = level, bwlimit, on_progress
         self.prog = Progress(name, peer)
@@ -287,6 +292,17 @@ class Sending:
             nonlocal count, total
             if isinstance(level, AdaptiveLevel):
                 adapt, host = level, HostCpu()
+                if adapt.predicted_bps:  # PBA: start where the predicted link and the data say
+                    choice = await asyncio.to_thread(
+                        start_level, image, adapt.predicted_bps, nbytes=prog.bytes_to_send
+                    )
+                    adapt.start_at(choice.level)
+                    log.debug(
+                        "zstd level %d (%s-bound) at %.0f bit/s",
+                        choice.level,
+                        choice.bound,
+                        adapt.predicted_bps,
+                    )
 
                 def observe(busy: float, interval: float) -> None:
                     adapt.observe(busy, interval, host.idle_share())
@@ -382,6 +398,14 @@ class Sending:
         actions = sender.handle(proto.Start())
         while True:
             for a in actions:
+                if isinstance(a, proto.StreamRanges) and self.dry_run:
+                    # The plan is known and no data has moved: stop here. The caller
+                    # abandons the channel; the destination keeps nothing but an empty
+                    # partial, which the real run (same transfer id) reuses.
+                    trace("src dry run planned")
+                    self.prog.bytes_missing = sender.stats.bytes_missing
+                    self.prog.bytes_to_send = sender.stats.bytes_pending
+                    return self._result(m, sender, t0)
                 if isinstance(a, proto.Completed):
                     trace("src completed")
                     return self._result(m, sender, t0)
@@ -417,6 +441,8 @@ class Sending:
             seconds=round(time.monotonic() - t0, 3),
             dedup_ratio=round(self.prog.dedup_ratio, 6),
             resumed=s.bytes_pending < s.bytes_missing,
+            bytes_to_send=self.prog.bytes_to_send,
+            dry_run=self.dry_run,
         )
 
 
@@ -432,6 +458,7 @@ async def send_image(
     on_progress: Callable[[Progress], None] = lambda p: None,
     block_size: int = delta.BLOCK_SIZE,
     replace: int = msg.REFUSE,
+    dry_run: bool = False,
 ) -> MigrationResult:
     """Migrate ``image`` over the channel ``opening`` as ``name``; returns once the peer
     acknowledged it.
@@ -441,7 +468,9 @@ async def send_image(
     the channel either way. ``block_size`` is the manifest's (the destination accepts
     any power of two from 512 bytes to 1 MiB). ``replace`` (``messages.REFUSE``,
     ``FORCE``, ``BACKUP``) says what the destination may do with a different image
-    already stored under ``name``.
+    already stored under ``name``. ``dry_run``: exchange the offer and the plan only
+    and return what a real run would send (``bytes_to_send``; the channel is then
+    unusable: abandon it).
     """
     s = Sending(
         key,
@@ -453,6 +482,7 @@ async def send_image(
         on_progress=on_progress,
         block_size=block_size,
         replace=replace,
+        dry_run=dry_run,
     )
     return await s.run(opening)
 

@@ -38,11 +38,13 @@ from dwcp.node import metrics
 from dwcp.node.config import NodeConfig, load_config
 from dwcp.node.context import NodeContext
 from dwcp.node.control import ControlServer
+from dwcp.node.jobs import Jobs
 from dwcp.node.logs import setup_logging
 from dwcp.node.metrics_http import MetricsEndpoint
 from dwcp.node.migrations import Migrations
 from dwcp.node.ops import NodeOps
 from dwcp.node.ownership import Ownership
+from dwcp.node.pulls import Pulls
 from dwcp.node.service import BaseService, Service, ServiceSet
 from dwcp.node.sessions import PeerSessions
 from dwcp.node.store import Store
@@ -129,6 +131,7 @@ SERVICES: tuple[Callable[[NodeContext], Service], ...] = (
     OwnershipService,
     lambda ctx: ctx.sessions,
     Migrations,
+    Pulls,
     NodeOps,
     GossipService,
     VmSupervisor,
@@ -209,6 +212,9 @@ class Node:
         ctx.sessions.paths = PathStore(c.data_dir / "paths")  # warm starts on known paths
         for make in SERVICES:
             self.services.add(make(ctx))
+        migrations = self.services.get("migrations")
+        if isinstance(migrations, Migrations):  # 'dwcp jobs' follows its migrations
+            self.services.add(Jobs(migrations, c.data_dir / "jobs.json"))
         for op, handler in self.services.handlers().items():
             self.control.add(op, handler)
         self.services.add(ControlService(self.control))

@@ -22,7 +22,7 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,7 +49,7 @@ from dwcp.node.store import check_image_name
 from dwcp.pba.compression import MAX_LEVEL, MIN_LEVEL, AdaptiveLevel
 from dwcp.pba.eta import MigrationEta
 from dwcp.pba.paths import PathStore
-from dwcp.tasks import cancel_and_wait
+from dwcp.tasks import TaskSet, cancel_and_wait
 
 if TYPE_CHECKING:
     from dwcp.transport import Channel, Session
@@ -119,6 +119,7 @@ class Migrations(BaseService):
         self.slots = asyncio.Semaphore(ctx.config.limits.max_transfers)
         self.memory = MemoryBudget(ctx.config.limits.transfer_memory)
         self._listeners: list[Listener] = []
+        self.detached = TaskSet("detached migrations")  # migrate --detach: no CLI waits
         ctx.sessions.add_channel_handler(CHANNEL_NAME, self._on_channel)
 
     def handlers(self) -> Mapping[str, Handler]:
@@ -168,6 +169,9 @@ class Migrations(BaseService):
                 len(stragglers),
                 extra={"event": "stopped_transfers"},
             )
+
+    async def stop(self) -> None:
+        await self.detached.aclose()  # after drain: what is left resumes when re-run
 
     # --- incoming -----------------------------------------------------------------------
 
@@ -364,9 +368,39 @@ class Migrations(BaseService):
         if args.get("force") and args.get("backup"):
             raise UsageError("--force and --backup: choose one")
         replace = FORCE if args.get("force") else BACKUP if args.get("backup") else REFUSE
+        if args.get("detach"):  # runs on without the CLI; 'dwcp jobs' follows it
+            if args.get("dry_run"):
+                raise UsageError("--detach and --dry-run: a dry run answers at once")
+            self._check_free(name)
+            mid = secrets.token_hex(6)
+            job = self.migrate(
+                image, peer, name=name, level=level, bwlimit=bw, replace=replace, mid=mid
+            )
+            self.detached.spawn(self._quietly(job), name=f"migration {mid}")
+            return {"id": mid, "detached": True, "name": name, "peer": peer.name}
         return await self.migrate(
-            image, peer, name=name, level=level, bwlimit=bw, emit=emit, replace=replace
+            image,
+            peer,
+            name=name,
+            level=level,
+            bwlimit=bw,
+            emit=emit,
+            replace=replace,
+            dry_run=bool(args.get("dry_run")),
         )
+
+    @staticmethod
+    async def _quietly(job: Awaitable[dict[str, Any]]) -> None:
+        """A detached migration: its failure is logged and listed by ``migrate`` already."""
+        with contextlib.suppress(DwcpError):  # not BaseException: cancellation propagates
+            await job
+
+    def _check_free(self, name: str) -> None:
+        if name in self.migrating:
+            raise UsageError(
+                f"{name} is already being migrated from this node; wait for that migration "
+                "(two at once could both copy it, and only one can move its ownership)"
+            )
 
     async def migrate(
         self,
@@ -378,27 +412,32 @@ class Migrations(BaseService):
         bwlimit: int,
         emit: Emit = lambda d: None,
         replace: int = REFUSE,
+        dry_run: bool = False,
+        mid: str | None = None,
     ) -> dict[str, Any]:
         """Move ``image`` to ``peer`` as ``name``; the result once the peer stored it.
+
+        ``dry_run``: scan, offer and plan only; the result says what a real run would
+        send (``bytes_to_send``, ``bytes_zero``, ``bytes_local``) and ``predicted_seconds``
+        (from the path's history, else ``bwlimit``; None when neither is known). Nothing
+        is claimed, sent, stored or counted.
 
         ``replace`` (``messages.REFUSE``, ``FORCE``, ``BACKUP``): what the peer may do
         with a different image it already stores under ``name``.
         """
         ctx = self.ctx
-        if name in self.migrating:
-            raise UsageError(
-                f"{name} is already being migrated from this node; wait for that migration "
-                "(two at once could both copy it, and only one can move its ownership)"
-            )
+        self._check_free(name)
         task = asyncio.current_task()
         assert task is not None
-        mid = secrets.token_hex(6)
+        mid = mid or secrets.token_hex(6)
         self.outgoing[mid] = task
         self.migrating.add(name)
         last: dict[str, Any] = {"t": 0.0, "phase": ""}
         paths: PathStore | None = getattr(ctx.sessions, "paths", None)
         hist = await asyncio.to_thread(paths.get, peer.public_key.node_id) if paths else None
         eta = MigrationEta(hist.predictor() if hist else None)  # PBA: predicted_seconds, eta_s
+        if isinstance(level, AdaptiveLevel) and hist is not None and hist.seconds:
+            level.predicted_bps = hist.predictor().predict(60.0).p50  # PBA: the starting level
 
         def say(data: dict[str, Any]) -> None:
             emit(data)
@@ -425,14 +464,17 @@ class Migrations(BaseService):
                     }
                 )
 
-        self._tell(MigrationEvent(mid, "out", "started", name, peer.name, {"image": str(image)}))
+        if not dry_run:
+            self._tell(
+                MigrationEvent(mid, "out", "started", name, peer.name, {"image": str(image)})
+            )
         t0 = time.monotonic()
         try:
             async with self.slots:
                 ctx.stats.active_out += 1
                 try:
                     result = await self._send(
-                        image, peer, name, level, bwlimit, say, progress, replace
+                        image, peer, name, level, bwlimit, say, progress, replace, dry_run
                     )
                 finally:
                     ctx.stats.active_out -= 1
@@ -455,6 +497,12 @@ class Migrations(BaseService):
             del self.outgoing[mid]
             self.migrating.discard(name)
         result.seconds = round(time.monotonic() - t0, 3)
+        if dry_run:
+            plan = result.to_dict()
+            plan["predicted_seconds"] = eta.start(result.seconds, result.bytes_to_send) or (
+                round(result.seconds + result.bytes_to_send / bwlimit, 3) if bwlimit else None
+            )
+            return plan
         s = ctx.stats
         s.count_migration("out", "ok")
         s.bytes_sent += result.bytes_wire
@@ -496,6 +544,7 @@ class Migrations(BaseService):
         say: Emit,
         progress: Callable[[Progress], None],
         replace: int,
+        dry_run: bool = False,
     ) -> MigrationResult:
         ctx = self.ctx
         # Connect while the VM is claimed and the image scanned (~0.1 s and a handshake's
@@ -505,7 +554,7 @@ class Migrations(BaseService):
         ok = False
         try:
             claim: Claim | None = None
-            if ctx.ownership is not None:
+            if ctx.ownership is not None and not dry_run:
                 say({"phase": "claiming"})
                 claim = await ctx.ownership.claim(name, peer.public_key)
             result = await send_image(
@@ -518,8 +567,9 @@ class Migrations(BaseService):
                 bwlimit=bwlimit,
                 on_progress=progress,
                 replace=replace,
+                dry_run=dry_run,
             )
-            ok = True
+            ok = not dry_run  # a dry run leaves its channel mid-protocol: abandoned
         finally:
             await self._give_back(opening, reuse=ok)
         if claim is not None:

@@ -50,6 +50,10 @@ class AdaptiveLevel:
     hi: int = MAX_LEVEL
     window: int = WINDOW
     history: list[int] = field(default_factory=list)  # the level after every decision
+    # The path's predicted rate (bit/s) when known: the source then starts at the level
+    # ``dwcp.pba.zlevel.start_level`` picks from it and a measured sample of the image,
+    # rather than at ``level``, and this controller corrects from there.
+    predicted_bps: float | None = None
     _frames: int = 0
     _busy: float = 0.0
     _interval: float = 0.0
@@ -60,6 +64,11 @@ class AdaptiveLevel:
         if not self.lo <= self.hi:
             raise ValueError(f"level range {self.lo}..{self.hi} is empty")
         self.level = min(max(self.level, self.lo), self.hi)
+
+    def start_at(self, level: int) -> None:
+        """Begin at ``level`` (kept inside lo..hi), before any frame is observed."""
+        self.level = min(max(level, self.lo), self.hi)
+        self.history.append(self.level)
 
     def observe(self, busy: float, interval: float, host_idle: float = 1.0) -> None:
         """One frame was taken by the sender: the encoder's busy seconds since the

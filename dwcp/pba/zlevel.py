@@ -27,6 +27,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import zstandard
 
@@ -36,6 +37,9 @@ LEVELS = tuple(range(1, 10))  # 10+ cost 2-4x the CPU of 9 for under 1% fewer by
 SAMPLE_PIECES = 4
 PIECE_BYTES = 1 << 20  # one frame each, so ratio and speed are those of real frames
 FRAME = 1 << 20  # input per zstd frame (dwcp.delta.frames.BATCH_BYTES)
+# The sender's CPU per wire byte: pure-Python QUIC, 1 conn x 1 stream, uvloop, 42.9 s/GB
+# (RESULTS.md, the transport's CPU table). It makes fast links CPU-bound at the sender.
+SEND_CPU_S_PER_BYTE = 42.9e-9
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,3 +124,32 @@ def measure_levels(
         cpu = max(time.thread_time() - t0, 1e-6)
         out.append(LevelCost(level, len(data) / cpu, len(data) / max(size, 1)))
     return out
+
+
+def read_sample(path: Path, pieces: int = SAMPLE_PIECES, size: int = PIECE_BYTES) -> bytes:
+    """``sample`` of a file without reading all of it: ``pieces`` evenly spaced pieces."""
+    with open(path, "rb") as f:
+        length = f.seek(0, 2)
+        if length <= pieces * size:
+            f.seek(0)
+            return f.read()
+        step = (length - size) // max(pieces - 1, 1)
+        out = bytearray()
+        for i in range(pieces):
+            f.seek(i * step)
+            out += f.read(size)
+        return bytes(out)
+
+
+def start_level(
+    path: Path,
+    rate_bps: float,
+    *,
+    nbytes: int | None = None,
+    send_cpu_s_per_byte: float = SEND_CPU_S_PER_BYTE,
+) -> LevelChoice:
+    """The starting level for sending ``path`` over a link predicted at ``rate_bps``:
+    its sample measured at every level, then ``choose_level``. Blocking (reads the file
+    and runs zstd for a few tenths of a second): call it in a worker thread."""
+    costs = measure_levels(read_sample(path))
+    return choose_level(costs, rate_bps, send_cpu_s_per_byte=send_cpu_s_per_byte, nbytes=nbytes)

@@ -177,3 +177,16 @@ def test_a_stalled_member_is_suspected_then_refutes(lifeguard: bool) -> None:
     assert sum(node.stats["suspicions"] for node in net.nodes.values()) > 0
     assert net.nodes["n4"].stats["refutations"] >= 1
     assert sum(node.stats["deaths"] for node in net.nodes.values()) == 0
+
+
+def test_a_stall_that_drops_its_input_is_refuted_under_lifeguard() -> None:
+    """Lifeguard's stall model: a frozen member loses what arrives meanwhile. With the buddy
+    rule it learns of its suspicion from the next probe and refutes; nobody declares it dead."""
+    net = SimNet(20, seed=6, config=SwimConfig(lifeguard=True), stall_drop=True)
+    net.run_until(10)
+    net.stall("n4", 4.0)
+    net.run_until(60)
+    assert net.stall_dropped > 0
+    assert all(_views(net, n) == {ALIVE} for n in net.names)
+    assert net.nodes["n4"].stats["refutations"] >= 1
+    assert sum(node.stats["deaths"] for node in net.nodes.values()) == 0

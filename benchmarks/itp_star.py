@@ -1,0 +1,166 @@
+"""ITP real mode: `dwcp pull` between real daemons through the emulated star (issue 15).
+
+    python benchmarks/itp_bench.py --real [--size-mib 64] [--json]
+
+Four source daemons, each in its own namespace behind its own link (10/20/30/40 Mbit/s,
+25 ms each way = 50 ms RTT, 0.5% loss), one destination daemon in the star's centre.
+Each holds the same image; the destination pulls it (`dwcp pull NAME --json`) in the
+scenarios: steady (all four), best single source (`--from` the 40 Mbit/s alone), the
+fastest dropping to a tenth 3 s in, and the 30 Mbit/s daemon SIGKILLed 3 s in. T* is
+from the links' nominal goodput (rate x (1 - loss)) over the image size, so it is the
+bound the issue means, not one from rates the pull itself measured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from dwcp.consensus.testing import free_ports
+from dwcp.netemu.params import Direction
+from dwcp.netemu.star import Star, dst_addr, src_addr
+from dwcp.node import control
+from dwcp.node.config import load_config
+
+RATES_MBIT = (10, 20, 30, 40)
+LOSS = 0.005
+EVENT_AT = 3.0
+PY = sys.executable
+
+
+def _cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(
+        [PY, "-m", "dwcp.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+    if r.returncode != 0:
+        raise RuntimeError(f"dwcp {' '.join(args)}: {r.stderr.strip()}")
+    return r
+
+
+class _Node:
+    def __init__(self, root: Path, name: str, listen: str) -> None:
+        self.dir = root / name
+        self.name = name
+        out = _cli("init", str(self.dir), "--listen", listen, "--name", name)
+        self.pubkey = out.stdout.strip().splitlines()[-1]
+        self.config = self.dir / "node.toml"
+        self.images = self.dir / "data" / "images"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def cli(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        return _cli("--config", str(self.config), *args, timeout=timeout)
+
+    def start(self, star: Star, side: str) -> None:
+        with open(self.dir / "stderr.log", "ab") as err:
+            self.proc = star.popen(
+                side, [PY, "-m", "dwcp.node", "--config", str(self.config)], stderr=err
+            )
+        sock = load_config(self.config).control_path
+        for _ in range(600):
+            try:
+                control.call(sock, "status", timeout=10)
+                return
+            except (control.NodeNotRunningError, OSError):
+                time.sleep(0.05)
+        raise RuntimeError(f"node {self.name} did not start")
+
+
+def _sha(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while b := f.read(1 << 20):
+            h.update(b)
+    return h.hexdigest()
+
+
+def run_real(size_mib: int) -> dict[str, Any]:
+    size = size_mib << 20
+    links = [Direction(mb * 1e6, 25.0, LOSS) for mb in RATES_MBIT]
+    goodput = [mb * 1e6 / 8 * (1 - LOSS) for mb in RATES_MBIT]
+    root = Path(tempfile.mkdtemp(prefix="itp-star-"))
+    rows: dict[str, Any] = {}
+    try:
+        with Star(links) as star:
+            port_d, *ports = free_ports(1 + len(links))
+            dst = _Node(root, "dst", f"0.0.0.0:{port_d}")
+            srcs = [_Node(root, f"s{mb}", f"{src_addr(i)}:{ports[i]}") for i, mb in
+                    enumerate(RATES_MBIT)]  # fmt: skip
+            for i, s in enumerate(srcs):
+                s.cli("peers", "add", "dst", f"{dst_addr(i)}:{port_d}", dst.pubkey)
+                dst.cli("peers", "add", s.name, f"{src_addr(i)}:{ports[i]}", s.pubkey)
+            img = root / "disk.img"
+            with open(img, "wb") as f:
+                for _ in range(size_mib):
+                    f.write(os.urandom(1 << 20))
+            want = _sha(img)
+            for s in srcs:
+                shutil.copyfile(img, s.images / "disk.img")
+            dst.start(star, "dst")
+            for i, s in enumerate(srcs):
+                s.start(star, f"src{i}")
+
+            def pull(scenario: str, *args: str, bound: float) -> None:
+                (dst.images / "disk.img").unlink(missing_ok=True)
+                t0 = time.monotonic()
+                out = json.loads(
+                    dst.cli("pull", "disk.img", *args, "--json").stdout.splitlines()[-1]
+                )
+                secs = time.monotonic() - t0
+                ok = _sha(dst.images / "disk.img") == want
+                rows[scenario] = {
+                    "seconds": round(secs, 2),
+                    "pull_seconds": out["seconds"],
+                    "bound_nominal": round(bound, 2),
+                    "ratio": round(secs / bound, 3),
+                    "duplicate_fraction": round(out["duplicate_bytes"] / size, 5),
+                    "byte_identical": ok,
+                    "sources": {
+                        k: (v["bytes"], v["rate"], v["state"]) for k, v in out["sources"].items()
+                    },
+                }
+                print(f"{scenario:8s} {secs:8.2f} s  T* {bound:7.2f} s  x{secs / bound:5.2f}  "
+                      f"dup {100 * out['duplicate_bytes'] / size:5.2f}%  ok={ok}  "
+                      f"{rows[scenario]['sources']}", flush=True)  # fmt: skip
+
+            t_all = size / sum(goodput)
+            pull("steady", bound=t_all)
+            pull("single40", "--from", "s40", bound=size / goodput[3])
+
+            def later(what: Any) -> threading.Timer:
+                t = threading.Timer(EVENT_AT, what)
+                t.start()
+                return t
+
+            timer = later(lambda: star.set_rate(3, RATES_MBIT[3] * 1e5))
+            # T* with the drop: after EVENT_AT the 40 gives a tenth.
+            left = size - EVENT_AT * sum(goodput)
+            cap = sum(goodput[:3]) + goodput[3] / 10
+            pull("drop", bound=EVENT_AT + max(left, 0) / cap)
+            timer.join()
+            star.set_rate(3, RATES_MBIT[3] * 1e6)
+            victim = srcs[2]
+
+            def kill() -> None:
+                if victim.proc is not None:
+                    victim.proc.kill()
+
+            timer = later(kill)
+            cap = goodput[0] + goodput[1] + goodput[3]
+            pull("killed", bound=EVENT_AT + max(size - EVENT_AT * sum(goodput), 0) / cap)
+            timer.join()
+            for n in (dst, *srcs):
+                if n.proc is not None and n.proc.poll() is None:
+                    n.proc.terminate()
+                    n.proc.wait(timeout=60)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return {"mode": "real-star", "size": size, **rows}

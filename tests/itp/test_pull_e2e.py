@@ -1,0 +1,102 @@
+"""``dwcp pull`` end to end: real dwcp-node daemons on loopback, three sources, one puller."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from node.cluster import NodeProc, make_image, sha256_file, wait_until
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[tuple[list[NodeProc], NodeProc, Path]]:
+    srcs = [NodeProc(tmp_path, n) for n in ("a", "b", "c")]
+    dst = NodeProc(tmp_path, "d")
+    for s in srcs:
+        s.trust(dst)
+        dst.trust(s)
+    started: list[NodeProc] = []
+    try:
+        for n in (*srcs, dst):
+            n.start()
+            started.append(n)
+        yield srcs, dst, tmp_path
+    finally:
+        for n in started:
+            if n.proc is not None:
+                n.stop()
+
+
+def _seed(srcs: list[NodeProc], root: Path, mib: int) -> Path:
+    img = root / "disk.img"
+    make_image(img, mib, seed=7)
+    for s in srcs:
+        shutil.copyfile(img, s.images / "disk.img")
+    return img
+
+
+def _pull(dst: NodeProc, *args: str) -> dict[str, Any]:
+    r = dst.cli("pull", *args, "--json", timeout=600)
+    return dict(json.loads(r.stdout.strip().splitlines()[-1]))
+
+
+def test_pull_from_three_daemons_is_byte_identical(
+    fleet: tuple[list[NodeProc], NodeProc, Path],
+) -> None:
+    srcs, dst, root = fleet
+    img = _seed(srcs, root, 24)
+    out = _pull(dst, "disk.img", "--from", "a", "--from", "b,c")
+    assert sha256_file(dst.images / "disk.img") == sha256_file(img) == out["sha256"]
+    assert set(out["sources"]) == {"a", "b", "c"}
+    assert all(v["bytes"] > 0 for v in out["sources"].values()), out["sources"]
+    assert out["bytes_wire"] >= img.stat().st_size
+    for key in ("seconds", "bound_seconds", "duplicate_bytes"):
+        assert key in out
+    assert not any(dst.partial.iterdir())
+
+
+def test_a_lying_daemon_is_excluded(fleet: tuple[list[NodeProc], NodeProc, Path]) -> None:
+    srcs, dst, root = fleet
+    img = _seed(srcs, root, 8)
+    _pull(dst, "disk.img")  # every source has cached its manifest of the good file
+    (dst.images / "disk.img").unlink()
+    # c now serves other bytes under the manifest it cached: same size, same mtime.
+    bad = srcs[2].images / "disk.img"
+    st = bad.stat()
+    with open(bad, "r+b") as f:
+        f.seek(3 * MiB)
+        f.write(os.urandom(MiB))
+    os.utime(bad, ns=(st.st_atime_ns, st.st_mtime_ns))
+    out = _pull(dst, "disk.img", "--from", "a,b,c")
+    assert sha256_file(dst.images / "disk.img") == sha256_file(img)
+    assert out["sources"]["c"]["state"] == "excluded", out["sources"]
+    assert "c" in out["excluded"]
+
+
+def test_a_killed_source_has_its_work_moved(fleet: tuple[list[NodeProc], NodeProc, Path]) -> None:
+    srcs, dst, root = fleet
+    img = _seed(srcs, root, 96)
+    proc = dst.popen_cli("pull", "disk.img", "--json")
+    done_file: list[Path] = []
+
+    def started() -> bool:
+        done_file[:] = list(dst.partial.glob("*/done"))
+        return bool(done_file) and done_file[0].stat().st_size > 0
+
+    wait_until(started, "the pull's first pieces", polls=2400)
+    t_kill = time.monotonic()
+    srcs[0].kill()
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    out = json.loads(stdout.strip().splitlines()[-1])
+    assert sha256_file(dst.images / "disk.img") == sha256_file(img)
+    assert out["sources"]["a"]["state"] == "dead", out["sources"]
+    assert time.monotonic() - t_kill < 600
