@@ -32,7 +32,7 @@ PIECE_TIMEOUT = 60.0  # one piece's request; the scheduler moves work long befor
 # Real links deliver whole pieces (one reply each) and a loaded node answers late, so a
 # stall is judged over several of them: a stalled source is dropped for the whole pull.
 PULL_CONFIG = Config(stall_timeout=4.0, measure_interval=1.0)
-PER_SOURCE = 2  # requests on the wire per source: one arriving, one queued behind it
+PER_SOURCE = 4  # requests on the wire per source: a few replies streaming at once
 
 
 class _Cached:
