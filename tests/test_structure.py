@@ -1,6 +1,7 @@
 """The package's shape, checked: no module imports another's private names, no import cycle
-(counting imports under ``TYPE_CHECKING`` and inside functions), and no file grows past what one
-sitting can read except the few named below with the reason they stay whole."""
+(counting imports under ``TYPE_CHECKING`` and inside functions), no ``asyncio.wait_for``, and no
+file grows past what one sitting can read except the few named below with the reason they
+stay whole."""
 
 from __future__ import annotations
 
@@ -146,3 +147,15 @@ def test_files_stay_readable() -> None:
         if (n := len(p.read_text().splitlines())) > MAX_LINES and m not in LONG_FILES
     }
     assert not long, f"split these or name them in LONG_FILES with the reason: {long}"
+
+
+def test_no_asyncio_wait_for() -> None:
+    """Python 3.11's ``wait_for`` returns the result and drops a cancel that lands as the
+    awaited thing completes (gh-86296): a cancelled pull ran on to the end. ``async with
+    asyncio.timeout(...)`` keeps the cancel."""
+    bad = []
+    for m, (p, _) in MODULES.items():
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr == "wait_for":
+                bad.append(f"{m}:{node.lineno}")
+    assert not bad, bad

@@ -22,7 +22,7 @@ import os
 import secrets
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dwcp import framing
 from dwcp.errors import ConsensusError, DwcpError, UsageError, VmError
@@ -32,12 +32,12 @@ from dwcp.live.relay import Counter, pipe
 from dwcp.node.control import Emit
 from dwcp.node.store import check_image_name
 from dwcp.vm import definition as vmdef
-from dwcp.vm.definition import VmDefinition
+from dwcp.vm.definition import VmDefinition, VmPaths
 from dwcp.vm.qmp import QmpClient, QmpClosedError
 
 if TYPE_CHECKING:
+    from dwcp.node.context import NodeContext
     from dwcp.transport import Channel, Session
-    from dwcp.vm.supervisor import VmSupervisor
 
 log = logging.getLogger("dwcp.live")
 CONTROL = "dwcp-live/1"
@@ -72,10 +72,26 @@ def disk_size(path: Path) -> tuple[str, int]:
     return fmt, int(json.loads(out.stdout)["virtual-size"])
 
 
+class VmHost(Protocol):
+    """What live migration needs of the node's VM supervisor (``dwcp.vm.supervisor``),
+    which owns the migrator: a protocol keeps the import one-way."""
+
+    ctx: NodeContext
+
+    def paths(self, name: str) -> VmPaths: ...
+    def lock(self, name: str) -> asyncio.Lock: ...
+    async def attach(self, name: str) -> QmpClient: ...
+    async def state(self, name: str) -> tuple[str, int | None]: ...
+    async def launch(
+        self, d: VmDefinition, incoming: str | None = None, disk_path: Path | None = None
+    ) -> QmpClient: ...
+    async def quit(self, name: str) -> bool: ...
+
+
 class LiveMigrator:
     """Both ends of live migration, sharing the supervisor's QMP connections and locks."""
 
-    def __init__(self, vms: VmSupervisor) -> None:
+    def __init__(self, vms: VmHost) -> None:
         self.vms = vms
         self.ctx = vms.ctx
         self.targets: dict[str, dict[str, Path]] = {}  # migration id -> kind -> unix socket
@@ -275,7 +291,11 @@ class LiveMigrator:
                     f"the RAM copy did not reach {want[0]} in time (the guest may dirty memory "
                     "faster than the link carries it: raise --downtime-limit)"
                 )
-            info: dict[str, Any] = await qmp.execute("query-migrate")
+            # the phase's deadline, not QMP's 10 s: QEMU holds its main lock while it sends
+            # the final RAM and device state, so QMP answers only once that is across
+            info: dict[str, Any] = await qmp.execute(
+                "query-migrate", timeout=max(1.0, pm.remaining(loop.time()))
+            )
             status = info.get("status")
             if status in want:
                 return info

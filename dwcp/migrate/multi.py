@@ -174,7 +174,8 @@ async def agree(
     """Ask every source for its manifest: the one most agree on, its holders, the others."""
 
     async def one(s: str) -> PieceManifest:
-        raw = await asyncio.wait_for(fetcher.manifest(s, name, piece), MANIFEST_TIMEOUT)
+        async with asyncio.timeout(MANIFEST_TIMEOUT):
+            raw = await fetcher.manifest(s, name, piece)
         return PieceManifest.from_json(raw)
 
     got = await asyncio.gather(*(one(s) for s in sources), return_exceptions=True)
@@ -353,7 +354,10 @@ async def _run(
             except StuckError as exc:
                 raise PeerError(f"{exc} ({_why(sched)})") from None
             try:
-                src, idx, got = await asyncio.wait_for(arrived.get(), TICK)
+                # asyncio.timeout, not wait_for: 3.11's wait_for drops a cancel that
+                # lands as the item arrives (gh-86296), and the pull ran on cancelled
+                async with asyncio.timeout(TICK):
+                    src, idx, got = await arrived.get()
             except TimeoutError:
                 act(sched.tick(now()))
                 continue

@@ -59,7 +59,8 @@ class SessionFetcher:
         async with self._locks[source]:
             s = self._sessions.get(source)
             if s is None or s.closed:
-                s = await asyncio.wait_for(self.ctx.sessions.checkout(self.peers[source]), 15)
+                async with asyncio.timeout(15):
+                    s = await self.ctx.sessions.checkout(self.peers[source])
                 self._sessions[source] = s
             return s
 

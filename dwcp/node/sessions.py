@@ -280,12 +280,10 @@ class PeerSessions(BaseService):
         light = TransportConfig(initial_connections=1, initial_streams=1, max_connections=1)
         t0 = time.monotonic()
         try:
-            session = await asyncio.wait_for(
-                connect(
+            async with asyncio.timeout(timeout):
+                session = await connect(
                     peer.address.host, peer.address.port, self.key, [peer.public_key], config=light
-                ),
-                timeout,
-            )
+                )
         except (DwcpError, OSError, TimeoutError):
             return None
         elapsed = time.monotonic() - t0

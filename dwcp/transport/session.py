@@ -335,7 +335,8 @@ class Session:
         fut: asyncio.Future[bytes] = self._loop.create_future()
         self._requests[key] = fut
         try:
-            return await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):
+                return await fut
         finally:
             if self._requests.pop(key, None) is not None:
                 self._core.abandon_request(key)
