@@ -190,3 +190,21 @@ def test_a_stall_that_drops_its_input_is_refuted_under_lifeguard() -> None:
     assert all(_views(net, n) == {ALIVE} for n in net.names)
     assert net.nodes["n4"].stats["refutations"] >= 1
     assert sum(node.stats["deaths"] for node in net.nodes.values()) == 0
+
+
+@pytest.mark.parametrize("drop", [True, False])
+def test_a_slow_receiver_keeps_probing_while_its_input_waits_or_is_lost(drop: bool) -> None:
+    """``SimNet.slow``: the member's timers run (it probes) but no message is processed
+    during the window; queued input is processed at its end, or lost with ``stall_drop``."""
+    net = SimNet(20, seed=6, config=SwimConfig(lifeguard=True), stall_drop=drop)
+    net.run_until(10)
+    slow = net.nodes["n4"]
+    probes, received = slow.stats["probes"], slow.stats["received"]
+    net.slow("n4", 4.0)
+    net.run_until(13.9)
+    assert slow.stats["probes"] >= probes + 2
+    assert slow.stats["received"] == received
+    net.run_until(60)
+    assert (net.stall_dropped > 0) == drop
+    assert slow.stats["received"] > received
+    assert all(_views(net, n) == {ALIVE} for n in net.names)
