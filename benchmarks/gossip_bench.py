@@ -20,7 +20,8 @@ health, no nacks, fixed suspicion timeout, no buddy rule), probe period 1 s, gos
   stall length (s). False deaths are split by victim: a stalled member, or one that
   never stalls;
 - scale: wall time of 5,000 members x 600 virtual s at 1% loss (one process, one core;
-  ``wall_s`` is the run, ``setup_s`` building the n x n member tables before it);
+  ``wall_s`` is the run, ``cpu_s`` the CPU time this process got for it (what one
+  unshared core would take), ``setup_s`` building the n x n member tables before it);
 - gossip bytes per member per second (encoded size + signature envelope).
 
     python benchmarks/gossip_bench.py [--n 1000] [--big 5000] [--seconds 3600]
@@ -136,6 +137,7 @@ def accuracy(
     step = 0.25
     t = 0.0
     wall = time.perf_counter()
+    cpu = time.process_time()
     while t < seconds:
         t += step
         for s, when in next_stall.items():
@@ -145,6 +147,7 @@ def accuracy(
                 next_stall[s] = t + d + rng.uniform(5, 15)
         net.run_until(t)
     wall = time.perf_counter() - wall
+    cpu = time.process_time() - cpu
     stats = [node.stats for node in net.nodes.values()]
     per_hour = 3600.0 / seconds
     dead_views = sum(1 for a in net.nodes.values() for m in a.members.values() if m.state == DEAD)
@@ -165,6 +168,7 @@ def accuracy(
         "msgs_per_node_s": round(net.messages / n / seconds, 2),
         "wall_s": round(wall, 1),
         "setup_s": round(setup, 1),
+        "cpu_s": round(cpu, 1),
     }
     print("  run:", json.dumps(row), flush=True)  # long runs: each row as soon as it is known
     return row
@@ -237,7 +241,7 @@ def main() -> int:
         _table(
             "scale (Lifeguard, 1% loss)",
             [r],
-            ["n", "seconds", "setup_s", "wall_s", "bytes_per_node_s"],
+            ["n", "seconds", "setup_s", "wall_s", "cpu_s", "bytes_per_node_s"],
         )
         out["scale"] = r
     out["load_end"] = os.getloadavg()[0]
