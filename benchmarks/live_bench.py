@@ -7,8 +7,9 @@ disk and rewrites N KiB/s of random data in a tmpfs) moves from namespace a to n
 through the project's link emulator (100 Mbit/s, 25 ms each way = 50 ms RTT, 0.5% loss),
 at 0, ~2 and ~6 MiB/s of dirtying. Per rate, in one run on the same link and guest:
 
-- ``dwcp``: two real daemons (one per namespace), ``dwcp vm start`` at a, then
-  ``dwcp migrate --live g --to b --json`` (QUIC; its own congestion control).
+- ``dwcp``: two real daemons (one per namespace), ``dwcp vm start`` at a, then the op of
+  ``dwcp migrate --live g --to b --json`` (called on the control socket to see its phases;
+  QUIC with its own congestion control; with ``[consensus]``: 4 PBFT replicas, 2 per side).
 - ``native-reno`` / ``native-bbr``: what a user of plain QEMU would run (libvirt's
   ``--copy-storage-all``): the destination QEMU under ``-incoming defer`` exporting its disk
   over NBD on TCP, the source's ``blockdev-mirror sync=full`` to it until READY, then
@@ -41,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from dwcp.consensus.testing import free_ports
+from dwcp.errors import DwcpError
+from dwcp.identity import NodeKey
 from dwcp.netemu.link import Link
 from dwcp.node import control
 from dwcp.node.config import load_config
@@ -153,6 +156,7 @@ def run_dwcp(link: Link, root: Path, kib: int, a: argparse.Namespace) -> dict[st
     na.cli("peers", "add", "b", f"{link.addr_b}:{pb}", nb.pubkey)
     nb.cli("peers", "add", "a", f"{link.addr_a}:{pa}", na.pubkey)
     make_disk(na.images / "g.raw", a.disk_mib)
+    replicas = _cluster(link, root, na, nb) if a.consensus else []
     na.start(link, "a")
     nb.start(link, "b")
     try:
@@ -168,9 +172,20 @@ def run_dwcp(link: Link, root: Path, kib: int, a: argparse.Namespace) -> dict[st
         w0 = wire_bytes(link)
         t0 = time.monotonic()
         row: dict[str, Any] = {"converged": False}
+        phases: dict[str, float] = {}
+
+        def progress(data: dict[str, Any]) -> None:
+            now = time.monotonic() - t0
+            phases.setdefault(str(data.get("phase", "")), round(now, 2))
+            if now > a.timeout:
+                raise TimeoutError
+
         try:
-            out = na.cli("migrate", "--live", "g", "--to", "b", "--json", timeout=a.timeout)
-            res = json.loads(out.stdout.strip().splitlines()[-1])
+            # the op `dwcp migrate --live g --to b --json` sends, called here to see its phases
+            res = control.call(
+                load_config(na.config).control_path, "migrate_live",
+                {"name": "g", "to": "b", "downtime_limit": None}, on_progress=progress,
+            )  # fmt: skip
             row.update(
                 converged=True,
                 seconds=round(time.monotonic() - t0, 2),
@@ -182,10 +197,11 @@ def run_dwcp(link: Link, root: Path, kib: int, a: argparse.Namespace) -> dict[st
                 owner=res.get("owner"),
                 epoch=res.get("epoch"),
             )
-        except subprocess.TimeoutExpired:
+        except TimeoutError:
             row.update(seconds=None, error=f"no completion within {a.timeout:g} s")
-        except RuntimeError as exc:
+        except DwcpError as exc:
             row.update(seconds=None, error=str(exc)[-300:])
+        row["phases"] = phases
         row["bytes_wire"] = wire_bytes(link) - w0
         if row["converged"]:
             row["continued"] = _continued(dst_console, last, boot)
@@ -199,6 +215,37 @@ def run_dwcp(link: Link, root: Path, kib: int, a: argparse.Namespace) -> dict[st
             if n.proc is not None and n.proc.poll() is None:
                 n.proc.terminate()
                 n.proc.wait(timeout=30)
+        for r in replicas:
+            r.terminate()
+            r.wait(timeout=30)
+
+
+def _cluster(link: Link, root: Path, na: Node, nb: Node) -> list[subprocess.Popen[bytes]]:
+    """A 4-replica PBFT cluster split over the link: the two nodes (replicas 0, 1) and one
+    standalone replica on each side (2 at a, 3 at b), so a commit's quorum of 3 always
+    crosses the WAN, as it would between two sites."""
+    others = [NodeKey.generate() for _ in range(2)]
+    for i, k in enumerate(others):
+        k.save(root / f"replica-{i + 2}.key")
+    ports = free_ports(4)
+    hosts = [link.addr_a, link.addr_b, link.addr_a, link.addr_b]
+    keys = [na.pubkey, nb.pubkey, *(k.public.text for k in others)]
+    cluster = root / "cluster.json"
+    _cli("cluster", "init", str(cluster),
+         *(f"--replica={k}@{h}:{p}" for k, h, p in zip(keys, hosts, ports, strict=True)),
+         f"--client={na.pubkey}", f"--client={nb.pubkey}")  # fmt: skip
+    for i, n in enumerate((na, nb)):
+        with open(n.config, "a", encoding="utf-8") as f:
+            f.write(f'\n[consensus]\ncluster = "{cluster}"\nreplica = {i}\ntimeout = 60\n')
+        n.cli("cluster", "join")
+    procs = []
+    for i, side in ((2, "a"), (3, "b")):
+        cmd = [PY, "-m", "dwcp.consensus.net", "replica", "--config", str(cluster),
+               "--id", str(i), "--key", str(root / f"replica-{i}.key"),
+               "--wal", str(root / f"replica-{i}.wal"), "--new"]  # fmt: skip
+        with open(root / f"replica-{i}.log", "ab") as out:
+            procs.append(link.popen(side, cmd, stdout=out, stderr=subprocess.STDOUT))
+    return procs
 
 
 def _continued(console: Path, last: int, boot: str) -> bool:
@@ -405,6 +452,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--disk-mib", type=int, default=16)
     p.add_argument("--ws-mib", type=int, default=32, help="MiB the dirtier cycles over")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per migration")
+    p.add_argument(
+        "--no-consensus",
+        dest="consensus",
+        action="store_false",
+        help="dwcp without [consensus] (no ownership commit in its downtime)",
+    )
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     rates = ["0"] if a.quick else a.rates.split(",")
@@ -435,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         "link": {"rate_bps": RATE_BPS, "rtt_ms": 2 * DELAY_MS, "loss": LOSS, "backend": backend},
         "guest": {"memory_mib": a.memory, "disk_mib": a.disk_mib, "ws_mib": a.ws_mib},
         "timeout_s": a.timeout,
+        "consensus": a.consensus,
         "loadavg_before": [round(x, 2) for x in load0],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "rows": rows,
