@@ -12,14 +12,22 @@ health, no nacks, fixed suspicion timeout, no buddy rule), probe period 1 s, gos
   of virtual time; and with 10% of members stalling (each alternates 5-15 s running and
   2-5 s doing nothing, its timers firing first on resume) at 1% and 5% loss. With
   ``--stall-model drop`` (the default) a stalled member neither processes nor answers:
-  what arrives during the stall is lost (Lifeguard's model); ``queue`` keeps it for the
-  resume. False deaths are split by victim: a stalled member, or one that never stalls;
-- scale: wall time of 5,000 members x 600 virtual s at 1% loss (one process, one core);
+  what arrives during the stall is lost; ``queue`` keeps it for the resume. ``slow`` and
+  ``slow-drop`` stall only the receive path: the member's timers keep running (it keeps
+  probing, timing out and accusing, as a CPU-starved process whose receive loop lags:
+  the Lifeguard paper's slow message processing) and what arrives is processed at the
+  end of the window (``slow``) or lost (``slow-drop``). ``--stall-len LO,HI`` sets the
+  stall length (s). False deaths are split by victim: a stalled member, or one that
+  never stalls;
+- scale: wall time of 5,000 members x 600 virtual s at 1% loss (one process, one core;
+  ``wall_s`` is the run, ``cpu_s`` the CPU time this process got for it (what one
+  unshared core would take), ``setup_s`` building the n x n member tables before it);
 - gossip bytes per member per second (encoded size + signature envelope).
 
     python benchmarks/gossip_bench.py [--n 1000] [--big 5000] [--seconds 3600]
         [--scale-seconds 600] [--seed 1] [--only dissem,detect,accuracy,scale]
-        [--stall-model drop|queue] [--json]
+        [--stall-model drop|queue|slow|slow-drop] [--stall-len 2,5] [--no-stall]
+        [--modes lifeguard,plain] [--json]
 """
 
 from __future__ import annotations
@@ -101,10 +109,20 @@ def detection(n: int, seed: int, lifeguard: bool) -> dict[str, Any]:
 
 
 def accuracy(
-    n: int, seed: int, lifeguard: bool, loss: float, seconds: float, stall: bool, drop: bool = True
+    n: int,
+    seed: int,
+    lifeguard: bool,
+    loss: float,
+    seconds: float,
+    stall: bool,
+    model: str = "drop",
+    stall_len: tuple[float, float] = (2.0, 5.0),
 ) -> dict[str, Any]:
     cfg = SwimConfig(lifeguard=lifeguard)
-    net = SimNet(n, seed=seed, config=cfg, loss=loss, stall_drop=drop)
+    setup = time.perf_counter()
+    net = SimNet(n, seed=seed, config=cfg, loss=loss, stall_drop=model.endswith("drop"))
+    setup = time.perf_counter() - setup
+    freeze = net.slow if model.startswith("slow") else net.stall
     rng = random.Random(seed + 17)
     stallers = rng.sample(net.names, n // 10) if stall else []
     staller_set = set(stallers)
@@ -119,15 +137,17 @@ def accuracy(
     step = 0.25
     t = 0.0
     wall = time.perf_counter()
+    cpu = time.process_time()
     while t < seconds:
         t += step
         for s, when in next_stall.items():
             if when <= t:
-                d = rng.uniform(2, 5)
-                net.stall(s, d)
+                d = rng.uniform(*stall_len)
+                freeze(s, d)
                 next_stall[s] = t + d + rng.uniform(5, 15)
         net.run_until(t)
     wall = time.perf_counter() - wall
+    cpu = time.process_time() - cpu
     stats = [node.stats for node in net.nodes.values()]
     per_hour = 3600.0 / seconds
     dead_views = sum(1 for a in net.nodes.values() for m in a.members.values() if m.state == DEAD)
@@ -135,7 +155,7 @@ def accuracy(
         "n": n,
         "lifeguard": lifeguard,
         "loss": loss,
-        "stall": (("drop" if drop else "queue") if stall else False),
+        "stall": f"{model} {stall_len[0]:g}-{stall_len[1]:g} s" if stall else False,
         "seconds": seconds,
         "false_dead_per_h": round(sum(s["deaths"] for s in stats) * per_hour, 1),
         "false_dead_of_stalled_per_h": round(killed["stalled"] * per_hour, 1),
@@ -147,6 +167,8 @@ def accuracy(
         "bytes_per_node_s": round(net.bytes_sent / n / seconds, 1),
         "msgs_per_node_s": round(net.messages / n / seconds, 2),
         "wall_s": round(wall, 1),
+        "setup_s": round(setup, 1),
+        "cpu_s": round(cpu, 1),
     }
     print("  run:", json.dumps(row), flush=True)  # long runs: each row as soon as it is known
     return row
@@ -167,14 +189,18 @@ def main() -> int:
     ap.add_argument("--scale-seconds", type=float, default=600.0)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--only", default="dissem,detect,accuracy,scale")
-    ap.add_argument("--stall-model", choices=("drop", "queue"), default="drop")
+    ap.add_argument("--stall-model", choices=("drop", "queue", "slow", "slow-drop"), default="drop")
+    ap.add_argument("--stall-len", default="2,5", help="accuracy: stall length LO,HI (s)")
+    ap.add_argument("--no-stall", action="store_true", help="accuracy: only the loss cases")
+    ap.add_argument("--modes", default="lifeguard,plain", help="lifeguard, plain or both")
     ap.add_argument("--loss", default="", help="accuracy: only these losses (0.01,0.05)")
     ap.add_argument("--stall-only", action="store_true", help="accuracy: only the stall cases")
     ap.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     args = ap.parse_args()
     only = set(args.only.split(","))
     out: dict[str, Any] = {"load": os.getloadavg()[0], "seed": args.seed}
-    modes = (True, False)
+    modes = tuple(m == "lifeguard" for m in args.modes.split(","))
+    lo, hi = (float(x) for x in args.stall_len.split(","))
     if "dissem" in only:
         rows = [
             dissemination(n, args.seed, lg, loss)
@@ -198,9 +224,10 @@ def main() -> int:
             cases = [c for c in cases if c[0] in losses]
         if args.stall_only:
             cases = [c for c in cases if c[1]]
-        drop = args.stall_model == "drop"
+        if args.no_stall:
+            cases = [c for c in cases if not c[1]]
         rows = [
-            accuracy(args.n, args.seed, lg, loss, args.seconds, stall, drop)
+            accuracy(args.n, args.seed, lg, loss, args.seconds, stall, args.stall_model, (lo, hi))
             for loss, stall in cases
             for lg in modes
         ]
@@ -211,7 +238,11 @@ def main() -> int:
         out["accuracy"] = rows
     if "scale" in only:
         r = accuracy(args.big, args.seed, True, 0.01, args.scale_seconds, False)
-        _table("scale (Lifeguard, 1% loss)", [r], ["n", "seconds", "wall_s", "bytes_per_node_s"])
+        _table(
+            "scale (Lifeguard, 1% loss)",
+            [r],
+            ["n", "seconds", "setup_s", "wall_s", "cpu_s", "bytes_per_node_s"],
+        )
         out["scale"] = r
     out["load_end"] = os.getloadavg()[0]
     if args.json:

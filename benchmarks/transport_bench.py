@@ -569,7 +569,7 @@ def _perf_run(link: Link, seconds: float, keys: Path, conns: int, streams: int) 
 
 def warm_start(seconds: float, runs: int) -> dict[str, Any]:
     """Cold (today's probing from 1 connection x 2 streams) then warm (starting at the
-    connections x streams the cold session ended on, which is what the path store hands
+    connections x streams the cold session's policy ended on, which is what the path store hands
     a new session: ``PeerSessions.warm_config``), alternating, ``runs`` pairs."""
     pairs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -584,7 +584,10 @@ def warm_start(seconds: float, runs: int) -> dict[str, Any]:
         for _ in range(runs):
             with Link(rate_bps=c.rate_bps, delay_ms=c.rtt_ms / 2, loss=c.loss, seed=1) as link:
                 cold = _perf_run(link, seconds, keys, 1, 2)
-            level = (int(cold["connections"]), int(cold["streams"]))
+            # The level the session ended on (its policy's last decision), which is what
+            # the path store records; "connections" is the most it ever opened.
+            end = cold.get("decision") or cold
+            level = (int(end["connections"]), int(end["streams"]))
             with Link(rate_bps=c.rate_bps, delay_ms=c.rtt_ms / 2, loss=c.loss, seed=1) as link:
                 warm = _perf_run(link, seconds, keys, *level)
             tc, fc = time_to_share(cold["timeline"])

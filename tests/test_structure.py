@@ -13,8 +13,6 @@ ROOT = Path(__file__).resolve().parent.parent / "dwcp"
 MAX_LINES = 500
 # module -> why it is longer than MAX_LINES
 LONG_FILES = {
-    "dwcp.consensus.replica": "the PBFT replica; being split into a facade (issue 11)",
-    "dwcp.consensus.messages": "one small class per PBFT message type, read as a table",
     "dwcp.node.migrations": "the node's migration service: offer, push and pull handlers together",
 }
 

@@ -7,7 +7,9 @@ manifest; a source that sends wrong bytes is excluded. Interrupting the command 
 the pull; re-running it resumes from the pieces already stored. With ``--json`` the
 result is one JSON object on stdout's last line (``seconds``, ``sha256``,
 ``bytes_wire``, ``sources``: bytes and mean rate per source, ``bound_seconds``: T*
-from the measured rates, ``duplicate_bytes``).
+from the measured rates, ``duplicate_bytes``). ``--dry-run`` agrees on the manifest and
+reports ``bytes_to_send``, ``bytes_resumed`` and ``predicted_seconds`` (PBA's P10 rates),
+fetching nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ def register(sub: Any) -> None:
         metavar="PEER",
         help="a peer to pull from (repeat, or PEER,PEER; default: every peer)",
     )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="ask the sources for the manifest and report what would be fetched, and how "
+        "long it should take; fetch nothing",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     p.set_defaults(func=run)
 
@@ -38,11 +46,22 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     config = require_config(args)
     sources = [s for arg in args.sources or [] for s in arg.split(",") if s]
-    result: dict[str, Any] = call_node(
-        config, "pull", {"name": args.name, "from": sources}, timeout=None
-    )
+    req = {"name": args.name, "from": sources, "dry_run": args.dry_run}
+    result: dict[str, Any] = call_node(config, "pull", req, timeout=None)
     if args.json:
         print(json.dumps(result))
+        return 0
+    if args.dry_run:
+        print(
+            f"would pull {result['name']} ({human_bytes(result['bytes'])}): "
+            f"{human_bytes(result['bytes_to_send'])} to fetch, "
+            f"{human_bytes(result['bytes_resumed'])} already here from an interrupted pull, "
+            f"about {result['predicted_seconds']:.1f} s from {', '.join(result['sources'])}"
+        )
+        for s, why in sorted(result["excluded"].items()):
+            print(f"  {s:<16} not used: {why}")
+        if result["exists"]:
+            print(f"this node already stores {result['name']}: a real pull would refuse")
         return 0
     print(
         f"pulled {result['name']} ({human_bytes(result['bytes'])}) in {result['seconds']:.2f} s "

@@ -7,9 +7,11 @@ core. Faults: independent loss, uniform delay, partitions (a predicate on (src, 
 crashes and restarts (with or without the persisted incarnation), stalls (a member that
 runs nothing for a while, then its expired timers fire before it reads its queued
 messages, as after a long GC pause; with ``stall_drop`` the messages that arrive during
-the stall are lost instead, as when a frozen process's socket buffer overflows: the
-Lifeguard paper's model of a member that neither processes nor answers) and forged
-messages (dropped by authentication before the core sees them; counted).
+the stall are lost instead, as when a frozen process's socket buffer overflows), slow
+receivers (``slow``: the member's timers keep running, so it keeps probing and accusing,
+but what arrives is processed only at the end of the window, or lost with ``stall_drop``:
+slow message processing, the anomaly of the Lifeguard paper) and forged messages
+(dropped by authentication before the core sees them; counted).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class SimNet:
         self.nodes: dict[str, Swim] = {}
         self.down: set[str] = set()
         self.stalled_until: dict[str, float] = {}
+        self.slow_until: dict[str, float] = {}
         self.stall_drop = stall_drop
         self.stall_dropped = 0
         self.blocked: Callable[[str, str], bool] | None = None
@@ -105,6 +108,10 @@ class SimNet:
     def stall(self, name: str, seconds: float) -> None:
         self.stalled_until[name] = max(self.stalled_until.get(name, 0.0), self.now + seconds)
 
+    def slow(self, name: str, seconds: float) -> None:
+        """For ``seconds`` ``name`` runs its timers but processes no message (see above)."""
+        self.slow_until[name] = max(self.slow_until.get(name, 0.0), self.now + seconds)
+
     def forge(self, src: str, dst: str) -> None:
         """A message claiming to come from ``src`` but not signed by it: authentication drops it."""
         self.forged_dropped += 1
@@ -138,6 +145,7 @@ class SimNet:
         events = self._events
         nodes = self.nodes
         stalled = self.stalled_until
+        slow = self.slow_until
         down = self.down
         while events and events[0][0] <= end:
             t, _, kind, name, src, msg = heapq.heappop(events)
@@ -159,6 +167,16 @@ class SimNet:
                     heapq.heappush(events, (later, self._seq, kind, name, src, msg))
                     continue
                 del stalled[name]
+            if slow and kind == _DELIVER and name in slow:
+                until = slow[name]
+                if t < until:
+                    if self.stall_drop:
+                        self.stall_dropped += 1
+                    else:
+                        self._seq += 1
+                        heapq.heappush(events, (until + 1e-9, self._seq, kind, name, src, msg))
+                    continue
+                del slow[name]
             if kind == _WAKE:
                 if t != self._wake_at[name]:
                     continue

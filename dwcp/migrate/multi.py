@@ -248,6 +248,18 @@ class _Journal:
         os.close(self.fd)
 
 
+def resumable(partial: Path, m: PieceManifest) -> set[int]:
+    """The pieces a pull of ``m`` into ``partial`` would not fetch again (read-only: what
+    ``--dry-run`` reports; a journal of another image counts for nothing)."""
+    try:
+        if (partial / "manifest.json").read_bytes() != m.to_json():
+            return set()
+        text = (partial / "done").read_text("ascii", "replace")
+    except OSError:
+        return set()
+    return {int(t) for t in text.split() if t.isdigit() and int(t) < len(m.hashes)}
+
+
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -455,4 +467,5 @@ __all__ = [
     "build_manifest",
     "pull",
     "read_piece",
+    "resumable",
 ]

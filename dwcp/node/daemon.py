@@ -34,7 +34,7 @@ from dwcp.errors import ConfigError, LocalError, UsageError
 from dwcp.gossip.service import GossipService
 from dwcp.identity import NodeKey, PublicKey
 from dwcp.migrate import IndexWorker
-from dwcp.node import metrics
+from dwcp.node import metrics, notify
 from dwcp.node.config import NodeConfig, load_config
 from dwcp.node.context import NodeContext
 from dwcp.node.control import ControlServer
@@ -243,8 +243,10 @@ class Node:
                 "peers": [p.name for p in self.config.peers],
             },
         )
+        notify.notify("READY=1", f"STATUS=node {self.config.name} ready")
 
     async def shutdown(self) -> None:
+        notify.notify("STOPPING=1", "STATUS=draining running transfers")
         if self.ctx is not None:
             self.ctx.draining = True
         loop = asyncio.get_running_loop()
@@ -269,6 +271,7 @@ class Node:
 
     async def _reload_on_signal(self) -> None:
         self._config_mtime = -1  # a signal reloads even when the mtime looks unchanged
+        notify.reloading()
         try:
             await self.reload()
         except LocalError as exc:
@@ -277,6 +280,8 @@ class Node:
                 exc,
                 extra={"event": "reload_failed"},
             )
+        finally:
+            notify.notify("READY=1")  # the reload is over, whichever way it went
 
     def handle_exit(self, sig: int = signal.SIGTERM) -> None:
         """First signal: drain and stop; second: stop without waiting."""

@@ -18,8 +18,16 @@ from typing import Any
 
 from dwcp.errors import DwcpError, RemoteError, UsageError
 from dwcp.identity import PublicKey
-from dwcp.itp import Config
-from dwcp.migrate.multi import PIECE, PieceManifest, build_manifest, pull, read_piece
+from dwcp.itp import Config, bound
+from dwcp.migrate.multi import (
+    PIECE,
+    PieceManifest,
+    agree,
+    build_manifest,
+    pull,
+    read_piece,
+    resumable,
+)
 from dwcp.node.config import Peer
 from dwcp.node.context import NodeContext
 from dwcp.node.control import Emit, Handler
@@ -177,6 +185,11 @@ class Pulls(BaseService):
             raise UsageError(f"{name} is already being pulled; wait for that pull")
         prior = await asyncio.to_thread(self._priors, peers)
         fetcher = SessionFetcher(ctx, by_name)
+        if args.get("dry_run"):
+            try:
+                return await self._dry_run(fetcher, list(by_name), name, prior)
+            finally:
+                fetcher.close()
         self.pulling.add(name)
 
         def place(m: PieceManifest) -> tuple[Path, Path]:
@@ -203,6 +216,32 @@ class Pulls(BaseService):
         out["prior"] = {s: round(r, 1) for s, r in prior.items()}
         log.info("pulled %s", name, extra={"event": "pull_ok", "result": out})
         return out
+
+    async def _dry_run(
+        self, fetcher: SessionFetcher, sources: list[str], name: str, prior: dict[str, float]
+    ) -> dict[str, Any]:
+        """The manifests' vote and the plan only: what a pull would fetch, from whom, and
+        how long PBA's P10 rates say it takes. Nothing is fetched, written or claimed."""
+        m, holders, excluded = await agree(fetcher, sources, name)
+        out = self.ctx.store.image_path(check_image_name(name if name != m.sha256 else m.name))
+        done = await asyncio.to_thread(resumable, self.ctx.store.transfer_dir(m.sha256[:32]), m)
+        resumed = sum(min(m.piece, m.size - i * m.piece) for i in done)
+        need = m.size - resumed
+        rates = {s: prior[s] for s in holders}
+        t = bound([(need, frozenset(holders))], rates) if need else 0.0
+        return {
+            "dry_run": True,
+            "name": out.name,
+            "sha256": m.sha256,
+            "bytes": m.size,
+            "bytes_resumed": resumed,
+            "bytes_to_send": need,
+            "predicted_seconds": round(t, 3),
+            "sources": holders,
+            "excluded": excluded,
+            "prior": {s: round(r, 1) for s, r in rates.items()},
+            "exists": out.exists(),
+        }
 
     def _priors(self, peers: list[Peer]) -> dict[str, float]:
         """PBA's P10 rate (bytes/s) per path with history; 1 MB/s for the others."""

@@ -11,6 +11,13 @@ record per tick (no write lost).
 ``python -m dwcp.vm.guest OUTDIR`` fetches ``linux-image-amd64``'s kernel with
 ``apt-get download`` (cached in OUTDIR) and writes ``OUTDIR/vmlinuz`` and
 ``OUTDIR/initrd.gz``; it needs ``busybox-static`` installed.
+
+Dirtying RAM (the live-migration benchmark): with ``dwcp.dirty=KIB`` on the kernel
+command line (``dirty_append``; ``--dirty 2M`` prints it) the init also rewrites
+``KIB`` KiB/s of a tmpfs file (``dwcp.dirty_ws=MIB``, default 32) with random data,
+paced by ``/proc/uptime`` so a slow TCG guest still averages the asked rate. Random
+data, because zero or repeated pages would be skipped or compressed away by QEMU and
+the test would measure nothing; the same initrd serves every rate.
 """
 
 from __future__ import annotations
@@ -49,6 +56,38 @@ mount -t devtmpfs dev /dev
 # the order of their dependencies is not known here: retry until none loads any more
 for pass in 1 2 3 4; do for m in {modules}; do insmod /lib/modules/$m 2>/dev/null; done; done
 boot=$(cat /proc/sys/kernel/random/boot_id | cut -c1-8)
+dirty=0; ws=32
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in
+    dwcp.dirty=*) dirty=$(echo "$arg" | cut -d= -f2);;
+    dwcp.dirty_ws=*) ws=$(echo "$arg" | cut -d= -f2);;
+  esac
+done
+if [ "$dirty" -gt 0 ]; then
+  mkdir -p /mnt
+  mount -t tmpfs -o size=$((ws + 16))m tmpfs /mnt
+  dd if=/dev/urandom of=/mnt/src bs=64k count=128 2>/dev/null
+  (
+    k=$((dirty / 512)); [ $k -lt 1 ] && k=1; [ $k -gt 64 ] && k=64
+    blocks=$((ws * 16)); p=0; done_kib=0
+    read up idle < /proc/uptime; t0=${{up%.*}}${{up#*.}}
+    echo "DIRTY $dirty KiB/s over $ws MiB"
+    while true; do
+      read up idle < /proc/uptime; now=${{up%.*}}${{up#*.}}
+      want=$(( (now - t0) * dirty / 100 ))
+      # at most one second's backlog: a guest that was paused does not burst afterwards
+      [ $want -gt $((done_kib + dirty)) ] && done_kib=$((want - dirty))
+      if [ $done_kib -lt $want ]; then
+        [ $((p + k)) -gt $blocks ] && p=0
+        dd if=/mnt/src of=/mnt/ws bs=64k count=$k skip=$((p % (128 - k))) seek=$p \\
+          conv=notrunc 2>/dev/null
+        p=$((p + k)); done_kib=$((done_kib + k * 64))
+      else
+        sleep 0.05
+      fi
+    done
+  ) &
+fi
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 n=0
@@ -63,6 +102,18 @@ while true; do
   sleep {interval}
 done
 """
+
+
+def dirty_append(kib_per_s: int, ws_mib: int = 32, append: str = APPEND) -> str:
+    """The kernel command line that makes the guest dirty ``kib_per_s`` KiB/s of RAM."""
+    if kib_per_s <= 0:
+        return append
+    return f"{append} dwcp.dirty={int(kib_per_s)} dwcp.dirty_ws={int(ws_mib)}"
+
+
+def init_script(interval: float = 0.5) -> str:
+    names = " ".join(Path(m).name for m in MODULES)
+    return INIT.format(modules=names, interval=interval)
 
 
 def _cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
@@ -88,8 +139,7 @@ def build_initrd(modules_dir: Path, out: Path, interval: float = 0.5) -> Path:
     """Write the counting guest's initramfs (gzip'd cpio) to ``out``."""
     if not BUSYBOX.is_file():
         raise VmError(f"{BUSYBOX} not found: apt-get install busybox-static")
-    names = " ".join(Path(m).name for m in MODULES)
-    init = INIT.format(modules=names, interval=interval).encode()
+    init = init_script(interval).encode()
     entries: list[tuple[str, int, bytes]] = [
         (d, 0o040755, b"") for d in ("bin", "dev", "proc", "sys", "lib", "lib/modules")
     ]
@@ -129,7 +179,10 @@ def build(outdir: Path, interval: float = 0.5) -> tuple[Path, Path]:
     """``(vmlinuz, initrd.gz)`` in ``outdir``, built once (cached)."""
     outdir.mkdir(parents=True, exist_ok=True)
     kernel, initrd = outdir / "vmlinuz", outdir / "initrd.gz"
-    if kernel.is_file() and initrd.is_file():
+    stamp = outdir / "initrd.init"  # the init the cached initrd holds: rebuilt when it changes
+    want = init_script(interval)
+    fresh = stamp.is_file() and stamp.read_text() == want
+    if kernel.is_file() and initrd.is_file() and fresh:
         return kernel, initrd
     deb = _kernel_deb(outdir)
     with tempfile.TemporaryDirectory(dir=outdir) as tmp:
@@ -140,6 +193,7 @@ def build(outdir: Path, interval: float = 0.5) -> tuple[Path, Path]:
         build_initrd(modules, initrd, interval)
         shutil.copyfile(vmlinuz, kernel.with_name("vmlinuz.tmp"))
         os.replace(kernel.with_name("vmlinuz.tmp"), kernel)
+    stamp.write_text(want)
     return kernel, initrd
 
 
@@ -158,17 +212,33 @@ def disk_ticks(data: bytes) -> dict[int, str]:
     return out
 
 
+def parse_rate_kib(text: str) -> int:
+    """``2M`` / ``512K`` / ``1536`` (KiB) per second, as KiB."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KkMm]?)", text.strip())
+    if m is None:
+        raise ValueError("give KiB/s as a number, or with K or M (e.g. 2M)")
+    scale = 1024 if m.group(2) in ("M", "m") else 1
+    return int(float(m.group(1)) * scale)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dwcp.vm.guest", description=__doc__)
     p.add_argument("outdir", type=Path)
     p.add_argument("--interval", type=float, default=0.5, help="seconds between ticks")
+    p.add_argument("--dirty", default="0", help="RAM the guest rewrites per second (2M, 512K)")
+    p.add_argument("--dirty-ws", type=int, default=32, help="MiB the dirtier cycles over")
     a = p.parse_args(argv)
+    try:
+        kib = parse_rate_kib(a.dirty)
+    except ValueError as exc:
+        print(f"error: --dirty {a.dirty}: {exc}", file=sys.stderr)
+        return 2
     try:
         k, i = build(a.outdir, a.interval)
     except VmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"kernel {k}\ninitrd {i}\nappend {APPEND!r}")
+    print(f"kernel {k}\ninitrd {i}\nappend {dirty_append(kib, a.dirty_ws)!r}")
     return 0
 
 

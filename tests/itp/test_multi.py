@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dwcp.errors import ImageError, TransportError
-from dwcp.migrate.multi import PieceManifest, build_manifest, pull, read_piece
+from dwcp.migrate.multi import PieceManifest, build_manifest, pull, read_piece, resumable
 
 PIECE = 64 * 1024
 
@@ -121,9 +121,12 @@ def test_an_interrupted_pull_resumes_from_its_pieces(tmp_path: Path) -> None:
 
     asyncio.run(interrupted())
     assert not (tmp_path / "out" / "img").exists()
+    m = build_manifest(img, "img", PIECE)
+    done = resumable(tmp_path / "partial" / m.sha256[:32], m)  # what --dry-run reports
     r = asyncio.run(pull(src, ["s0", "s1", "s2"], "img", _place(tmp_path)))
     assert _sha(tmp_path / "out" / "img") == _sha(img)
     assert r.bytes_resumed >= 10 * PIECE
+    assert r.bytes_resumed == sum(min(PIECE, m.size - i * PIECE) for i in done)
 
 
 def test_nobody_holds_it(tmp_path: Path) -> None:

@@ -53,7 +53,13 @@ def test_pull_from_three_daemons_is_byte_identical(
 ) -> None:
     srcs, dst, root = fleet
     img = _seed(srcs, root, 24)
+    plan = _pull(dst, "disk.img", "--from", "a,b,c", "--dry-run")  # issue 16: nothing fetched
+    assert plan["dry_run"] and plan["bytes_to_send"] == plan["bytes"] == img.stat().st_size
+    assert set(plan["sources"]) == {"a", "b", "c"} and plan["predicted_seconds"] > 0
+    assert not (dst.images / "disk.img").exists()
+    assert not dst.partial.exists() or not any(dst.partial.iterdir())
     out = _pull(dst, "disk.img", "--from", "a", "--from", "b,c")
+    assert out["bytes_wire"] >= plan["bytes_to_send"]
     assert sha256_file(dst.images / "disk.img") == sha256_file(img) == out["sha256"]
     assert set(out["sources"]) == {"a", "b", "c"}
     assert all(v["bytes"] > 0 for v in out["sources"].values()), out["sources"]

@@ -1,4 +1,5 @@
-"""The wheel a user installs (issue 18): built from this tree, installed into a fresh venv
+"""The wheel a user installs (issue 18): built from this tree with ``python -m build``,
+installed into a fresh venv
 (the cffi modules compiled in), it runs, shows its one version, and mypy on a user's
 script that imports it sees its types (py.typed).
 
@@ -38,9 +39,10 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(python of a fresh venv with the wheel installed, a scratch directory)."""
     tmp = tmp_path_factory.mktemp("wheel")
     dist = tmp / "dist"
+    # python -m build, as a packager runs it (no isolation: the build needs no index)
     _run(
-        sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-        "-q", "-w", dist, ROOT, cwd=tmp,
+        sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", dist, ROOT,
+        cwd=tmp,
     )  # fmt: skip
     wheels = list(dist.glob("dwcp-*.whl"))
     assert len(wheels) == 1, wheels
