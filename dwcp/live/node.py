@@ -195,7 +195,9 @@ class LiveMigrator:
                 "BLOCK_JOB_COMPLETED", pm.remaining(loop.time()), match={"device": "m0"}
             )
             await qmp.execute("blockdev-del", {"node-name": "tgt0"})
-            await qmp.execute("migrate-continue", {"state": "pre-switchover"})
+            # QEMU answers once it has sent the final state (it holds its main lock meanwhile)
+            await qmp.execute("migrate-continue", {"state": "pre-switchover"},
+                              timeout=max(1.0, pm.remaining(loop.time())))  # fmt: skip
             info = await self._wait_migration(qmp, pm, ("completed",), emit)
             # QEMU's "completed" means the state left this host, not that the destination
             # has it (it may sit in a relay that dies): commit only once the peer says so.
