@@ -7,9 +7,12 @@ migration stream, each on a private unix socket. The source's QEMU connects to l
 unix sockets; every connection is relayed over its own ``dwcp-live-relay/1`` channel.
 Disk: ``blockdev-mirror sync=full`` to the NBD export until READY. RAM: QEMU pre-copy with
 ``pause-before-switchover``; at ``pre-switchover`` (source paused) the mirror is completed,
-the final state sent, ownership committed through PBFT (with ``[consensus]``), and only
-then does the destination ``cont``. Any failure before the commit: the source resumes
-and the destination discards its QEMU and disk file (``phases.Outcome``).
+the final state sent, the destination asked whether its QEMU has loaded it (``check``:
+QEMU's "completed" at the source only means the bytes left), ownership committed through
+PBFT (with ``[consensus]``), and only then does the destination ``cont``. Any failure
+before the commit: the source resumes and the destination discards its QEMU and disk
+file (``phases.Outcome``); a hand-over whose answer was lost is decided by asking the
+registry. A node that crashed meanwhile settles its VMs at restart (``recover``).
 """
 
 from __future__ import annotations
@@ -235,10 +238,10 @@ class LiveMigrator:
                 "epoch": epoch,
             }
         except (DwcpError, OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
-            await self._fail(name, qmp, pm, exc)
-            raise self._error(name, peer.name, pm, exc) from None
+            where = await self._fail(name, qmp, pm, exc, peer)
+            raise self._error(peer.name, pm, exc, where) from None
         except BaseException:  # cancelled: same rule, then let the cancellation go on
-            await asyncio.shield(self._fail(name, qmp, pm, None))
+            await asyncio.shield(self._fail(name, qmp, pm, None, peer))
             raise
         finally:
             for s in servers:
@@ -310,23 +313,32 @@ class LiveMigrator:
                   "ram_remaining": ram.get("remaining")})  # fmt: skip
             await asyncio.sleep(POLL)
 
-    async def _fail(self, name: str, qmp: QmpClient, pm: PhaseMachine, exc: Any) -> None:
-        """Apply the failure rule (see ``phases``): before the commit, resume the source."""
-        if pm.on_failure() is Outcome.DESTINATION_RUNS:
+    async def _fail(self, name: str, qmp: QmpClient, pm: PhaseMachine, exc: Any, peer: Any) -> str:
+        """Apply the failure rule (see ``phases``): before the commit, resume the source.
+        Returns where the VM is, for the error message."""
+        outcome = pm.on_failure()
+        if outcome is Outcome.RESUME_SOURCE and pm.phase is Phase.COMMIT:
+            # the hand-over was sent but its answer lost: only the registry knows
+            owner = await recover.owner_of(self.vms, name)
+            if owner is None and self.ctx.ownership is not None:
+                log.warning("live migration of %s: the hand-over's outcome is unknown; the VM "
+                            "stays paused here", name, extra={"event": "live_unknown"})  # fmt: skip
+                return (f"VM {name} stays paused here, as the registry cannot say whether it "
+                        f"moved to {peer.name}: restart this node once 'dwcp owner {name}' "
+                        "answers, and it resumes the VM where the registry says")  # fmt: skip
+            if owner == peer.public_key.node_id:
+                outcome = Outcome.DESTINATION_RUNS
+        if outcome is Outcome.DESTINATION_RUNS:
             with contextlib.suppress(DwcpError):
                 await self.vms.quit(name)
-            return
+            return f"VM {name} runs at {peer.name} (ownership committed)"
         await recover.undo_source(qmp)
         await recover.resume(qmp)
         log.info("live migration of %s failed in %s: %s; the VM runs here",
                  name, pm.phase.value, exc, extra={"event": "live_failed"})  # fmt: skip
+        return f"VM {name} keeps running here"
 
-    def _error(self, name: str, peer: str, pm: PhaseMachine, exc: BaseException) -> DwcpError:
-        where = (
-            f"VM {name} runs at {peer} (ownership committed)"
-            if pm.on_failure() is Outcome.DESTINATION_RUNS
-            else f"VM {name} keeps running here"
-        )
+    def _error(self, peer: str, pm: PhaseMachine, exc: BaseException, where: str) -> DwcpError:
         what = str(exc) or type(exc).__name__
         cls = ConsensusError if isinstance(exc, ConsensusError) else VmError
         return cls(f"live migration to {peer} failed while {pm.phase.value} ({what}); {where}; "

@@ -74,7 +74,7 @@ async def resume(qmp: QmpClient) -> None:
             await qmp.execute("cont")
 
 
-async def _owner(vms: VmHost, name: str) -> str | None:
+async def owner_of(vms: VmHost, name: str) -> str | None:
     """The registry's owner of ``name`` ("" for none); None when it cannot be asked."""
     own = vms.ctx.ownership
     if own is None:
@@ -111,7 +111,7 @@ async def after_restart(vms: VmHost, name: str) -> str:
 async def _settle(vms: VmHost, name: str, disk: str, state: str, staged: list[Path]) -> str:
     qmp = await vms.attach(name)
     own = vms.ctx.ownership
-    owner = await _owner(vms, name)
+    owner = await owner_of(vms, name)
     if owner is None and own is not None:
         return f"left {state}: the ownership registry cannot be reached"
     me = vms.ctx.key.public.node_id

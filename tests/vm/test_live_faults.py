@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -29,6 +30,9 @@ from vm.guestfix import need_guest
 from vm.test_supervisor import ticks
 
 DISK_MIB = 4
+# the loopback relay carries ~1 MB/s on the loaded CI machine, where the guest dirties about
+# that much per pass: with QEMU's default 300 ms the pre-copy would not converge for minutes
+DOWNTIME = ("--downtime-limit", "1500")
 FAULTS = ("kill-source", "kill-destination", "cut-link")
 PHASES = ("disk", "ram", "switchover")
 CI_CASES = [("kill-source", "switchover"), ("kill-destination", "ram"), ("cut-link", "disk")]
@@ -46,6 +50,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultWorld]:
         w.close()
 
 
+def step(t0: float, what: str) -> None:
+    """A timeline in the test's output (shown on failure, or with -rA)."""
+    print(f"{time.monotonic() - t0:7.1f} s  {what}", flush=True)
+
+
 def boot(w: FaultWorld, name: str) -> str:
     """Start VM ``name`` on a; its boot id once it has ticked three times."""
     kernel, initrd = need_guest()
@@ -59,7 +68,7 @@ def boot(w: FaultWorld, name: str) -> str:
 
 
 def migrate(node: FaultNode, name: str, to: str) -> subprocess.Popen[str]:
-    return node.popen_cli("migrate", "--live", name, "--to", to, "--json")
+    return node.popen_cli("migrate", "--live", name, "--to", to, *DOWNTIME, "--json")
 
 
 def inject(w: FaultWorld, fault: str, name: str, proc: subprocess.Popen[str]) -> str:
@@ -105,17 +114,22 @@ def test_a_fault_leaves_the_vm_on_one_host_and_a_rerun_completes(
     name = f"{fault}-{phase}"
     disk = f"{name}.raw"
     try:
+        t0 = time.monotonic()
         boot_id = boot(w, name)
+        step(t0, "booted")
         (w.a.vm(name) / "test-hold").write_text(phase)
         proc = migrate(w.a, name, "b")
         wait_until(lambda: (w.a.vm(name) / f"held-{phase}").exists() or proc.poll() is not None,
                    f"the migration held at {phase}", polls=3000, interval=0.1)  # fmt: skip
         assert proc.poll() is None, proc.communicate()
+        step(t0, f"held at {phase}")
         err = inject(w, fault, name, proc)
+        step(t0, f"{fault} done, healed: {err.strip()}")
 
         host = settled_on(w, name)
         want = w.b if phase == "run" else w.a  # before the commit the source keeps it
         assert host is want, f"VM runs on {host.name}; migrate said: {err}"
+        step(t0, f"settled on {host.name}")
         owner = host.vm_status(name)
         assert owner["owner"] == host.node_id(), owner
         last = ticks(host, name)[-1][0]
@@ -124,8 +138,9 @@ def test_a_fault_leaves_the_vm_on_one_host_and_a_rerun_completes(
         assert not list(w.b.images.glob(f".{disk}.live-*")), "a staging disk was left"
 
         if host is w.a:  # re-running the command completes the migration
-            r = w.a.cli("migrate", "--live", name, "--to", "b", "--json", timeout=300)
+            r = w.a.cli("migrate", "--live", name, "--to", "b", *DOWNTIME, "--json", timeout=300)
             res = json.loads(r.stdout.strip().splitlines()[-1])
+            step(t0, f"re-run done: {res}")
             assert res["owner"] == w.b.node_id()
         assert settled_on(w, name) is w.b
         assert w.a.vm_status(name)["state"] == "stopped"
@@ -136,6 +151,7 @@ def test_a_fault_leaves_the_vm_on_one_host_and_a_rerun_completes(
         last = ticks(w.b, name)[-1][0]
         w.b.cli("vm", "stop", name)
         on_disk = disk_ticks(w.b, disk)
+        step(t0, "stopped at b")
         assert set(range(1, last)) <= set(on_disk), "a tick missing from the disk"
         assert set(on_disk.values()) == {boot_id}
     finally:
