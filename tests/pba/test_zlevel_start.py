@@ -40,6 +40,20 @@ def test_a_files_sample_is_the_same_as_the_bytes_sample(tmp_path: Path) -> None:
     assert read_sample(small) == data[:1000]
 
 
+def test_the_sample_leaves_out_zero_blocks(tmp_path: Path) -> None:
+    """An image half holes (zero blocks, sent as such) is sampled for its data only."""
+    rng = random.Random(2)
+    blocks = [rng.randbytes(4096) if i % 2 else bytes(4096) for i in range(16 * 256)]
+    p = tmp_path / "half.img"
+    p.write_bytes(b"".join(blocks))
+    got = read_sample(p)
+    assert len(got) >= 2 * MiB and len(got) % 4096 == 0
+    assert all(got[i : i + 4096] != bytes(4096) for i in range(0, len(got), 4096))
+    empty = tmp_path / "zeros.img"
+    empty.write_bytes(bytes(16 * MiB))
+    assert read_sample(empty) == b""
+
+
 def test_the_start_follows_the_data_and_the_link(tmp_path: Path) -> None:
     z = tmp_path / "z"
     _zeroish(z, 8 * MiB)
