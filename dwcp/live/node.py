@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dwcp.live")
 CONTROL = "dwcp-live/1"
-RELAY = "dwcp-live-relay/1"
+RELAY = "dwcp-live-relay/2"  # 2: zstd frames (relay.pipe packed)
 MAX_FRAME = 256 << 20  # a kernel or initrd travels as one frame
 MAX_CONTROL = 1 << 16
 POLL = 0.1
@@ -260,7 +260,7 @@ class LiveMigrator:
                 chan = await session.open_channel(RELAY)
                 chan.writer.write(_msg({"id": mid, "kind": kind}))
                 await chan.writer.drain()  # NBD's server speaks first: the peer must connect now
-                await pipe(r, w, chan.reader, chan.writer, counter)
+                await pipe(r, w, chan.reader, chan.writer, counter, packed="b")
             except (DwcpError, OSError):
                 w.close()
 
@@ -374,7 +374,7 @@ class LiveMigrator:
                 chan.writer.close()
                 return
             r, w = await asyncio.open_unix_connection(str(sock))
-            await pipe(chan.reader, chan.writer, r, w, Counter())
+            await pipe(chan.reader, chan.writer, r, w, Counter(), packed="a")
         except (DwcpError, OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
             chan.writer.close()
 
