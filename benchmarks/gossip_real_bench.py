@@ -8,7 +8,11 @@ Measures (probe period ``--period``, default 1 s, memberlist's LAN timing scaled
 - seconds from its restart until it is alive everywhere again;
 - seconds from an image written into one node's image directory until ``where`` at every
   node names it (target <= 5 s);
-- gossip bytes sent per node per second over a quiet window (signed datagrams).
+- gossip bytes sent per node per second over a quiet window (signed datagrams);
+- a ninth daemon that is not admitted (its own gossip.toml lists the fleet, the fleet's
+  does not list it), run for ``--stranger`` seconds at the end: bytes it received, members
+  it heard from, whether ``where`` there names the image, datagrams the fleet dropped as
+  not admitted, and whether any member lists it.
 Loopback has no loss here: the link emulator needs namespaces this bench does not create.
 
     python benchmarks/gossip_real_bench.py [--period 1.0] [--quiet 20] [--json]
@@ -92,19 +96,25 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--period", type=float, default=1.0)
     ap.add_argument("--quiet", type=float, default=20.0, help="seconds of the bytes/s window")
+    ap.add_argument("--stranger", type=float, default=10.0, help="seconds the stranger runs")
     ap.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     args = ap.parse_args()
     out: dict[str, Any] = {"n": N, "period": args.period, "load": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="gossip-bench-") as tmp:
         nodes = [Node(Path(tmp), f"g{i}") for i in range(N)]
-        table = "".join(
-            f'\n[[members]]\nname = "{n.name}"\nkey = "{n.pubkey}"\n'
-            f'address = "127.0.0.1:{n.gossip_port}"\n'
-            for n in nodes
-        )
-        for n in nodes:
+        stranger = Node(Path(tmp), "mallory")
+
+        def table(ns: list[Node]) -> str:
+            return "".join(
+                f'\n[[members]]\nname = "{n.name}"\nkey = "{n.pubkey}"\n'
+                f'address = "127.0.0.1:{n.gossip_port}"\n'
+                for n in ns
+            )
+
+        for n in [*nodes, stranger]:
             (n.dir / "gossip.toml").write_text(
-                f'listen = "127.0.0.1:{n.gossip_port}"\nperiod = {args.period}\n' + table
+                f'listen = "127.0.0.1:{n.gossip_port}"\nperiod = {args.period}\n'
+                + table(nodes if n is not stranger else [*nodes, stranger])
             )
         try:
             for n in nodes:
@@ -149,8 +159,26 @@ def main() -> int:
                 ),
                 60,
             )
+            dropped0 = sum(n.members()["dropped"]["not_admitted"] for n in nodes)
+            stranger.start()
+            time.sleep(args.stranger)
+            sm = stranger.members()
+            out["stranger_bytes_received"] = sm["bytes_received"]
+            out["stranger_bytes_sent"] = sm["bytes_sent"]
+            out["stranger_heard_from"] = sum(
+                1 for r in sm["members"] if not r["self"] and r["heard_s"] is not None
+            )
+            out["stranger_where_holders"] = len(
+                control.call(stranger.sock, "where", {"image": "bench.img"})["holders"]
+            )
+            out["fleet_dropped_not_admitted"] = (
+                sum(n.members()["dropped"]["not_admitted"] for n in nodes) - dropped0
+            )
+            out["stranger_listed_by"] = sum(
+                1 for n in nodes if any(r["name"] == stranger.name for r in n.members()["members"])
+            )
         finally:
-            for n in nodes:
+            for n in [*nodes, stranger]:
                 n.stop()
     out["load_end"] = os.getloadavg()[0]
     for k, v in out.items():

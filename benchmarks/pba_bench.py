@@ -2,6 +2,16 @@
 
     flock /tmp/dwcp-bench.lock python benchmarks/pba_bench.py [--seconds 120] [--json]
     python benchmarks/pba_bench.py --offline [--json]     # the traces themselves, no link
+    python benchmarks/pba_bench.py --levels [--json]      # the zstd level cells, modelled
+    flock /tmp/dwcp-bench.lock python benchmarks/pba_bench.py --migrate [--json]  # real ones
+
+Migrate (needs root): per link rate (--rates, 10 ms one way, no loss) two fresh
+nodes, one warm-up migration so the path has a history, then per image kind
+(random; an ext4 image half full of /usr/lib; zero-heavy 4 KiB blocks; sizes
+1, 3 and 8 x --mib-per-mbit x rate) ``dwcp migrate`` with its own level choice, at every
+--fixed level, and with its choice again; each run a fresh variant of the image
+(8 random bytes per non-zero block) so the destination has none of it. The
+ratio is the choice's mean seconds over the best fixed level's.
 
 Replay (needs root): for each trace kind (steady, diurnal, step, bursty) a
 seeded synthetic trace steps the rate of a ``dwcp.netemu.Link`` (TUN backend,
@@ -24,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -216,6 +227,158 @@ def levels(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# --- the level cells as real migrations (--migrate) ------------------------------------
+
+
+def _variant(src: bytes, seed: int) -> bytes:
+    """``src`` with 8 random bytes at the start of every non-zero 4 KiB block: each run's
+    image is new to the destination (which would otherwise send nothing the second time)
+    while its compressibility stays that of ``src`` (8 of 4096 bytes)."""
+    rng = random.Random(seed)
+    out = bytearray(src)
+    zero = bytes(4096)
+    for off in range(0, len(out), 4096):
+        if out[off : off + 4096] != zero[: len(out) - off]:
+            out[off : off + 8] = rng.randbytes(8)
+    return bytes(out)
+
+
+# Image size per kind, in units of --mib-per-mbit x rate: each takes a few seconds on its
+# link (a compressible image puts fewer bytes on the wire), so no cell is all start-up.
+KIND_SCALE = {"random": 1, "system": 3, "zeroheavy": 8}
+
+
+def _migrate_images(work: Any, unit_mib: int, seed: int) -> dict[str, bytes]:
+    """random bytes; an ext4 image (mkfs.ext4 -d) half full of /usr/lib; zero-heavy blocks."""
+    from dwcp.demo import build_ext4, stage_tree
+
+    size_mib = unit_mib * KIND_SCALE["system"]
+    size = size_mib << 20
+    tree, img = work / "tree", work / "system.img"
+    budget = size // 2
+    while True:  # stage_tree copies whole files, so it may overshoot what fits
+        stage_tree(tree, budget, sources=("/usr/lib",), seed=seed)
+        try:
+            build_ext4(img, size_mib, tree)
+            break
+        except subprocess.CalledProcessError:
+            if budget < size // 16:
+                raise
+            budget = budget * 3 // 4
+        finally:
+            shutil.rmtree(tree)
+    system = img.read_bytes()
+    img.unlink()
+    return {
+        "random": random.Random(seed).randbytes(unit_mib * KIND_SCALE["random"] << 20),
+        "system": system,
+        "zeroheavy": _data("zeroheavy", unit_mib * KIND_SCALE["zeroheavy"] << 20, seed),
+    }
+
+
+def _chosen_levels(log_path: Any, skip: int) -> tuple[list[int], int]:
+    """The levels of the last ``out_ok`` event in node a's JSON log after line ``skip``."""
+    lines = log_path.read_text().splitlines()
+    levels: list[int] = []
+    for line in lines[skip:]:
+        with contextlib.suppress(ValueError):
+            ev = json.loads(line)
+            if ev.get("event") == "out_ok":
+                levels = list(ev.get("levels") or [])
+    return levels, len(lines)
+
+
+def _migrate_once(nodes: Any, work: Any, image: bytes, run: int, level: int | None) -> float:
+    """One ``dwcp migrate`` of a fresh variant of ``image``; its JSON ``seconds``."""
+    from migrate_bench import dwcp
+
+    img = work / f"run-{run}.img"
+    img.write_bytes(_variant(image, run))
+    argv = ["--config", str(nodes.cfg["a"]), "migrate", str(img), "--to", "b"]
+    argv += ["--name", img.name, "--json"]
+    if level is not None:
+        argv += ["--level", str(level)]
+    out = json.loads(dwcp(*argv).stdout.strip().splitlines()[-1])
+    img.unlink()
+    return float(out["seconds"])
+
+
+def migrate_levels(args: argparse.Namespace) -> dict[str, Any]:
+    """Per link rate: fresh nodes, one warm-up migration so the path has a history, then
+    per image: adaptive (what dwcp chooses), fixed levels, adaptive again; total seconds
+    of each ``dwcp migrate`` (its JSON ``seconds``), each run a fresh variant."""
+    import tempfile
+    from pathlib import Path
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from migrate_bench import Nodes  # a sibling script
+
+    from dwcp.netemu import Link
+
+    fixed = [int(x) for x in args.fixed.split(",")]
+    rates = [float(x) * 1e6 for x in args.rates.split(",")]
+    cells: dict[str, Any] = {}
+    runs = itertools.count(1)
+    for rate in rates:
+        size_mib = max(5, round(args.mib_per_mbit * rate / 1e6))
+        with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+            work = Path(tmp)
+            images = _migrate_images(work, size_mib, args.seed)
+            with Link(rate_bps=rate, delay_ms=args.delay, loss=0.0, seed=args.seed) as link:
+                nodes = Nodes(link, work)
+                alog = next((work / "a").rglob("node.log"))  # its JSON log
+
+                try:
+                    _migrate_once(
+                        nodes, work, images["random"], next(runs), None
+                    )  # warm-up: the path history the choice reads
+                    for kind in images:
+                        _, skip = _chosen_levels(alog, 0)
+                        chosen = [_migrate_once(nodes, work, images[kind], next(runs), None)]
+                        levels_a, skip = _chosen_levels(alog, skip)
+                        times = {
+                            lv: _migrate_once(nodes, work, images[kind], next(runs), lv)
+                            for lv in fixed
+                        }
+                        chosen.append(_migrate_once(nodes, work, images[kind], next(runs), None))
+                        levels_b, _ = _chosen_levels(alog, skip)
+                        best = min(times, key=lambda lv: times[lv])
+                        mean = sum(chosen) / len(chosen)
+                        cell = {
+                            "mib": len(images[kind]) >> 20,
+                            "chosen_s": [round(t, 2) for t in chosen],
+                            "chosen_levels": [levels_a, levels_b],
+                            "fixed_s": {str(lv): round(t, 2) for lv, t in times.items()},
+                            "best_fixed": best,
+                            "best_fixed_s": round(times[best], 2),
+                            "ratio": round(mean / times[best], 3),
+                        }
+                        cells[f"{kind}/{rate / 1e6:g}M"] = cell
+                        print(f"  {kind}/{rate / 1e6:g}M {cell}", file=sys.stderr, flush=True)
+                finally:
+                    nodes.stop()
+    return {
+        "mode": "migrate",
+        "delay_ms": args.delay,
+        "mib_per_mbit": args.mib_per_mbit,
+        "fixed": fixed,
+        "cells": cells,
+    }
+
+
+def _migrate_table(out: dict[str, Any]) -> None:
+    print(
+        f"{'cell':<16} {'MiB':>4} {'chosen s':>12} {'levels':>14} {'best':>4} {'best s':>7} ratio"
+    )
+    for cell, r in out["cells"].items():
+        ch = "/".join(f"{t:.2f}" for t in r["chosen_s"])
+        lv = "/".join(",".join(map(str, x[:1] + x[-1:])) for x in r["chosen_levels"])
+        print(
+            f"{cell:<16} {r['mib']:>4} {ch:>12} {lv:>14} {r['best_fixed']:>4} "
+            f"{r['best_fixed_s']:>7.2f} {r['ratio']:.3f}"
+        )
+
+
 def _levels_table(out: dict[str, Any]) -> None:
     head = ["chosen", "bound", "s", "best", "best s", "ratio", "L3 s"]
     print(f"{'cell':<16} " + " ".join(f"{h:>6}" for h in head))
@@ -249,6 +412,13 @@ def main() -> int:
     ap.add_argument("--offline", action="store_true", help="score the traces themselves, no link")
     ap.add_argument("--levels", action="store_true", help="the starting zstd level's cells")
     ap.add_argument("--size", type=int, default=32, help="--levels: MiB of data per kind")
+    ap.add_argument(
+        "--migrate", action="store_true", help="the level cells as real migrations (root)"
+    )
+    ap.add_argument("--rates", default="10,50,200", help="--migrate: link rates, Mbit/s")
+    ap.add_argument("--fixed", default="1,2,3,4,5,6,7,8,9", help="--migrate: fixed levels")
+    ap.add_argument("--mib-per-mbit", type=float, default=0.5, help="--migrate: image size")
+    ap.add_argument("--workdir", default=None, help="--migrate: where images are written")
     ap.add_argument("--seconds", type=int, default=120, help="replay length per trace kind")
     ap.add_argument("--mean", type=float, default=30e6, help="trace mean rate, bit/s")
     ap.add_argument("--delay", type=float, default=10.0, help="one-way delay, ms")
@@ -260,6 +430,13 @@ def main() -> int:
     if args.offline and args.transfer == 20.0:
         args.transfer = 60.0
     load0 = os.getloadavg()[0]
+    if args.migrate:
+        out = migrate_levels(args)
+        out["load"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
+        _migrate_table(out)
+        if args.json:
+            print(json.dumps(out))
+        return 0
     if args.levels:
         out = levels(args)
         out["load"] = [round(load0, 2), round(os.getloadavg()[0], 2)]

@@ -12,369 +12,50 @@ always have equal bytes and equal digests.
 
 ``sender`` is a replica id, except for REQUEST where it is the index of the
 client's key in ``ClusterConfig.clients``.
+
+The message types themselves are in ``msgtypes`` and re-exported here.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import IntEnum
-from typing import Any, ClassVar, TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import msgpack
 from nacl.bindings import crypto_sign_open
 from nacl.exceptions import BadSignatureError
 
 from dwcp.consensus.config import ClusterConfig
+from dwcp.consensus.msgtypes import (
+    DIGEST_BYTES,
+    DOMAIN,
+    MAX_ITEMS,
+    NULL_DIGEST,
+    Checkpoint,
+    Commit,
+    FetchState,
+    Kind,
+    Message,
+    NewView,
+    Prepare,
+    PreparedProof,
+    PrePrepare,
+    Replies,
+    Reply,
+    Request,
+    State,
+    Status,
+    StatusQuery,
+    ViewChange,
+    batch_digest,
+    check_bytes,
+    check_int,
+    digest,
+    pack,
+)
 from dwcp.errors import AuthenticationError, ProtocolError
 from dwcp.identity import SIGNATURE_BYTES, NodeKey, PublicKey
-
-DOMAIN = b"dwcp-pbft\x00"
-DIGEST_BYTES = 32
-MAX_INT = (1 << 63) - 1
-_MAX_ITEMS = 1 << 16
-# One Packer for every encoding: msgpack.packb builds a new Packer (and parses its options)
-# per call, which costs more than packing a vote. Packing these types never runs Python
-# code, so the call holds the GIL throughout and the shared instance is thread-safe.
-_pack = msgpack.Packer(use_bin_type=True).pack
-
-
-def digest(data: bytes) -> bytes:
-    """The 32-byte BLAKE2b hash used for requests, batches and checkpoints."""
-    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
-
-
-def batch_digest(request_digests: tuple[bytes, ...]) -> bytes:
-    """Digest of a batch; the empty batch is the null request."""
-    return digest(b"batch\x00" + b"".join(request_digests))
-
-
-NULL_DIGEST = batch_digest(())
-
-
-class Kind(IntEnum):
-    REQUEST = 1
-    PRE_PREPARE = 2
-    PREPARE = 3
-    COMMIT = 4
-    CHECKPOINT = 5
-    VIEW_CHANGE = 6
-    NEW_VIEW = 7
-    REPLY = 8
-    FETCH_STATE = 9
-    STATE = 10
-    STATUS_QUERY = 11
-    STATUS = 12
-    REPLIES = 13
-
-
-def _int(name: str, value: object) -> None:
-    if type(value) is not int or not 0 <= value <= MAX_INT:
-        raise ProtocolError(f"{name} must be an integer in 0..2**63-1, got {value!r:.40}")
-
-
-def _bytes(name: str, value: object, size: int | None = None) -> None:
-    if type(value) is not bytes:
-        raise ProtocolError(f"{name} must be bytes")
-    if size is not None and len(value) != size:
-        raise ProtocolError(f"{name} must be {size} bytes, got {len(value)}")
-
-
-def _raw_list(name: str, value: object) -> None:
-    if type(value) is not tuple or len(value) > _MAX_ITEMS:
-        raise ProtocolError(f"{name} must be a list of at most {_MAX_ITEMS} items")
-    for item in value:
-        _bytes(name, item)
-
-
-class Message:
-    """Base of the message dataclasses: ``fields()`` is the canonical body content."""
-
-    KIND: ClassVar[Kind]
-
-    def fields(self) -> tuple[Any, ...]:
-        raise ProtocolError("abstract message")
-
-    def body(self) -> bytes:
-        body: bytes = _pack(self.fields())
-        return body
-
-
-@dataclass(frozen=True, slots=True)
-class Request(Message):
-    """A client's signed operation; ``timestamp`` orders one client's requests (at most once)."""
-
-    KIND: ClassVar[Kind] = Kind.REQUEST
-    timestamp: int
-    op: bytes
-
-    def __post_init__(self) -> None:
-        _int("timestamp", self.timestamp)
-        _bytes("op", self.op)
-
-    def fields(self) -> tuple[Any, ...]:
-        return (self.timestamp, self.op)
-
-
-@dataclass(frozen=True, slots=True)
-class PrePrepare(Message):
-    """The primary assigns sequence number ``seq`` in ``view`` to a batch of signed requests."""
-
-    KIND: ClassVar[Kind] = Kind.PRE_PREPARE
-    view: int
-    seq: int
-    requests: tuple[bytes, ...]
-    digest: bytes = field(init=False, compare=False, repr=False)
-    request_digests: tuple[bytes, ...] = field(init=False, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        _int("view", self.view)
-        _int("seq", self.seq)
-        _raw_list("requests", self.requests)
-        if self.seq == 0:
-            raise ProtocolError("sequence numbers start at 1")
-        rds = tuple(digest(r) for r in self.requests)
-        if len(set(rds)) != len(rds):
-            raise ProtocolError("a batch holds the same request twice")
-        object.__setattr__(self, "request_digests", rds)
-        object.__setattr__(self, "digest", batch_digest(rds))
-
-    def fields(self) -> tuple[Any, ...]:
-        return (self.view, self.seq, list(self.requests))
-
-
-@dataclass(frozen=True, slots=True)
-class _Vote(Message):
-    """A vote for batch ``digest`` at ``seq`` in ``view`` (PREPARE and COMMIT share the form)."""
-
-    view: int
-    seq: int
-    digest: bytes
-
-    def __post_init__(self) -> None:
-        _int("view", self.view)
-        _int("seq", self.seq)
-        _bytes("digest", self.digest, DIGEST_BYTES)
-
-    def fields(self) -> tuple[Any, ...]:
-        return (self.view, self.seq, self.digest)
-
-
-@dataclass(frozen=True, slots=True)
-class Prepare(_Vote):
-    KIND: ClassVar[Kind] = Kind.PREPARE
-
-
-@dataclass(frozen=True, slots=True)
-class Commit(_Vote):
-    KIND: ClassVar[Kind] = Kind.COMMIT
-
-
-@dataclass(frozen=True, slots=True)
-class Checkpoint(Message):
-    """The sender's state after executing ``seq`` hashes to ``digest``."""
-
-    KIND: ClassVar[Kind] = Kind.CHECKPOINT
-    seq: int
-    digest: bytes
-
-    def __post_init__(self) -> None:
-        _int("seq", self.seq)
-        _bytes("digest", self.digest, DIGEST_BYTES)
-
-    def fields(self) -> tuple[Any, ...]:
-        return (self.seq, self.digest)
-
-
-@dataclass(frozen=True, slots=True)
-class PreparedProof:
-    """A prepared certificate: the PRE-PREPARE and 2f PREPAREs (raw signed messages)."""
-
-    pre_prepare: bytes
-    prepares: tuple[bytes, ...]
-
-    def __post_init__(self) -> None:
-        _bytes("pre_prepare", self.pre_prepare)
-        _raw_list("prepares", self.prepares)
-
-
-@dataclass(frozen=True, slots=True)
-class ViewChange(Message):
-    """The sender moves to ``view``: its stable checkpoint proof and its prepared certificates."""
-
-    KIND: ClassVar[Kind] = Kind.VIEW_CHANGE
-    view: int
-    stable_seq: int
-    checkpoint_proof: tuple[bytes, ...]
-    prepared: tuple[PreparedProof, ...]
-
-    def __post_init__(self) -> None:
-        _int("view", self.view)
-        _int("stable_seq", self.stable_seq)
-        _raw_list("checkpoint_proof", self.checkpoint_proof)
-        if type(self.prepared) is not tuple or len(self.prepared) > _MAX_ITEMS:
-            raise ProtocolError("prepared must be a list of certificates")
-        for p in self.prepared:
-            if type(p) is not PreparedProof:
-                raise ProtocolError("prepared must hold certificates")
-
-    def fields(self) -> tuple[Any, ...]:
-        certs = [[p.pre_prepare, list(p.prepares)] for p in self.prepared]
-        return (self.view, self.stable_seq, list(self.checkpoint_proof), certs)
-
-    @classmethod
-    def from_fields(cls, items: tuple[Any, ...]) -> ViewChange:
-        view, stable_seq, proof, certs = items
-        if type(certs) is not tuple:
-            raise ProtocolError("prepared must be a list")
-        prepared = []
-        for c in certs:
-            if type(c) is not tuple or len(c) != 2:
-                raise ProtocolError("a certificate is [pre_prepare, prepares]")
-            prepared.append(PreparedProof(c[0], c[1]))
-        return cls(view, stable_seq, proof, tuple(prepared))
-
-
-@dataclass(frozen=True, slots=True)
-class NewView(Message):
-    """The new primary starts ``view``: 2f+1 VIEW-CHANGEs and the PRE-PREPAREs they imply (O)."""
-
-    KIND: ClassVar[Kind] = Kind.NEW_VIEW
-    view: int
-    view_changes: tuple[bytes, ...]
-    pre_prepares: tuple[bytes, ...]
-
-    def __post_init__(self) -> None:
-        _int("view", self.view)
-        _raw_list("view_changes", self.view_changes)
-        _raw_list("pre_prepares", self.pre_prepares)
-
-    def fields(self) -> tuple[Any, ...]:
-        return (self.view, list(self.view_changes), list(self.pre_prepares))
-
-
-@dataclass(frozen=True, slots=True)
-class Reply(Message):
-    """The sender executed the request of ``client`` (index) at ``timestamp`` with ``result``."""
-
-    KIND: ClassVar[Kind] = Kind.REPLY
-    view: int
-    client: int
-    timestamp: int
-    result: bytes
-
-    def __post_init__(self) -> None:
-        _int("view", self.view)
-        _int("client", self.client)
-        _int("timestamp", self.timestamp)
-        _bytes("result", self.result)
-
-    def fields(self) -> tuple[Any, ...]:
-        return (self.view, self.client, self.timestamp, self.result)
-
-
-@dataclass(frozen=True, slots=True)
-class Replies(Message):
-    """REPLY for every request of one executed batch, signed once: ``(client, timestamp, result)``.
-
-    A client treats its own entry exactly like a REPLY. One signature per batch instead
-    of one per request, and a client pool verifies it once for all its clients.
-    """
-
-    KIND: ClassVar[Kind] = Kind.REPLIES
-    view: int
-    entries: tuple[tuple[int, int, bytes], ...]
-
-    def __post_init__(self) -> None:
-        _int("view", self.view)
-        if type(self.entries) is not tuple or len(self.entries) > _MAX_ITEMS:
-            raise ProtocolError(f"entries must be a list of at most {_MAX_ITEMS} items")
-        for e in self.entries:
-            if type(e) is not tuple or len(e) != 3:
-                raise ProtocolError("a reply entry is [client, timestamp, result]")
-            _int("client", e[0])
-            _int("timestamp", e[1])
-            _bytes("result", e[2])
-
-    def fields(self) -> tuple[Any, ...]:
-        return (self.view, [list(e) for e in self.entries])
-
-    def result_for(self, client: int, timestamp: int) -> bytes | None:
-        """The result for ``client``'s request ``timestamp``, if this message holds it."""
-        for c, ts, result in self.entries:
-            if c == client and ts == timestamp:
-                return result
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class FetchState(Message):
-    """Ask for the sender's stable checkpoint at or above ``seq`` (state transfer)."""
-
-    KIND: ClassVar[Kind] = Kind.FETCH_STATE
-    seq: int
-
-    def __post_init__(self) -> None:
-        _int("seq", self.seq)
-
-    def fields(self) -> tuple[Any, ...]:
-        return (self.seq,)
-
-
-@dataclass(frozen=True, slots=True)
-class State(Message):
-    """A stable checkpoint: the state blob at ``seq`` and 2f+1 CHECKPOINTs proving its digest."""
-
-    KIND: ClassVar[Kind] = Kind.STATE
-    seq: int
-    blob: bytes
-    proof: tuple[bytes, ...]
-
-    def __post_init__(self) -> None:
-        _int("seq", self.seq)
-        _bytes("blob", self.blob)
-        _raw_list("proof", self.proof)
-
-    def fields(self) -> tuple[Any, ...]:
-        return (self.seq, self.blob, list(self.proof))
-
-
-@dataclass(frozen=True, slots=True)
-class StatusQuery(Message):
-    """A replica that lost its log asks where the cluster is (``nonce`` makes replies fresh)."""
-
-    KIND: ClassVar[Kind] = Kind.STATUS_QUERY
-    nonce: bytes
-
-    def __post_init__(self) -> None:
-        _bytes("nonce", self.nonce)
-        if len(self.nonce) > 64:
-            raise ProtocolError("nonce is at most 64 bytes")
-
-    def fields(self) -> tuple[Any, ...]:
-        return (self.nonce,)
-
-
-@dataclass(frozen=True, slots=True)
-class Status(Message):
-    """Answer to STATUS-QUERY: the sender's view, last executed and stable sequence numbers."""
-
-    KIND: ClassVar[Kind] = Kind.STATUS
-    nonce: bytes
-    view: int
-    last_executed: int
-    stable_seq: int
-
-    def __post_init__(self) -> None:
-        _bytes("nonce", self.nonce)
-        _int("view", self.view)
-        _int("last_executed", self.last_executed)
-        _int("stable_seq", self.stable_seq)
-
-    def fields(self) -> tuple[Any, ...]:
-        return (self.nonce, self.view, self.last_executed, self.stable_seq)
-
 
 M = TypeVar("M", bound=Message)
 
@@ -428,7 +109,7 @@ def _unpack(data: bytes, limit: int) -> Any:
             strict_map_key=True,
             max_bin_len=limit,
             max_str_len=0,
-            max_array_len=_MAX_ITEMS,
+            max_array_len=MAX_ITEMS,
             max_map_len=0,
             max_ext_len=0,
         )
@@ -481,7 +162,7 @@ class Codec:
         """Sign ``msg`` as ``sender`` and return its wire bytes."""
         body = msg.body()
         sig = key.sign(self._signed_bytes(int(msg.KIND), sender, body))
-        raw: bytes = _pack([int(msg.KIND), sender, body, sig])
+        raw: bytes = pack([int(msg.KIND), sender, body, sig])
         self._remember(raw)
         return raw
 
@@ -499,9 +180,9 @@ class Codec:
         kind = _KINDS.get(kind_i) if type(kind_i) is int else None
         if kind is None:
             raise ProtocolError(f"unknown message kind {kind_i!r:.20}")
-        _int("sender", sender)
-        _bytes("body", body)
-        _bytes("signature", sig, SIGNATURE_BYTES)
+        check_int("sender", sender)
+        check_bytes("body", body)
+        check_bytes("signature", sig, SIGNATURE_BYTES)
         limit_sender = len(self.config.clients) if kind is Kind.REQUEST else self.config.n
         if sender >= limit_sender:
             raise ProtocolError(f"unknown sender {sender} for {kind.name}")
@@ -513,7 +194,7 @@ class Codec:
         msg = _BUILDERS[kind](items)
         if msg.body() != body:
             raise ProtocolError(f"{kind.name} is not canonically encoded")
-        if _pack([kind_i, sender, body, sig]) != data:
+        if pack([kind_i, sender, body, sig]) != data:
             raise ProtocolError("envelope is not canonically encoded")
         return Signed(kind, sender, msg, data, body, sig)
 

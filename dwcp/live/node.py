@@ -7,9 +7,12 @@ migration stream, each on a private unix socket. The source's QEMU connects to l
 unix sockets; every connection is relayed over its own ``dwcp-live-relay/1`` channel.
 Disk: ``blockdev-mirror sync=full`` to the NBD export until READY. RAM: QEMU pre-copy with
 ``pause-before-switchover``; at ``pre-switchover`` (source paused) the mirror is completed,
-the final state sent, ownership committed through PBFT (with ``[consensus]``), and only
-then does the destination ``cont``. Any failure before the commit: the source resumes
-and the destination discards its QEMU and disk file (``phases.Outcome``).
+the final state sent, the destination asked whether its QEMU has loaded it (``check``:
+QEMU's "completed" at the source only means the bytes left), ownership committed through
+PBFT (with ``[consensus]``), and only then does the destination ``cont``. Any failure
+before the commit: the source resumes and the destination discards its QEMU and disk
+file (``phases.Outcome``); a hand-over whose answer was lost is decided by asking the
+registry. A node that crashed meanwhile settles its VMs at restart (``recover``).
 """
 
 from __future__ import annotations
@@ -22,21 +25,22 @@ import os
 import secrets
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from dwcp import framing
 from dwcp.errors import ConsensusError, DwcpError, UsageError, VmError
 from dwcp.identity import PublicKey
+from dwcp.live import hold, recover
+from dwcp.live.host import VmHost
 from dwcp.live.phases import Outcome, Phase, PhaseMachine
 from dwcp.live.relay import Counter, pipe
 from dwcp.node.control import Emit
 from dwcp.node.store import check_image_name
 from dwcp.vm import definition as vmdef
-from dwcp.vm.definition import VmDefinition, VmPaths
+from dwcp.vm.definition import VmDefinition
 from dwcp.vm.qmp import QmpClient, QmpClosedError
 
 if TYPE_CHECKING:
-    from dwcp.node.context import NodeContext
     from dwcp.transport import Channel, Session
 
 log = logging.getLogger("dwcp.live")
@@ -70,22 +74,6 @@ def disk_size(path: Path) -> tuple[str, int]:
         capture_output=True, check=True, timeout=30,
     )  # fmt: skip
     return fmt, int(json.loads(out.stdout)["virtual-size"])
-
-
-class VmHost(Protocol):
-    """What live migration needs of the node's VM supervisor (``dwcp.vm.supervisor``),
-    which owns the migrator: a protocol keeps the import one-way."""
-
-    ctx: NodeContext
-
-    def paths(self, name: str) -> VmPaths: ...
-    def lock(self, name: str) -> asyncio.Lock: ...
-    async def attach(self, name: str) -> QmpClient: ...
-    async def state(self, name: str) -> tuple[str, int | None]: ...
-    async def launch(
-        self, d: VmDefinition, incoming: str | None = None, disk_path: Path | None = None
-    ) -> QmpClient: ...
-    async def quit(self, name: str) -> bool: ...
 
 
 class LiveMigrator:
@@ -128,6 +116,7 @@ class LiveMigrator:
         d = vmdef.load(self.vms.paths(name))
         paths = self.vms.paths(name)
         qmp = await self.vms.attach(name)
+        await recover.undo_source(qmp)  # what an interrupted earlier run left (node crash)
         mid = secrets.token_hex(8)
         claim = None
         if ctx.ownership is not None:
@@ -179,20 +168,28 @@ class LiveMigrator:
                 {"job-id": "m0", "device": "disk0", "target": "tgt0", "sync": "full"},
             )
             await self._wait_job_ready(qmp, pm, emit)
+            await hold.hold(paths.root, "disk")
 
             pm.advance(Phase.RAM, loop.time())
             emit({"phase": pm.phase.value})
             caps = [{"capability": "pause-before-switchover", "state": True}]
             await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
-            params: dict[str, Any] = {"max-bandwidth": 1 << 40}
+            crawl = hold.wanted(paths.root, "ram")
+            params: dict[str, Any] = {
+                "max-bandwidth": hold.CRAWL_BYTES_PER_SECOND if crawl else 1 << 40
+            }
             if downtime is not None:
                 params["downtime-limit"] = int(downtime)
             await qmp.execute("migrate-set-parameters", params)
             await qmp.execute("migrate", {"uri": f"unix:{paths.root / 'relay-mig.sock'}"})
+            if crawl:
+                await hold.hold(paths.root, "ram")
+                await qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
             await self._wait_migration(qmp, pm, ("pre-switchover",), emit)
 
             pm.advance(Phase.SWITCH, loop.time())  # the source is paused from here
             emit({"phase": pm.phase.value})
+            await hold.hold(paths.root, "switchover")
             await qmp.execute("block-job-cancel", {"device": "m0"})
             await qmp.wait_event(
                 "BLOCK_JOB_COMPLETED", pm.remaining(loop.time()), match={"device": "m0"}
@@ -200,6 +197,14 @@ class LiveMigrator:
             await qmp.execute("blockdev-del", {"node-name": "tgt0"})
             await qmp.execute("migrate-continue", {"state": "pre-switchover"})
             info = await self._wait_migration(qmp, pm, ("completed",), emit)
+            # QEMU's "completed" means the state left this host, not that the destination
+            # has it (it may sit in a relay that dies): commit only once the peer says so.
+            chan.writer.write(_msg({"op": "check"}))
+            await chan.writer.drain()
+            loaded = await _read_msg(chan.reader, pm.remaining(loop.time()))
+            if not loaded.get("ok"):
+                raise VmError(f"{peer.name} did not load the VM's state: {loaded.get('error')}")
+            await hold.hold(paths.root, "committing")
 
             pm.advance(Phase.COMMIT, loop.time())
             emit({"phase": pm.phase.value})
@@ -211,6 +216,7 @@ class LiveMigrator:
                 owner, epoch = got_own.owner, got_own.epoch
             pm.advance(Phase.RUN, loop.time())  # committed: the destination owns the VM
             emit({"phase": pm.phase.value})
+            await hold.hold(paths.root, "run")
             chan.writer.write(_msg({"op": "run"}))
             await chan.writer.drain()
             ran = await _read_msg(chan.reader, pm.remaining(loop.time()))
@@ -232,10 +238,10 @@ class LiveMigrator:
                 "epoch": epoch,
             }
         except (DwcpError, OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
-            await self._fail(name, qmp, pm, exc)
-            raise self._error(name, peer.name, pm, exc) from None
+            where = await self._fail(name, qmp, pm, exc, peer)
+            raise self._error(peer.name, pm, exc, where) from None
         except BaseException:  # cancelled: same rule, then let the cancellation go on
-            await asyncio.shield(self._fail(name, qmp, pm, None))
+            await asyncio.shield(self._fail(name, qmp, pm, None, peer))
             raise
         finally:
             for s in servers:
@@ -307,42 +313,32 @@ class LiveMigrator:
                   "ram_remaining": ram.get("remaining")})  # fmt: skip
             await asyncio.sleep(POLL)
 
-    async def _fail(self, name: str, qmp: QmpClient, pm: PhaseMachine, exc: Any) -> None:
-        """Apply the failure rule (see ``phases``): before the commit, resume the source."""
-        if pm.on_failure() is Outcome.DESTINATION_RUNS:
+    async def _fail(self, name: str, qmp: QmpClient, pm: PhaseMachine, exc: Any, peer: Any) -> str:
+        """Apply the failure rule (see ``phases``): before the commit, resume the source.
+        Returns where the VM is, for the error message."""
+        outcome = pm.on_failure()
+        if outcome is Outcome.RESUME_SOURCE and pm.phase is Phase.COMMIT:
+            # the hand-over was sent but its answer lost: only the registry knows
+            owner = await recover.owner_of(self.vms, name)
+            if owner is None and self.ctx.ownership is not None:
+                log.warning("live migration of %s: the hand-over's outcome is unknown; the VM "
+                            "stays paused here", name, extra={"event": "live_unknown"})  # fmt: skip
+                return (f"VM {name} stays paused here, as the registry cannot say whether it "
+                        f"moved to {peer.name}: restart this node once 'dwcp owner {name}' "
+                        "answers, and it resumes the VM where the registry says")  # fmt: skip
+            if owner == peer.public_key.node_id:
+                outcome = Outcome.DESTINATION_RUNS
+        if outcome is Outcome.DESTINATION_RUNS:
             with contextlib.suppress(DwcpError):
                 await self.vms.quit(name)
-            return
-        for cmd, a in (
-            ("migrate_cancel", None),
-            ("block-job-cancel", {"device": "m0", "force": True}),
-        ):
-            with contextlib.suppress(DwcpError):
-                await qmp.execute(cmd, a)
-        with contextlib.suppress(DwcpError):  # the job ends a moment after the cancel
-            await qmp.wait_event("BLOCK_JOB_CANCELLED", 5.0, match={"device": "m0"})
-        with contextlib.suppress(DwcpError):
-            await qmp.execute("blockdev-del", {"node-name": "tgt0"})
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10.0
-        while loop.time() < deadline:  # wait for the cancel to settle, then resume
-            with contextlib.suppress(DwcpError):
-                st = (await qmp.execute("query-migrate")).get("status")
-                if st not in ("cancelling", "active", "pre-switchover", "device"):
-                    break
-            await asyncio.sleep(POLL)
-        with contextlib.suppress(DwcpError):
-            if (await qmp.execute("query-status")).get("status") != "running":
-                await qmp.execute("cont")
+            return f"VM {name} runs at {peer.name} (ownership committed)"
+        await recover.undo_source(qmp)
+        await recover.resume(qmp)
         log.info("live migration of %s failed in %s: %s; the VM runs here",
                  name, pm.phase.value, exc, extra={"event": "live_failed"})  # fmt: skip
+        return f"VM {name} keeps running here"
 
-    def _error(self, name: str, peer: str, pm: PhaseMachine, exc: BaseException) -> DwcpError:
-        where = (
-            f"VM {name} runs at {peer} (ownership committed)"
-            if pm.on_failure() is Outcome.DESTINATION_RUNS
-            else f"VM {name} keeps running here"
-        )
+    def _error(self, peer: str, pm: PhaseMachine, exc: BaseException, where: str) -> DwcpError:
         what = str(exc) or type(exc).__name__
         cls = ConsensusError if isinstance(exc, ConsensusError) else VmError
         return cls(f"live migration to {peer} failed while {pm.phase.value} ({what}); {where}; "
@@ -356,6 +352,15 @@ class LiveMigrator:
         t = asyncio.create_task(coro)
         self.tasks.add(t)
         t.add_done_callback(self.tasks.discard)
+
+    def after_restart(self, name: str) -> None:
+        """The node (re)started with VM ``name`` defined here: settle a migration its crash
+        interrupted (``recover``), in the background (the registry may be slow to answer)."""
+        self._spawn(self._after_restart(name))
+
+    async def _after_restart(self, name: str) -> None:
+        with contextlib.suppress(DwcpError, OSError):
+            await recover.after_restart(self.vms, name)
 
     async def stop(self) -> None:
         for t in list(self.tasks):
@@ -425,10 +430,17 @@ class LiveMigrator:
             self.targets[mid] = {"nbd": paths.root / "nbd.sock", "mig": paths.root / "mig.sock"}
             chan.writer.write(_msg({"ok": True}))
             await chan.writer.drain()
-            try:
-                order = await _read_msg(chan.reader, WAIT_RUN_SECONDS)
-            except (DwcpError, TimeoutError, asyncio.IncompleteReadError, ValueError):
-                order = {"op": "run"} if await self._own(d.name) else {"op": "abort"}
+            while True:
+                try:
+                    order = await _read_msg(chan.reader, WAIT_RUN_SECONDS)
+                except (DwcpError, TimeoutError, asyncio.IncompleteReadError, ValueError):
+                    order = {"op": "run"} if await self._own(d.name) else {"op": "abort"}
+                if order.get("op") != "check":
+                    break
+                st = await self._loaded(qmp)
+                err = f"its QEMU is {st or 'still inmigrate'}"
+                chan.writer.write(_msg({"ok": st is not None, "state": st, "error": err}))
+                await chan.writer.drain()
             if order.get("op") != "run":
                 raise VmError("the source aborted the live migration")
             await self._run(qmp, d, disk)
@@ -478,15 +490,19 @@ class LiveMigrator:
                 return (await own.owner(name)).owner == self.ctx.key.public.node_id
         return False
 
-    async def _run(self, qmp: QmpClient, d: VmDefinition, disk: Path) -> None:
+    async def _loaded(self, qmp: QmpClient) -> str | None:
+        """QEMU's state once the incoming stream is complete (bounded wait), else None."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 60.0
         while (st := (await qmp.execute("query-status")).get("status")) == "inmigrate":
             if loop.time() > deadline:
-                raise VmError("the migration stream did not complete at the destination")
+                return None
             await asyncio.sleep(POLL)
-        if st not in ("paused", "prelaunch", "postmigrate"):
-            raise VmError(f"the destination QEMU is {st} after the migration")
+        return str(st) if st in ("paused", "prelaunch", "postmigrate") else None
+
+    async def _run(self, qmp: QmpClient, d: VmDefinition, disk: Path) -> None:
+        if await self._loaded(qmp) is None:
+            raise VmError("the migration stream did not complete at the destination")
         with contextlib.suppress(QmpClosedError, VmError):
             await qmp.execute("nbd-server-stop")
         final = self.ctx.store.images_dir / d.disk

@@ -54,6 +54,28 @@ def trace(label: str) -> None:
     log.debug("phase %s", label, extra={"event": "phase", "phase": label})
 
 
+def _choose_level_meanwhile(adapt: AdaptiveLevel, image: Path, nbytes: int) -> None:
+    """Measure the image's sample at every zstd level in a worker thread while the first
+    frames go out at ``adapt``'s current level, then switch to the chosen one. Waiting
+    for it (a few tenths of a second of zstd) cost more than the choice saved on short
+    transfers (benchmarks/RESULTS.md, issue 14). Nothing awaits the thread: it ends on
+    its own, and a failed choice keeps the current level."""
+    rate = adapt.predicted_bps
+    assert rate is not None
+
+    def chosen(fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            log.debug("zstd level choice failed: %r", None if fut.cancelled() else fut.exception())
+            return
+        choice = fut.result()
+        adapt.start_at(choice.level)
+        log.debug("zstd level %d (%s-bound) at %.0f bit/s", choice.level, choice.bound, rate)
+
+    loop = asyncio.get_running_loop()
+    fut = loop.run_in_executor(None, lambda: start_level(image, rate, nbytes=nbytes))
+    fut.add_done_callback(chosen)
+
+
 @dataclass
 class Progress:
     """What a progress bar shows; sent to the CLI while a migration runs."""
@@ -292,17 +314,8 @@ class Sending:
             nonlocal count, total
             if isinstance(level, AdaptiveLevel):
                 adapt, host = level, HostCpu()
-                if adapt.predicted_bps:  # PBA: start where the predicted link and the data say
-                    choice = await asyncio.to_thread(
-                        start_level, image, adapt.predicted_bps, nbytes=prog.bytes_to_send
-                    )
-                    adapt.start_at(choice.level)
-                    log.debug(
-                        "zstd level %d (%s-bound) at %.0f bit/s",
-                        choice.level,
-                        choice.bound,
-                        adapt.predicted_bps,
-                    )
+                if adapt.predicted_bps:  # PBA: the level the predicted link and the data say
+                    _choose_level_meanwhile(adapt, image, prog.bytes_to_send)
 
                 def observe(busy: float, interval: float) -> None:
                     adapt.observe(busy, interval, host.idle_share())

@@ -66,9 +66,11 @@ class AdaptiveLevel:
         self.level = min(max(self.level, self.lo), self.hi)
 
     def start_at(self, level: int) -> None:
-        """Begin at ``level`` (kept inside lo..hi), before any frame is observed."""
+        """Go to ``level`` (kept inside lo..hi), before or while frames are observed: the
+        window measured at the previous level starts over."""
         self.level = min(max(level, self.lo), self.hi)
         self.history.append(self.level)
+        self._frames, self._busy, self._interval, self._idle = 0, 0.0, 0.0, 0.0
 
     def observe(self, busy: float, interval: float, host_idle: float = 1.0) -> None:
         """One frame was taken by the sender: the encoder's busy seconds since the

@@ -81,6 +81,8 @@ class VmSupervisor(BaseService):
                 with contextlib.suppress(VmError):
                     await self.attach(d.name)
                     log.info("adopted running VM %s", d.name, extra={"event": "vm_adopted"})
+            if (d / "vm.json").is_file():
+                self.live.after_restart(d.name)  # settles a migration a crash interrupted
 
     async def stop(self) -> None:
         """Leave the VMs running (see the module docstring); close our QMP connections."""

@@ -334,7 +334,7 @@ def test_primary_prepare_and_duplicate_votes_are_ignored() -> None:
     acts = r1.receive(p2, 0.0)
     assert acts == [] and r1.stats["duplicate"] == 1
     # Replica 1 (own prepare) + replica 2 = 2f prepares: prepared, so it sends a COMMIT.
-    assert r1._log[(0, 1)].prepared
+    assert r1.normal.log[(0, 1)].prepared
 
 
 def test_equivocating_pre_prepare_is_rejected() -> None:
@@ -355,7 +355,7 @@ def test_forged_and_invalid_input_changes_nothing() -> None:
     net = Net.make()
     codec = Codec(net.config)
     r1 = net.replica(1)
-    before = (r1.view, r1.last_executed, dict(r1._log))
+    before = (r1.view, r1.last_executed, dict(r1.normal.log))
     creq = codec.encode(Request(1, b"op"), 0, net.ckeys[0])
     # PRE-PREPARE signed by a backup's key but claiming to be the primary.
     forged = codec.encode(PrePrepare(0, 1, (creq,)), 0, net.rkeys[3])
@@ -366,7 +366,7 @@ def test_forged_and_invalid_input_changes_nothing() -> None:
     for junk in (b"", b"\xc1", b"\x94" * 10, b"x" * 100, bytes(range(256))):
         assert r1.receive(junk, 0.0) == []
     assert r1.receive(b"\x00" * (net.config.max_message_bytes + 1), 0.0) == []
-    assert (r1.view, r1.last_executed, dict(r1._log)) == before
+    assert (r1.view, r1.last_executed, dict(r1.normal.log)) == before
     assert r1.stats["bad_signature"] >= 2 and r1.stats["malformed"] >= 5
 
 
@@ -390,7 +390,7 @@ def test_checkpoint_gc_and_watermarks() -> None:
         r = net.replica(i)
         assert r.last_executed == 10
         assert r.stable_seq == 8
-        assert all(seq > 8 for (_, seq) in r._log)
+        assert all(seq > 8 for (_, seq) in r.normal.log)
         assert r.log_size <= 8
         # The compacted WAL starts with the stable state.
         assert Codec(net.config).decode(net.wal[i][0], limit=1 << 30).kind is Kind.STATE
@@ -426,7 +426,7 @@ def test_view_change_carries_prepared_request() -> None:
     net.drop = lambda s, d, data: Codec(net.config).decode(data).kind is Kind.COMMIT
     net.request(0, encode_op("register", "vm1", "h"))
     net.run()
-    assert all(net.replica(i)._certs.get(1) is not None for i in range(4))
+    assert all(net.replica(i).normal.certs.get(1) is not None for i in range(4))
     assert not net.completed[0]
     # Commits of view 0 stay lost (so retransmission cannot finish it) and the primary dies.
     net.drop = _view0_commit
@@ -507,7 +507,7 @@ def test_prepared_certificate_survives_restart() -> None:
     net.drop = None
     for i in (1, 2, 3):
         net.restart(i)
-        assert net.replica(i)._certs.get(1) is not None
+        assert net.replica(i).normal.certs.get(1) is not None
     net.replicas[0] = None
     net.advance(10.0)
     assert len(net.completed[0]) == 1
@@ -585,7 +585,7 @@ def test_join_view_change_after_f_plus_one() -> None:
     sent: list[bytes] = []
     for i in (1, 2):
         out: list[Action] = []
-        net.replica(i)._start_view_change(1, 0.0, out)
+        net.replica(i).views.start_view_change(1, 0.0, out)
         sent += [a.data for a in out if isinstance(a, Broadcast)]
     r3 = net.replica(3)
     assert r3.receive(sent[0], 0.0) == [] or r3.active
@@ -668,7 +668,7 @@ def test_forged_state_transfer_is_rejected() -> None:
         net.request(0, encode_op("register", f"vm{i}", "h"))
         net.run()
     r0, r3 = net.replica(0), net.replica(3)
-    good = State(r0.stable_seq, r0._stable_blob, r0._stable_proof)
+    good = State(r0.stable_seq, r0.checkpoints.stable_blob, r0.checkpoints.stable_proof)
     # Right proof, different state: the digest does not match.
     evil = VMRegistry()
     evil.execute(encode_op("register", "vm0", "mallory"))

@@ -185,7 +185,7 @@ def test_log_and_wal_stay_bounded_over_a_long_run() -> None:
                 rep = inst.node
                 if rep is None:
                     continue
-                seqs = [k[1] for k in rep._log]
+                seqs = [k[1] for k in rep.normal.log]
                 lo, hi = rep.stable_seq, rep.stable_seq + c.config.watermark_window
                 assert all(lo < s <= hi for s in seqs), (inst.name, lo, sorted(seqs))
 

@@ -30,7 +30,7 @@ def _fail_once(monkeypatch: pytest.MonkeyPatch, rep: Replica, exc: Exception) ->
     """Make the second execution step raise once: in ``p1``'s handler, after its COMMIT.
 
     (``pp1``'s handler runs the first one.)"""
-    real = rep._execute
+    real = rep.normal.execute
     calls = {"n": 0}
 
     def flaky(*args: object) -> None:
@@ -39,7 +39,7 @@ def _fail_once(monkeypatch: pytest.MonkeyPatch, rep: Replica, exc: Exception) ->
             raise exc
         real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(rep, "_execute", flaky)
+    monkeypatch.setattr(rep.normal, "execute", flaky)
 
 
 def _wal(actions: list[Action], wal: list[bytes]) -> None:

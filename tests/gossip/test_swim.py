@@ -208,3 +208,27 @@ def test_a_slow_receiver_keeps_probing_while_its_input_waits_or_is_lost(drop: bo
     assert (net.stall_dropped > 0) == drop
     assert slow.stats["received"] > received
     assert all(_views(net, n) == {ALIVE} for n in net.names)
+
+
+def _deaths_with_slow_receivers(lifeguard: bool) -> int:
+    net = SimNet(20, seed=3, config=SwimConfig(lifeguard=lifeguard), stall_drop=True)
+    rng = random.Random(3)
+    slow = rng.sample(net.names, 2)
+    nxt = {s: rng.uniform(0, 10) for s in slow}
+    t = 0.0
+    while t < 60:
+        t += 0.25
+        for s, when in nxt.items():
+            if when <= t:
+                d = rng.uniform(2, 5)
+                net.slow(s, d)
+                nxt[s] = t + d + rng.uniform(5, 15)
+        net.run_until(t)
+    return sum(node.stats["deaths"] for node in net.nodes.values())
+
+
+def test_lifeguard_declares_far_fewer_slow_receivers_dead_than_plain_swim() -> None:
+    """The Lifeguard paper's anomaly (slow message processing, input lost): plain SWIM's
+    fixed timeout and lack of a buddy rule kill members whose refutation never came."""
+    lifeguard, plain = _deaths_with_slow_receivers(True), _deaths_with_slow_receivers(False)
+    assert plain > 10 * max(lifeguard, 1)

@@ -40,6 +40,20 @@ def test_a_files_sample_is_the_same_as_the_bytes_sample(tmp_path: Path) -> None:
     assert read_sample(small) == data[:1000]
 
 
+def test_the_sample_leaves_out_zero_blocks(tmp_path: Path) -> None:
+    """An image half holes (zero blocks, sent as such) is sampled for its data only."""
+    rng = random.Random(2)
+    blocks = [rng.randbytes(4096) if i % 2 else bytes(4096) for i in range(16 * 256)]
+    p = tmp_path / "half.img"
+    p.write_bytes(b"".join(blocks))
+    got = read_sample(p)
+    assert len(got) >= 2 * MiB and len(got) % 4096 == 0
+    assert all(got[i : i + 4096] != bytes(4096) for i in range(0, len(got), 4096))
+    empty = tmp_path / "zeros.img"
+    empty.write_bytes(bytes(16 * MiB))
+    assert read_sample(empty) == b""
+
+
 def test_the_start_follows_the_data_and_the_link(tmp_path: Path) -> None:
     z = tmp_path / "z"
     _zeroish(z, 8 * MiB)
@@ -79,6 +93,36 @@ def test_a_migration_with_a_predicted_rate_starts_at_the_chosen_level(
         assert (
             hashlib.sha256(got.read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest()
         )
+        assert res[0] is not None
+
+    asyncio.run(main())
+
+
+def test_a_failed_level_choice_keeps_the_configured_level(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The choice runs beside the transfer: when it fails (an all-zero sample, a read
+    error) the migration still completes, at the level it started with."""
+    src = tmp_path / "vm.img"
+    _zeroish(src, 4 * MiB)
+
+    def broken(path: Path, rate_bps: float, *, nbytes: int | None = None) -> LevelChoice:
+        raise OSError("sample unreadable")
+
+    monkeypatch.setattr(source, "start_level", broken)
+
+    async def main() -> None:
+        dest = Dest(tmp_path / "dest")
+        await dest.index.open(dest.store.images_dir)
+        s, r = pair(False)
+        key = NodeKey.generate()
+        level = AdaptiveLevel(3, lo=1, hi=9, predicted_bps=10e6)
+        send = aio.send_image(s, key, src, name="vm.img", peer="b", level=level)
+        res = await asyncio.gather(send, aio.receive_image(r, key.public, dest.hooks()))
+        await dest.index.close()
+        assert level.level == 3  # 4 frames: fewer than one window of the controller
+        got = dest.store.images_dir / "vm.img"
+        assert got.read_bytes() == src.read_bytes()
         assert res[0] is not None
 
     asyncio.run(main())
