@@ -4,7 +4,7 @@ Source: claim the VM, open a ``dwcp-live/1`` control channel to the peer and sen
 definition (kernel and initrd included). The destination starts QEMU paused under
 ``-incoming defer`` on a fresh disk file, exports that disk over NBD and listens for the
 migration stream, each on a private unix socket. The source's QEMU connects to local
-unix sockets; every connection is relayed over its own ``dwcp-live-relay/1`` channel.
+unix sockets; every connection is relayed over its own ``dwcp-live-relay/2`` channel.
 Disk: ``blockdev-mirror sync=full`` to the NBD export until READY. RAM: QEMU pre-copy with
 ``pause-before-switchover``; at ``pre-switchover`` (source paused) the mirror is completed,
 the final state sent, the destination asked whether its QEMU has loaded it (``check``:
