@@ -126,11 +126,12 @@ def accuracy(
     rng = random.Random(seed + 17)
     stallers = rng.sample(net.names, n // 10) if stall else []
     staller_set = set(stallers)
-    killed = {"stalled": 0, "healthy": 0}
+    killed = {"stalled": 0, "healthy": 0, "by_stalled": 0}
 
     def declared(node: str, c: Change) -> None:
         if c.new == DEAD and c.by == node:  # this member's own suspicion timeout fired
             killed["stalled" if c.name in staller_set else "healthy"] += 1
+            killed["by_stalled"] += node in staller_set
 
     net.on_change = declared
     next_stall = {s: rng.uniform(0, 15) for s in stallers}
@@ -160,6 +161,7 @@ def accuracy(
         "false_dead_per_h": round(sum(s["deaths"] for s in stats) * per_hour, 1),
         "false_dead_of_stalled_per_h": round(killed["stalled"] * per_hour, 1),
         "false_dead_of_never_stalled_per_h": round(killed["healthy"] * per_hour, 1),
+        "false_dead_declared_by_stalled_per_h": round(killed["by_stalled"] * per_hour, 1),
         "stall_dropped": net.stall_dropped,
         "accusations_per_h": round(sum(s["accusations"] for s in stats) * per_hour, 1),
         "refutations_per_h": round(sum(s["refutations"] for s in stats) * per_hour, 1),

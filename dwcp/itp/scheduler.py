@@ -20,7 +20,10 @@ shared/research/wave2-ass-itp-pba.md section 2):
   and a source under half its planning rate has its in-flight chunks moved when another
   holder would finish them sooner.
 - Death: a source that delivers nothing for ``stall_timeout`` while it has requests (or
-  that the caller reports lost) has all its work put back and re-planned at once.
+  that the caller reports lost) has all its work put back and re-planned at once. A
+  stalled source (not a lost one) is only quiet, perhaps on a loaded host: when some chunk
+  would otherwise have no live holder, it is revived with a doubled stall timeout, at most
+  ``max_revivals`` times, before the transfer gives up on it.
 - Endgame: an idle source with nothing to steal duplicates the in-flight chunk that would
   arrive last, if it would finish it sooner, within a byte budget; the first copy to
   arrive wins and the others are cancelled.
@@ -48,6 +51,7 @@ class Config:
     """Tuning; the defaults are the research note's (seconds, fractions)."""
 
     stall_timeout: float = 1.0
+    max_revivals: int = 3
     measure_interval: float = 0.5
     replan_change: float = 1 / 3
     slow_ratio: float = 0.5
@@ -77,6 +81,9 @@ class _Source:
     queued_bytes: int = 0
     flights: OrderedDict[int, _Flight] = field(default_factory=OrderedDict)
     deadline: float = 0.0
+    stall_timeout: float = 0.0  # this source's; doubled at each revival
+    stalled: bool = False  # dead by silence, not by a lost connection: may be revived
+    revivals: int = 0
     sample_start: float | None = None
     sample_bytes: int = 0
     busy_since: float | None = None
@@ -133,7 +140,12 @@ class Scheduler:
         self._rates = rates
         self._holders = {c.index: holdings.holders(c.index) for c in chunks}
         self._src = {
-            s: _Source(s, (rtt or {}).get(s, cfg.default_rtt), max(rates.rate(s), 1.0))
+            s: _Source(
+                s,
+                (rtt or {}).get(s, cfg.default_rtt),
+                max(rates.rate(s), 1.0),
+                stall_timeout=cfg.stall_timeout,
+            )
             for s in sources
         }
         self._piece = max((c.size for c in chunks), default=1)
@@ -169,7 +181,7 @@ class Scheduler:
             self._waste(s, nbytes)
             return []
         flight.received += nbytes
-        s.deadline = now + self.config.stall_timeout
+        s.deadline = now + s.stall_timeout
         if s.sample_start is None:
             s.sample_start, s.sample_bytes = now, 0
         else:
@@ -223,7 +235,8 @@ class Scheduler:
             if s.state != LIVE:
                 continue
             if s.flights and now > s.deadline:
-                actions += self._drop(s, DEAD, f"no data for {cfg.stall_timeout:g} s", now)
+                s.stalled = True
+                actions += self._drop(s, DEAD, f"no data for {s.stall_timeout:g} s", now)
                 continue
             if s.sample_start is not None and now - s.sample_start >= cfg.measure_interval:
                 measured = s.sample_bytes / (now - s.sample_start)
@@ -277,9 +290,26 @@ class Scheduler:
             if h in self._src and self._src[h].state == LIVE
         ]
 
+    def _holders_or_revived(self, chunk: int, now: float) -> list[_Source]:
+        """The live holders of ``chunk``; if none, the stalled ones get another chance."""
+        live = self._live_holders(chunk)
+        if live:
+            return live
+        for h in self._holders[chunk]:
+            s = self._src.get(h)
+            if s is not None and s.stalled and s.revivals < self.config.max_revivals:
+                s.state, s.reason, s.stalled = LIVE, "", False
+                s.revivals += 1
+                s.stall_timeout *= 2
+                self._events.append(
+                    (now, s.name, f"revived: the only holder left (stall timeout now "
+                     f"{s.stall_timeout:g} s)")
+                )  # fmt: skip
+        return self._live_holders(chunk)
+
     def _assign(self, chunks: Iterable[int], now: float) -> None:
         todo = [c for c in chunks if c not in self._done]
-        holders = {c: self._live_holders(c) for c in todo}
+        holders = {c: self._holders_or_revived(c, now) for c in todo}
         todo.sort(key=lambda c: (len(holders[c]), c))
         backlog = {s.name: float(s.backlog()) for s in self._src.values()}
         for c in todo:
@@ -330,7 +360,7 @@ class Scheduler:
 
     def _issue(self, s: _Source, c: int, now: float, endgame: bool) -> Request:
         if not s.flights:
-            s.deadline = now + s.rtt + self.config.stall_timeout
+            s.deadline = now + s.rtt + s.stall_timeout
             s.busy_since = now
         s.flights[c] = _Flight(self._chunks[c].size, now, endgame=endgame)
         return Request(s.name, c)
@@ -432,7 +462,7 @@ class Scheduler:
         self._assign(pending, now)
         # Chunks queued elsewhere that only this source held are stuck too.
         for c, owner in list(self._queued_at.items()):
-            if not self._live_holders(c):
+            if not self._holders_or_revived(c, now):
                 src = self._src[owner]
                 src.queue.remove(c)
                 src.queued_bytes -= self._chunks[c].size

@@ -4,7 +4,7 @@ Source: claim the VM, open a ``dwcp-live/1`` control channel to the peer and sen
 definition (kernel and initrd included). The destination starts QEMU paused under
 ``-incoming defer`` on a fresh disk file, exports that disk over NBD and listens for the
 migration stream, each on a private unix socket. The source's QEMU connects to local
-unix sockets; every connection is relayed over its own ``dwcp-live-relay/1`` channel.
+unix sockets; every connection is relayed over its own ``dwcp-live-relay/2`` channel.
 Disk: ``blockdev-mirror sync=full`` to the NBD export until READY. RAM: QEMU pre-copy with
 ``pause-before-switchover``; at ``pre-switchover`` (source paused) the mirror is completed,
 the final state sent, the destination asked whether its QEMU has loaded it (``check``:
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dwcp.live")
 CONTROL = "dwcp-live/1"
-RELAY = "dwcp-live-relay/1"
+RELAY = "dwcp-live-relay/2"  # 2: zstd frames (relay.pipe packed)
 MAX_FRAME = 256 << 20  # a kernel or initrd travels as one frame
 MAX_CONTROL = 1 << 16
 POLL = 0.1
@@ -268,7 +268,7 @@ class LiveMigrator:
                 chan = await session.open_channel(RELAY)
                 chan.writer.write(_msg({"id": mid, "kind": kind}))
                 await chan.writer.drain()  # NBD's server speaks first: the peer must connect now
-                await pipe(r, w, chan.reader, chan.writer, counter)
+                await pipe(r, w, chan.reader, chan.writer, counter, packed="b")
             except (DwcpError, OSError):
                 w.close()
 
@@ -381,7 +381,7 @@ class LiveMigrator:
                 chan.writer.close()
                 return
             r, w = await asyncio.open_unix_connection(str(sock))
-            await pipe(chan.reader, chan.writer, r, w, Counter())
+            await pipe(chan.reader, chan.writer, r, w, Counter(), packed="a")
         except (DwcpError, OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
             chan.writer.close()
 

@@ -25,7 +25,7 @@ and reads the thread's CPU clock.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,17 +111,23 @@ def sample(data: bytes | memoryview, pieces: int = SAMPLE_PIECES, size: int = PI
 
 
 def measure_levels(
-    data: bytes, levels: Sequence[int] = LEVELS, piece: int = PIECE_BYTES
+    data: bytes,
+    levels: Sequence[int] = LEVELS,
+    piece: int = PIECE_BYTES,
+    clock: Callable[[], float] = time.thread_time,
 ) -> list[LevelCost]:
-    """Compress ``data`` in ``piece``-sized frames at each level, timing the thread's CPU."""
+    """Compress ``data`` in ``piece``-sized frames at each level, timed by ``clock``: the
+    thread's CPU (what the level costs) or, as ``start_level`` does, the wall clock (what
+    an encoder thread gets of a shared CPU now: on a loaded host it is a fraction of a
+    core, and CPU time then overstates the encoder's rate and picks too high a level)."""
     if not data:
         raise UsageError("no data to measure compression on")
     out = []
     for level in levels:
         cctx = zstandard.ZstdCompressor(level=level)
-        t0 = time.thread_time()
+        t0 = clock()
         size = sum(len(cctx.compress(data[i : i + piece])) for i in range(0, len(data), piece))
-        cpu = max(time.thread_time() - t0, 1e-6)
+        cpu = max(clock() - t0, 1e-6)
         out.append(LevelCost(level, len(data) / cpu, len(data) / max(size, 1)))
     return out
 
@@ -174,5 +180,5 @@ def start_level(
     """The starting level for sending ``path`` over a link predicted at ``rate_bps``:
     its sample measured at every level, then ``choose_level``. Blocking (reads the file
     and runs zstd for a few tenths of a second): call it in a worker thread."""
-    costs = measure_levels(read_sample(path))
+    costs = measure_levels(read_sample(path), clock=time.perf_counter)  # the CPU left
     return choose_level(costs, rate_bps, send_cpu_s_per_byte=send_cpu_s_per_byte, nbytes=nbytes)

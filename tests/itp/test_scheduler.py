@@ -126,3 +126,27 @@ def test_endgame_duplicates_the_last_chunk_and_cancels_the_loser() -> None:
     assert Cancel("fast", first[1]) in actions
     assert s.done
     assert s.report().duplicate_bytes == MiB // 2
+
+
+def test_a_stalled_only_holder_is_given_another_chance_before_the_pull_fails() -> None:
+    """A source that merely went quiet (a loaded host, a long GC) is not gone: when the
+    alternative is failing the pull, it is tried again with a doubled stall timeout;
+    only a source that stalls every time, or whose connection is lost, ends it."""
+    s = make({"a": 10 * MiB, "b": 10 * MiB}, n=10)
+    s.start(0.0)
+    s.on_source_lost("b", 0.05)  # b is gone for good: a is the only holder left
+    s.on_progress("a", s.in_flight("a")[0], 1000, 0.1)
+    s.tick(1.2)  # a stalls: nothing for RTT + stall_timeout
+    assert not s.stuck and s.report().sources["a"].state == "live"
+    s.check()  # not stuck: a was revived
+    assert any("revived" in what for _, name, what in s.report().events if name == "a")
+    assert s.in_flight("a")  # its requests were issued again
+    t = 1.2
+    for _ in range(10):  # a stays silent: each chance is longer, and they are bounded
+        t += 10.0
+        s.tick(t)
+        if s.stuck:
+            break
+    assert s.stuck and s.report().sources["a"].state == "dead"
+    with pytest.raises(StuckError):
+        s.check()

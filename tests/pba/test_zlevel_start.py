@@ -96,3 +96,33 @@ def test_a_migration_with_a_predicted_rate_starts_at_the_chosen_level(
         assert res[0] is not None
 
     asyncio.run(main())
+
+
+def test_a_failed_level_choice_keeps_the_configured_level(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The choice runs beside the transfer: when it fails (an all-zero sample, a read
+    error) the migration still completes, at the level it started with."""
+    src = tmp_path / "vm.img"
+    _zeroish(src, 4 * MiB)
+
+    def broken(path: Path, rate_bps: float, *, nbytes: int | None = None) -> LevelChoice:
+        raise OSError("sample unreadable")
+
+    monkeypatch.setattr(source, "start_level", broken)
+
+    async def main() -> None:
+        dest = Dest(tmp_path / "dest")
+        await dest.index.open(dest.store.images_dir)
+        s, r = pair(False)
+        key = NodeKey.generate()
+        level = AdaptiveLevel(3, lo=1, hi=9, predicted_bps=10e6)
+        send = aio.send_image(s, key, src, name="vm.img", peer="b", level=level)
+        res = await asyncio.gather(send, aio.receive_image(r, key.public, dest.hooks()))
+        await dest.index.close()
+        assert level.level == 3  # 4 frames: fewer than one window of the controller
+        got = dest.store.images_dir / "vm.img"
+        assert got.read_bytes() == src.read_bytes()
+        assert res[0] is not None
+
+    asyncio.run(main())
