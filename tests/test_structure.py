@@ -13,8 +13,6 @@ ROOT = Path(__file__).resolve().parent.parent / "dwcp"
 MAX_LINES = 500
 # module -> why it is longer than MAX_LINES (add one only with its reason)
 LONG_FILES: dict[str, str] = {
-    "dwcp.migrate.source": "508 lines since b2e53de (PBA level choice beside the first "
-    "frames); to be split along the sender/driver seam (issue 11, not done)",
     "dwcp.live.node": "511 lines since cf0b4c9 (live migration's node glue, issue 12 still "
     "growing); to be split once its phases settle (issue 11, not done)",
 }

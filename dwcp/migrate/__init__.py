@@ -10,7 +10,8 @@
 
 from dwcp.migrate.channel import BulkChannel, FramedChannel, MessageChannel, QuicChannel
 from dwcp.migrate.destination import ReceiverHooks, Receiving, receive_image
-from dwcp.migrate.source import MigrationResult, Progress, send_image
+from dwcp.migrate.results import MigrationResult, Progress
+from dwcp.migrate.source import send_image
 from dwcp.migrate.threads import IndexWorker, in_thread
 
 __all__ = [
