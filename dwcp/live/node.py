@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import secrets
@@ -31,6 +30,7 @@ from dwcp import framing
 from dwcp.errors import ConsensusError, DwcpError, UsageError, VmError
 from dwcp.identity import PublicKey
 from dwcp.live import hold, recover
+from dwcp.live.control import CONTROL, MAX_FRAME, RELAY, disk_size, encode_msg, read_msg
 from dwcp.live.host import VmHost
 from dwcp.live.phases import Outcome, Phase, PhaseMachine
 from dwcp.live.relay import Counter, pipe
@@ -44,36 +44,8 @@ if TYPE_CHECKING:
     from dwcp.transport import Channel, Session
 
 log = logging.getLogger("dwcp.live")
-CONTROL = "dwcp-live/1"
-RELAY = "dwcp-live-relay/2"  # 2: zstd frames (relay.pipe packed)
-MAX_FRAME = 256 << 20  # a kernel or initrd travels as one frame
-MAX_CONTROL = 1 << 16
 POLL = 0.1
 WAIT_RUN_SECONDS = 1800.0  # destination: longest a prepared migration may wait for the run
-
-
-def _msg(obj: dict[str, Any]) -> bytes:
-    return framing.encode(json.dumps(obj).encode())
-
-
-async def _read_msg(reader: Any, timeout: float) -> dict[str, Any]:
-    async with asyncio.timeout(timeout):
-        raw = await framing.read_frame(reader, MAX_CONTROL)
-    got = json.loads(raw)
-    if not isinstance(got, dict):
-        raise VmError("the peer sent a live-migration message that is not an object")
-    return got
-
-
-def disk_size(path: Path) -> tuple[str, int]:
-    fmt = vmdef.disk_format(path)
-    if fmt == "raw":
-        return fmt, path.stat().st_size
-    out = subprocess.run(
-        ["qemu-img", "info", "-U", "--output=json", str(path)],
-        capture_output=True, check=True, timeout=30,
-    )  # fmt: skip
-    return fmt, int(json.loads(out.stdout)["virtual-size"])
 
 
 class LiveMigrator:
@@ -135,12 +107,12 @@ class LiveMigrator:
             chan = await session.open_channel(CONTROL)
             fmt, size = await asyncio.to_thread(disk_size, ctx.store.images_dir / d.disk)
             prep = {"op": "prepare", "id": mid, "def": d.to_json(), "format": fmt, "size": size}
-            chan.writer.write(_msg(prep))
+            chan.writer.write(encode_msg(prep))
             for present, f in ((d.kernel, paths.kernel), (d.initrd, paths.initrd)):
                 if present:
                     chan.writer.write(framing.encode(await asyncio.to_thread(f.read_bytes)))
             await chan.writer.drain()
-            got = await _read_msg(chan.reader, pm.remaining(loop.time()))
+            got = await read_msg(chan.reader, pm.remaining(loop.time()))
             if not got.get("ok"):
                 raise VmError(f"{peer.name} cannot take VM {name}: {got.get('error')}")
 
@@ -201,9 +173,9 @@ class LiveMigrator:
             info = await self._wait_migration(qmp, pm, ("completed",), emit)
             # QEMU's "completed" means the state left this host, not that the destination
             # has it (it may sit in a relay that dies): commit only once the peer says so.
-            chan.writer.write(_msg({"op": "check"}))
+            chan.writer.write(encode_msg({"op": "check"}))
             await chan.writer.drain()
-            loaded = await _read_msg(chan.reader, pm.remaining(loop.time()))
+            loaded = await read_msg(chan.reader, pm.remaining(loop.time()))
             if not loaded.get("ok"):
                 raise VmError(f"{peer.name} did not load the VM's state: {loaded.get('error')}")
             await hold.hold(paths.root, "committing")
@@ -219,9 +191,9 @@ class LiveMigrator:
             pm.advance(Phase.RUN, loop.time())  # committed: the destination owns the VM
             emit({"phase": pm.phase.value})
             await hold.hold(paths.root, "run")
-            chan.writer.write(_msg({"op": "run"}))
+            chan.writer.write(encode_msg({"op": "run"}))
             await chan.writer.drain()
-            ran = await _read_msg(chan.reader, pm.remaining(loop.time()))
+            ran = await read_msg(chan.reader, pm.remaining(loop.time()))
             if not ran.get("ok"):
                 raise VmError(f"{peer.name} could not resume VM {name}: {ran.get('error')}")
             pm.advance(Phase.DONE, loop.time())
@@ -266,7 +238,7 @@ class LiveMigrator:
             tasks.append(asyncio.current_task())
             try:
                 chan = await session.open_channel(RELAY)
-                chan.writer.write(_msg({"id": mid, "kind": kind}))
+                chan.writer.write(encode_msg({"id": mid, "kind": kind}))
                 await chan.writer.drain()  # NBD's server speaks first: the peer must connect now
                 await pipe(r, w, chan.reader, chan.writer, counter, packed="b")
             except (DwcpError, OSError):
@@ -374,7 +346,7 @@ class LiveMigrator:
 
     async def _relay_in(self, chan: Channel) -> None:
         try:
-            hdr = await _read_msg(chan.reader, 30.0)
+            hdr = await read_msg(chan.reader, 30.0)
             sock = self.targets.get(str(hdr.get("id")), {}).get(str(hdr.get("kind")))
             log.debug("relay %s to %s", hdr, sock, extra={"event": "live_relay"})
             if sock is None:
@@ -390,7 +362,7 @@ class LiveMigrator:
 
     async def _control_in(self, peer_key: PublicKey, chan: Channel) -> None:
         try:
-            prep = await _read_msg(chan.reader, 30.0)
+            prep = await read_msg(chan.reader, 30.0)
             d = VmDefinition.from_json(prep["def"])
         except (DwcpError, TimeoutError, asyncio.IncompleteReadError, ValueError, KeyError):
             chan.writer.close()
@@ -430,31 +402,31 @@ class LiveMigrator:
             )  # fmt: skip
             await qmp.execute("migrate-incoming", {"uri": f"unix:{paths.root / 'mig.sock'}"})
             self.targets[mid] = {"nbd": paths.root / "nbd.sock", "mig": paths.root / "mig.sock"}
-            chan.writer.write(_msg({"ok": True}))
+            chan.writer.write(encode_msg({"ok": True}))
             await chan.writer.drain()
             while True:
                 try:
-                    order = await _read_msg(chan.reader, WAIT_RUN_SECONDS)
+                    order = await read_msg(chan.reader, WAIT_RUN_SECONDS)
                 except (DwcpError, TimeoutError, asyncio.IncompleteReadError, ValueError):
                     order = {"op": "run"} if await self._own(d.name) else {"op": "abort"}
                 if order.get("op") != "check":
                     break
                 st = await self._loaded(qmp)
                 err = f"its QEMU is {st or 'still inmigrate'}"
-                chan.writer.write(_msg({"ok": st is not None, "state": st, "error": err}))
+                chan.writer.write(encode_msg({"ok": st is not None, "state": st, "error": err}))
                 await chan.writer.drain()
             if order.get("op") != "run":
                 raise VmError("the source aborted the live migration")
             await self._run(qmp, d, disk)
             ran = True
             with contextlib.suppress(DwcpError, OSError):
-                chan.writer.write(_msg({"ok": True, "state": "running"}))
+                chan.writer.write(encode_msg({"ok": True, "state": "running"}))
                 await chan.writer.drain()
         except (DwcpError, OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
             log.info("incoming live migration of %s failed: %s", d.name, exc,
                      extra={"event": "live_in_failed"})  # fmt: skip
             with contextlib.suppress(DwcpError, OSError):
-                chan.writer.write(_msg({"ok": False, "error": str(exc)}))
+                chan.writer.write(encode_msg({"ok": False, "error": str(exc)}))
         finally:
             self.targets.pop(mid, None)
             if not ran:
