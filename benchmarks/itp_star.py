@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -25,53 +24,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _nodes import BenchNode
+
 from dwcp.consensus.testing import free_ports
 from dwcp.netemu.params import Direction
 from dwcp.netemu.star import Star, dst_addr, src_addr
-from dwcp.node import control
-from dwcp.node.config import load_config
 
 RATES_MBIT = (10, 20, 30, 40)
 LOSS = 0.005
 EVENT_AT = 3.0
 PY = sys.executable
-
-
-def _cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(
-        [PY, "-m", "dwcp.cli", *args], capture_output=True, text=True, timeout=timeout
-    )
-    if r.returncode != 0:
-        raise RuntimeError(f"dwcp {' '.join(args)}: {r.stderr.strip()}")
-    return r
-
-
-class _Node:
-    def __init__(self, root: Path, name: str, listen: str) -> None:
-        self.dir = root / name
-        self.name = name
-        out = _cli("init", str(self.dir), "--listen", listen, "--name", name)
-        self.pubkey = out.stdout.strip().splitlines()[-1]
-        self.config = self.dir / "node.toml"
-        self.images = self.dir / "data" / "images"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def cli(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-        return _cli("--config", str(self.config), *args, timeout=timeout)
-
-    def start(self, star: Star, side: str) -> None:
-        with open(self.dir / "stderr.log", "ab") as err:
-            self.proc = star.popen(
-                side, [PY, "-m", "dwcp.node", "--config", str(self.config)], stderr=err
-            )
-        sock = load_config(self.config).control_path
-        for _ in range(600):
-            try:
-                control.call(sock, "status", timeout=10)
-                return
-            except (control.NodeNotRunningError, OSError):
-                time.sleep(0.05)
-        raise RuntimeError(f"node {self.name} did not start")
 
 
 def _sha(p: Path) -> str:
@@ -91,8 +53,8 @@ def run_real(size_mib: int) -> dict[str, Any]:
     try:
         with Star(links) as star:
             port_d, *ports = free_ports(1 + len(links))
-            dst = _Node(root, "dst", f"0.0.0.0:{port_d}")
-            srcs = [_Node(root, f"s{mb}", f"{src_addr(i)}:{ports[i]}") for i, mb in
+            dst = BenchNode(root, "dst", f"0.0.0.0:{port_d}", timeout=900)
+            srcs = [BenchNode(root, f"s{mb}", f"{src_addr(i)}:{ports[i]}", 900) for i, mb in
                     enumerate(RATES_MBIT)]  # fmt: skip
             for i, s in enumerate(srcs):
                 s.cli("peers", "add", "dst", f"{dst_addr(i)}:{port_d}", dst.pubkey)

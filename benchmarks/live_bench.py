@@ -41,6 +41,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _nodes import BenchNode, cli
+
 from dwcp.consensus.testing import free_ports
 from dwcp.errors import DwcpError
 from dwcp.identity import NodeKey
@@ -111,48 +113,11 @@ def kill_pidfile(p: Path) -> None:
 # --- dwcp -----------------------------------------------------------------------------
 
 
-def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(
-        [PY, "-m", "dwcp.cli", *args], capture_output=True, text=True, timeout=timeout
-    )
-    if r.returncode != 0:
-        raise RuntimeError(f"dwcp {' '.join(args)}: {r.stderr.strip()[-500:]}")
-    return r
-
-
-class Node:
-    def __init__(self, root: Path, name: str, listen: str) -> None:
-        self.dir = root / name
-        self.name = name
-        out = _cli("init", str(self.dir), "--listen", listen, "--name", name)
-        self.pubkey = out.stdout.strip().splitlines()[-1]
-        self.config = self.dir / "node.toml"
-        self.images = self.dir / "data" / "images"
-        self.vms = self.dir / "data" / "vms"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return _cli("--config", str(self.config), *args, timeout=timeout)
-
-    def start(self, link: Link, side: str) -> None:
-        with open(self.dir / "stderr.log", "ab") as err:
-            argv = [PY, "-m", "dwcp.node", "--config", str(self.config)]
-            self.proc = link.popen(side, argv, stderr=err)
-        sock = load_config(self.config).control_path
-        for _ in range(600):
-            try:
-                control.call(sock, "status", timeout=10)
-                return
-            except (control.NodeNotRunningError, OSError):
-                time.sleep(0.05)
-        raise RuntimeError(f"node {self.name} did not start")
-
-
 def run_dwcp(link: Link, root: Path, kib: int, a: argparse.Namespace) -> dict[str, Any]:
     kernel, initrd = guest.build(CACHE)
     pa, pb = free_ports(2)
-    na = Node(root, "a", f"{link.addr_a}:{pa}")
-    nb = Node(root, "b", f"{link.addr_b}:{pb}")
+    na = BenchNode(root, "a", f"{link.addr_a}:{pa}")
+    nb = BenchNode(root, "b", f"{link.addr_b}:{pb}")
     na.cli("peers", "add", "b", f"{link.addr_b}:{pb}", nb.pubkey)
     nb.cli("peers", "add", "a", f"{link.addr_a}:{pa}", na.pubkey)
     make_disk(na.images / "g.raw", a.disk_mib)
@@ -220,7 +185,7 @@ def run_dwcp(link: Link, root: Path, kib: int, a: argparse.Namespace) -> dict[st
             r.wait(timeout=30)
 
 
-def _cluster(link: Link, root: Path, na: Node, nb: Node) -> list[subprocess.Popen[bytes]]:
+def _cluster(link: Link, root: Path, na: BenchNode, nb: BenchNode) -> list[subprocess.Popen[bytes]]:
     """A 4-replica PBFT cluster split over the link: the two nodes (replicas 0, 1) and one
     standalone replica on each side (2 at a, 3 at b), so a commit's quorum of 3 always
     crosses the WAN, as it would between two sites."""
@@ -231,7 +196,7 @@ def _cluster(link: Link, root: Path, na: Node, nb: Node) -> list[subprocess.Pope
     hosts = [link.addr_a, link.addr_b, link.addr_a, link.addr_b]
     keys = [na.pubkey, nb.pubkey, *(k.public.text for k in others)]
     cluster = root / "cluster.json"
-    _cli("cluster", "init", str(cluster),
+    cli("cluster", "init", str(cluster),
          *(f"--replica={k}@{h}:{p}" for k, h, p in zip(keys, hosts, ports, strict=True)),
          f"--client={na.pubkey}", f"--client={nb.pubkey}")  # fmt: skip
     for i, n in enumerate((na, nb)):
