@@ -5,7 +5,7 @@ started it (``asyncio.TaskGroup`` where tasks share a lifetime, ``TaskSet``
 where they come and go, as a server's per-client tasks); a background task's
 outcome is always retrieved (asyncio otherwise logs "exception was never
 retrieved"); and cancelling other tasks never swallows the *caller's* own
-cancellation. ``contextlib.suppress(BaseException)`` around an ``await`` breaks
+cancellation. Suppressing every exception (``BaseException``) around an ``await`` breaks
 that last rule: if the caller is cancelled while it waits for a child to
 finish, the ``CancelledError`` meant for the caller is eaten and the caller
 keeps running. ``cancel_and_wait`` is the replacement.
