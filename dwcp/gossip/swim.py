@@ -12,7 +12,8 @@ nacks, fixed suspicion timeout, no buddy rule): the simulator runs both side by 
 
 The driver calls ``tick(now)`` at ``next_deadline()`` and ``receive(src, msg, now)`` per
 message; both return ``[(destination, message), ...]``. State changes are appended to
-``changes`` for the driver's logs and metrics.
+``changes`` for the driver's logs and metrics. Anti-entropy (push-pull of the whole
+member table, Lifeguard mode only) is in ``dwcp.gossip.pushpull``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import heapq
 import random
 from collections.abc import Iterable
 
+from dwcp.errors import ProtocolError
+from dwcp.gossip import pushpull
 from dwcp.gossip.broadcast import BroadcastQueue
 from dwcp.gossip.health import Awareness, retransmit_limit, suspicion_min, suspicion_timeout
 from dwcp.gossip.messages import (
@@ -33,6 +36,8 @@ from dwcp.gossip.messages import (
     NACK,
     PING,
     PING_REQ,
+    PULL,
+    PUSH,
     SUSPECT,
     Message,
     Update,
@@ -52,10 +57,12 @@ STAT_NAMES = (
     "dropped",
     "sent",
     "received",
+    "push_pulls",
+    "rejected",
 )
 
 # timer kinds
-_PROBE, _PROBE_TIMEOUT, _NACK, _RELAY_END, _SUSPICION, _GOSSIP = range(6)
+_PROBE, _PROBE_TIMEOUT, _NACK, _RELAY_END, _SUSPICION, _GOSSIP, _PUSH_PULL = range(7)
 
 
 class Swim:
@@ -95,6 +102,12 @@ class Swim:
         self.queue.push((ALIVE, name, incarnation, name))
         self._arm(now + self.rng.random() * cfg.probe_interval, _PROBE, None)
         self._arm_gossip(now)
+        self.last_rejection = ""
+        self._pp_replied: dict[str, float] = {}
+        self._pp_every = 0.0
+        if cfg.lifeguard and cfg.push_pull_interval > 0:
+            self._pp_every = pushpull.interval(cfg.push_pull_interval, len(self.members) + 1)
+            self._arm(now + self.rng.random() * self._pp_every, _PUSH_PULL, None)
 
     # --- membership (admission is decided elsewhere) --------------------------------------
 
@@ -152,6 +165,11 @@ class Swim:
                 self._suspicion_fired(arg, now, out)  # type: ignore[arg-type]
             elif kind == _GOSSIP:
                 self._gossip(now, out)
+            elif kind == _PUSH_PULL:
+                self._arm(now + self._pp_every, _PUSH_PULL, None)
+                if not self.leaving:
+                    for dst in self._random_members(1, "", now, alive_only=True):
+                        self._send_table(out, dst, PUSH, now)
         self._arm_gossip(now)
         return out
 
@@ -275,9 +293,13 @@ class Swim:
             return out
         self.stats["received"] += 1
         m.heard = now
+        kind = msg.kind
+        if kind in (PUSH, PULL):
+            self._on_table(src, msg, now, out)
+            self._arm_gossip(now)
+            return out
         for u in msg.updates:
             self._apply(u, now)
-        kind = msg.kind
         if kind == PING:
             if msg.target == self.name:
                 self._send(out, src, ACK, msg.seq, "", self._buddy(m))
@@ -328,6 +350,45 @@ class Swim:
             return
         for dst in self._random_members(self.config.gossip_nodes, "", now, alive_only=False):
             self._send(out, dst, GOSSIP, 0, "", None)
+
+    # --- anti-entropy (push-pull) ---------------------------------------------------------
+
+    def table(self) -> list[Update]:
+        """This member's view as updates: itself first, then every member heard of."""
+        me = self.name
+        rows: list[Update] = [(ALIVE, me, self.incarnation, me)]
+        rows += [(m.state, m.name, m.inc, me) for m in self.members.values() if m.inc > 0]
+        return rows
+
+    def _send_table(self, out: list[Send], dst: str, kind: int, now: float) -> None:
+        self._seq += 1
+        msgs = pushpull.chunks(kind, self._seq, self.table(), self.config.push_pull_chunk_bytes)
+        self.stats["sent"] += len(msgs)
+        out.extend((dst, msg) for msg in msgs)
+
+    def _on_table(self, src: str, msg: Message, now: float, out: list[Send]) -> None:
+        try:
+            pushpull.check_chunk(msg, len(self.members))
+        except ProtocolError as exc:
+            self.stats["rejected"] += 1
+            self.last_rejection = f"from {src}: {exc}"
+            return
+        members = self.members
+        for u in msg.updates:
+            m = members.get(u[1])
+            if m is not None and m.inc == u[2] and m.state == u[0]:
+                continue  # the common case: both views agree
+            self._apply(u, now)
+        if pushpull.chunk_fields(msg.seq)[1] != 0:
+            return
+        self.stats["push_pulls"] += 1
+        # answer a push once per exchange, and a member at most 4x per interval (a member
+        # replaying pushes cannot make this one send its table in a loop)
+        if msg.kind == PUSH and self._pp_every > 0 and not self.leaving:
+            last = self._pp_replied.get(src)
+            if last is None or now - last >= self._pp_every / 4:
+                self._pp_replied[src] = now
+                self._send_table(out, src, PULL, now)
 
     # --- updates --------------------------------------------------------------------------
 
