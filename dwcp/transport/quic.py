@@ -271,6 +271,14 @@ class DwcpQuicConnection(QuicConnection):
         self.app_has_more: Callable[[], bool] = lambda: False
         """Set by the session: True while a bulk writer still has data to hand over."""
 
+    def careful_resume(self, rate: float, rtt: float) -> bool:
+        """Start at ``rate`` bytes/s on a path known to have ``rtt`` s (``bbr.careful_resume``);
+        False (nothing done) with a controller other than dwcp-bbr."""
+        if self._bbr is None:
+            return False
+        self._bbr.careful_resume(rate, rtt)
+        return True
+
     @property
     def is_client(self) -> bool:
         return bool(self._is_client)
