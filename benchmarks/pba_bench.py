@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import math
 import os
 import random
 import shutil
@@ -120,19 +121,54 @@ def _seeds(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def _oracle_ratio(kind: str, samples: list[float], seed: int) -> float | None:
-    """1 s error of a predictor that knows the trace's noiseless rate (no jitter), over
-    HM5's: the floor any predictor faces on that trace. The jitter is drawn independently
-    each second, so nothing can forecast it; on steady traces the floor is 1/sqrt(1 + 1/5)
-    = 0.913 (HM5 averages 5 samples of the same jitter): a 15% gain is not there to find."""
-    if kind != "steady":
-        return None
-    mu = 50e6  # generate()'s default mean_bps, which offline() uses
+def _noiseless(kind: str, seconds: int, seed: int, mean: float = 50e6) -> list[float]:
+    """The rate ``traces.generate`` draws before its per-second jitter (same random stream:
+    every draw is replayed, the jitter's value dropped)."""
+    rng = random.Random(f"{kind}:{seed}")
+    out: list[float] = []
+    if kind == "steady":
+        return [mean] * seconds
+    if kind == "diurnal":
+        phase = rng.uniform(0, 2 * math.pi)
+        for t in range(seconds):
+            rng.gauss(1.0, 0.04)
+            out.append(mean * (1.0 + 0.4 * math.sin(2 * math.pi * t / 3600.0 + phase)))
+    elif kind == "step":
+        levels = (0.5, 0.75, 1.0, 1.3)
+        level = rng.choice(levels)
+        dwell = rng.expovariate(1 / traces.DWELL_S)
+        for _ in range(seconds):
+            if dwell <= 0:
+                level = rng.choice([x for x in levels if x != level])
+                dwell = rng.expovariate(1 / traces.DWELL_S)
+            dwell -= 1
+            rng.gauss(1.0, 0.03)
+            out.append(mean * level)
+    else:
+        burst, depth, bad = 0, 1.0, False
+        for _ in range(seconds):
+            if burst == 0 and rng.random() < 1 / 25:
+                burst = rng.randint(2, 6)
+                depth = rng.uniform(0.25, 0.6)
+            bad = rng.random() < (0.7 if bad else 0.03)
+            share = depth if burst else 1.0
+            burst = max(burst - 1, 0)
+            rng.gauss(1.0, 0.05)
+            out.append(mean * share)
+    return out
+
+
+def _oracle_ratio(kind: str, samples: list[float], seed: int) -> float:
+    """1 s error of a predictor that knows the trace's noiseless rate (every level shift and
+    burst, none of the jitter), over HM5's: a floor no predictor can beat on that trace. The
+    jitter is drawn independently each second, so nothing can forecast it; on steady traces
+    the floor is 1/sqrt(1 + 1/5) = 0.913 (HM5 averages 5 draws of the same jitter)."""
+    clean = _noiseless(kind, len(samples), seed)
     hm, orc = [], []
     for t in range(120, len(samples)):
         x, r = samples[t], samples[t - 5 : t]
         hm.append(abs(5 / sum(1 / v for v in r) - x) / x)
-        orc.append(abs(mu - x) / x)
+        orc.append(abs(clean[t] - x) / x)
     hm.sort()
     orc.sort()
     return round(orc[len(orc) // 2] / hm[len(hm) // 2], 3)
