@@ -24,7 +24,8 @@ is written to ``--log`` (JSON lines), then scored. Diurnal traces compress the
 day to 600 s so a short replay sees the cycle's slope.
 
 Offline: the same predictors on 1800 s of each trace kind's per-second rate
-(held-out seeds 3-5; seeds 1-2 set the interval widening), no link.
+(seeds 3-5, and 6 held out: never looked at while tuning; seeds 1-2 set the
+interval widening), no link, with each trace's oracle floor (see _oracle_ratio).
 
 Targets (issue 14): transfer-time MAPE <= 10% steady/diurnal, <= 20% step/
 bursty; 1 s-ahead error >= 15% below HM5; P10-P90 coverage 75-90%.
