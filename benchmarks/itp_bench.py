@@ -71,11 +71,17 @@ def main() -> int:
     ap.add_argument(
         "--real", action="store_true", help="real daemons through the emulated star (itp_star)"
     )
+    ap.add_argument("--scenarios", help="--real: comma-separated subset (steady,single40,...)")
+    ap.add_argument("--profile", help="--real: py-spy the destination into PROFILE.SCENARIO.txt")
     args = ap.parse_args()
     if args.real:
+        from pathlib import Path
+
         from itp_star import run_real
 
-        out = run_real(args.size_mib if args.size_mib != 1024 else 64)
+        only = frozenset(args.scenarios.split(",")) if args.scenarios else None
+        prof = Path(args.profile) if args.profile else None
+        out = run_real(args.size_mib if args.size_mib != 1024 else 64, only, prof)
         if args.json:
             print(json.dumps(out))
         return 0

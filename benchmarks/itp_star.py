@@ -17,6 +17,8 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -44,12 +46,39 @@ def _sha(p: Path) -> str:
     return h.hexdigest()
 
 
-def run_real(size_mib: int) -> dict[str, Any]:
+def _cpu(pid: int | None) -> float:
+    """CPU seconds (user + system) a process has used so far; 0 once it is gone."""
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy() -> float:
+    """CPU seconds all cores spent busy so far (/proc/stat), to show the machine's load."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _profile(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy (if installed in the venv) sampling the destination daemon, native frames off."""
+    spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+    argv = [spy, "record", "-p", str(pid), "-o", str(out), "--format", "raw", "-r", "100", "-t"]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def run_real(
+    size_mib: int, only: frozenset[str] | None = None, profile: Path | None = None
+) -> dict[str, Any]:
+    """Run the scenarios (``only``: a subset of steady, single40, drop, killed); with
+    ``profile``, py-spy samples the destination daemon during each into PROFILE.SCENARIO."""
     size = size_mib << 20
     links = [Direction(mb * 1e6, 25.0, LOSS) for mb in RATES_MBIT]
     goodput = [mb * 1e6 / 8 * (1 - LOSS) for mb in RATES_MBIT]
     root = Path(tempfile.mkdtemp(prefix="itp-star-"))
     rows: dict[str, Any] = {}
+    killed_at: list[float] = []
     try:
         with Star(links) as star:
             port_d, *ports = free_ports(1 + len(links))
@@ -72,11 +101,26 @@ def run_real(size_mib: int) -> dict[str, Any]:
 
             def pull(scenario: str, *args: str, bound: float) -> None:
                 (dst.images / "disk.img").unlink(missing_ok=True)
+                spy = None
+                if profile is not None and dst.proc is not None:
+                    spy = _profile(dst.proc.pid, profile.with_suffix(f".{scenario}.txt"))
+                    time.sleep(1.0)
+                nodes = (dst, *srcs)
+                cpu0 = [_cpu(n.proc.pid if n.proc else None) for n in nodes]
+                busy0 = _machine_busy()
                 t0 = time.monotonic()
                 out = json.loads(
                     dst.cli("pull", "disk.img", *args, "--json").stdout.splitlines()[-1]
                 )
                 secs = time.monotonic() - t0
+                cpu = {
+                    n.name: round(_cpu(n.proc.pid if n.proc else None) - c, 2)
+                    for n, c in zip(nodes, cpu0, strict=True)
+                }
+                cpu["machine"] = round(_machine_busy() - busy0, 2)
+                if spy is not None:
+                    spy.send_signal(signal.SIGINT)
+                    spy.wait(timeout=60)
                 ok = _sha(dst.images / "disk.img") == want
                 rows[scenario] = {
                     "seconds": round(secs, 2),
@@ -85,40 +129,55 @@ def run_real(size_mib: int) -> dict[str, Any]:
                     "ratio": round(secs / bound, 3),
                     "duplicate_fraction": round(out["duplicate_bytes"] / size, 5),
                     "byte_identical": ok,
+                    "cpu_seconds": cpu,
+                    "events": out.get("events", []),
                     "sources": {
                         k: (v["bytes"], v["rate"], v["state"]) for k, v in out["sources"].items()
                     },
                 }
                 print(f"{scenario:8s} {secs:8.2f} s  T* {bound:7.2f} s  x{secs / bound:5.2f}  "
                       f"dup {100 * out['duplicate_bytes'] / size:5.2f}%  ok={ok}  "
-                      f"{rows[scenario]['sources']}", flush=True)  # fmt: skip
+                      f"{rows[scenario]['sources']} cpu {cpu}", flush=True)  # fmt: skip
+
+            def run(scenario: str) -> bool:
+                return only is None or scenario in only
 
             t_all = size / sum(goodput)
-            pull("steady", bound=t_all)
-            pull("single40", "--from", "s40", bound=size / goodput[3])
+            if run("steady"):
+                pull("steady", bound=t_all)
+            if run("single40"):
+                pull("single40", "--from", "s40", bound=size / goodput[3])
 
             def later(what: Any) -> threading.Timer:
                 t = threading.Timer(EVENT_AT, what)
                 t.start()
                 return t
 
-            timer = later(lambda: star.set_rate(3, RATES_MBIT[3] * 1e5))
-            # T* with the drop: after EVENT_AT the 40 gives a tenth.
-            left = size - EVENT_AT * sum(goodput)
-            cap = sum(goodput[:3]) + goodput[3] / 10
-            pull("drop", bound=EVENT_AT + max(left, 0) / cap)
-            timer.join()
-            star.set_rate(3, RATES_MBIT[3] * 1e6)
+            if run("drop"):
+                timer = later(lambda: star.set_rate(3, RATES_MBIT[3] * 1e5))
+                # T* with the drop: after EVENT_AT the 40 gives a tenth.
+                left = size - EVENT_AT * sum(goodput)
+                cap = sum(goodput[:3]) + goodput[3] / 10
+                pull("drop", bound=EVENT_AT + max(left, 0) / cap)
+                timer.join()
+                star.set_rate(3, RATES_MBIT[3] * 1e6)
             victim = srcs[2]
 
             def kill() -> None:
                 if victim.proc is not None:
+                    killed_at.append(time.time())
                     victim.proc.kill()
 
-            timer = later(kill)
-            cap = goodput[0] + goodput[1] + goodput[3]
-            pull("killed", bound=EVENT_AT + max(size - EVENT_AT * sum(goodput), 0) / cap)
-            timer.join()
+            if run("killed"):
+                timer = later(kill)
+                cap = goodput[0] + goodput[1] + goodput[3]
+                pull("killed", bound=EVENT_AT + max(size - EVENT_AT * sum(goodput), 0) / cap)
+                timer.join()
+                dead = [t for t, n, w in rows["killed"]["events"] if n == victim.name
+                        and w.startswith("dead")]  # fmt: skip
+                if killed_at and dead:
+                    rows["killed"]["moved_after"] = round(dead[0] - killed_at[0], 2)
+                    print(f"killed   work moved {rows['killed']['moved_after']} s after the kill")
             for n in (dst, *srcs):
                 if n.proc is not None and n.proc.poll() is None:
                     n.proc.terminate()

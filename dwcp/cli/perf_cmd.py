@@ -74,6 +74,15 @@ def register(sub: Any) -> None:
         help="QUIC congestion controller (reno, cubic, dwcp-bbr)",
     )
     p.add_argument("--interval", type=float, default=0.5, help="adaptation interval, seconds")
+    p.add_argument(
+        "--resume-bps",
+        type=float,
+        default=0.0,
+        help="careful resume: start at this known path rate, bit/s (0 = cold start)",
+    )
+    p.add_argument(
+        "--resume-rtt", type=float, default=0.0, help="careful resume: the path's stored RTT, s"
+    )
     p.add_argument("--idle-timeout", type=float, default=30.0)
     p.add_argument(
         "--loop", choices=("auto", "uvloop", "asyncio"), default="auto", help="event loop"
@@ -95,6 +104,8 @@ def _config(args: argparse.Namespace) -> Any:
         max_streams=args.max_streams,
         interval=args.interval,
         congestion=args.congestion,
+        resume_bps=args.resume_bps,
+        resume_rtt=args.resume_rtt,
     )
 
 
@@ -191,6 +202,7 @@ async def _client(args: argparse.Namespace, key: NodeKey, trusted: list[PublicKe
         elapsed = time.perf_counter() - t0
         cpu = time.process_time() - cpu0
         stats = session.stats()
+        resumed = [c.quic.resume_state for c in session.conns]
     finally:
         await session.close("perf done")
     goodput = total * 8 / max(elapsed, 1e-9)
@@ -237,6 +249,7 @@ async def _client(args: argparse.Namespace, key: NodeKey, trusted: list[PublicKe
                     "policy": snap.policy,
                     "decision": asdict(snap.decision) if snap.decision else None,
                     "timeline": timeline,
+                    "resume": resumed,
                 }
             )
         )

@@ -10,6 +10,8 @@ Ops (``encode_op`` builds them):
   epoch is still ``expected_epoch``; the epoch becomes ``expected_epoch + 1``
 - ``["release", vm, owner]``: remove the VM (only by its owner)
 - ``["get", vm]``: read ``(owner, epoch)``
+- ``["add_node", name, key, address]``, ``["remove_node", name]``, ``["members"]``: the
+  fleet's member table (``dwcp.consensus.members``; any member client may change it)
 
 Results: ``["ok", owner, epoch]`` or ``["err", reason, owner, epoch]`` (owner ""
 and epoch 0 when the VM is unknown).
@@ -30,6 +32,8 @@ from typing import Any
 
 import msgpack
 
+from dwcp.consensus.members import OPS as MEMBER_OPS
+from dwcp.consensus.members import MemberTable
 from dwcp.errors import ProtocolError
 from dwcp.identity import node_id_of
 
@@ -77,6 +81,7 @@ class VMRegistry:
     def __init__(self, *, check_owner: bool = False) -> None:
         self._vms: dict[str, tuple[str, int]] = {}
         self.check_owner = check_owner
+        self.members = MemberTable()
 
     def _forbidden(self, owner: str, client: bytes) -> bool:
         return self.check_owner and owner != node_id_of(client)
@@ -101,6 +106,9 @@ class VMRegistry:
         if type(items) is not tuple or not items or type(items[0]) is not str:
             return self._err("malformed")
         name, args = items[0], items[1:]
+        if name in MEMBER_OPS:
+            answer = self.members.execute(name, args)
+            return self._err("malformed") if answer is None else answer
         if name == "register" and len(args) == 2 and all(map(_name, args)):
             vm, owner = args
             if vm in self._vms:
@@ -146,9 +154,13 @@ class VMRegistry:
         return [(vm, o, e) for vm, (o, e) in sorted(self._vms.items())]
 
     def snapshot(self) -> bytes:
-        return msgpack.packb(
-            [[vm, o, e] for vm, (o, e) in sorted(self._vms.items())], use_bin_type=True
-        )
+        """Canonical state: the VM rows alone while the member table was never touched (the
+        format before member ops, so old checkpoints keep their digests), else a map."""
+        vms = [[vm, o, e] for vm, (o, e) in sorted(self._vms.items())]
+        if self.members.empty():
+            return msgpack.packb(vms, use_bin_type=True)
+        doc = {"vms": vms, "members_version": self.members.version, "members": self.members.rows()}
+        return msgpack.packb(doc, use_bin_type=True)
 
     def restore(self, data: bytes) -> None:
         try:
@@ -156,6 +168,12 @@ class VMRegistry:
         except Exception as exc:
             raise ProtocolError(f"registry snapshot undecodable: {type(exc).__name__}") from exc
         vms: dict[str, tuple[str, int]] = {}
+        members = MemberTable()
+        if type(rows) is dict:
+            if set(rows) != {"vms", "members_version", "members"}:
+                raise ProtocolError("registry snapshot map has unexpected keys")
+            members.restore(rows["members_version"], rows["members"])
+            rows = rows["vms"]
         if type(rows) is not tuple:
             raise ProtocolError("registry snapshot must be a list")
         for row in rows:
@@ -169,6 +187,7 @@ class VMRegistry:
                 raise ProtocolError("registry snapshot row is malformed")
             vms[row[0]] = (row[1], row[2])
         self._vms = vms
+        self.members = members
 
     def digest(self) -> bytes:
         return hashlib.blake2b(self.snapshot(), digest_size=32).digest()

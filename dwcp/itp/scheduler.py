@@ -19,8 +19,12 @@ shared/research/wave2-ass-itp-pba.md section 2):
   estimator; a planning rate that moves by more than a third re-plans every queued chunk,
   and a source under half its planning rate has its in-flight chunks moved when another
   holder would finish them sooner.
-- Death: a source that delivers nothing for ``stall_timeout`` while it has requests (or
-  that the caller reports lost) has all its work put back and re-planned at once. A
+- Death: a source that delivers nothing for its stall time while it has requests (or
+  that the caller reports lost) has all its work put back and re-planned at once. The
+  stall time is ``stall_timeout``, or, with ``stall_pieces`` set, at least that many
+  times the time its requests in flight take at its planning rate: where bytes are
+  only seen as whole pieces (a real pull's replies) that arrive together on one link, a
+  slow source's silence between pieces is not death. A
   stalled source (not a lost one) is only quiet, perhaps on a loaded host: when some chunk
   would otherwise have no live holder, it is revived with a doubled stall timeout, at most
   ``max_revivals`` times, before the transfer gives up on it.
@@ -51,6 +55,7 @@ class Config:
     """Tuning; the defaults are the research note's (seconds, fractions)."""
 
     stall_timeout: float = 1.0
+    stall_pieces: float = 0.0  # 0: the stall time is stall_timeout alone
     max_revivals: int = 3
     measure_interval: float = 0.5
     replan_change: float = 1 / 3
@@ -181,7 +186,7 @@ class Scheduler:
             self._waste(s, nbytes)
             return []
         flight.received += nbytes
-        s.deadline = now + s.stall_timeout
+        s.deadline = now + self._stall(s)
         if s.sample_start is None:
             s.sample_start, s.sample_bytes = now, 0
         else:
@@ -236,7 +241,7 @@ class Scheduler:
                 continue
             if s.flights and now > s.deadline:
                 s.stalled = True
-                actions += self._drop(s, DEAD, f"no data for {s.stall_timeout:g} s", now)
+                actions += self._drop(s, DEAD, f"no data for {self._stall(s):.2g} s", now)
                 continue
             if s.sample_start is not None and now - s.sample_start >= cfg.measure_interval:
                 measured = s.sample_bytes / (now - s.sample_start)
@@ -277,6 +282,9 @@ class Scheduler:
             },
             events=list(self._events),
         )
+
+    def chunk_size(self, chunk: int) -> int:
+        return self._chunks[chunk].size
 
     def in_flight(self, source: str) -> list[int]:
         return list(self._src[source].flights)
@@ -360,10 +368,18 @@ class Scheduler:
 
     def _issue(self, s: _Source, c: int, now: float, endgame: bool) -> Request:
         if not s.flights:
-            s.deadline = now + s.rtt + s.stall_timeout
+            s.deadline = now + s.rtt + self._stall(s)
             s.busy_since = now
         s.flights[c] = _Flight(self._chunks[c].size, now, endgame=endgame)
         return Request(s.name, c)
+
+    def _stall(self, s: _Source) -> float:
+        """How long ``s`` may send nothing with requests in flight before it is dead."""
+        n = max(len(s.flights), self._window(s))  # the replies that share its link
+        pieces = self.config.stall_pieces * n * self._piece
+        t = max(s.stall_timeout, pieces / s.plan_rate)
+        # Before its first byte its rate is only the prior's guess: twice the time.
+        return t if s.bytes_wire or not self.config.stall_pieces else 2 * t
 
     def _finish_time(self, s: _Source, extra: int = 0) -> float:
         return (s.backlog() + extra) / s.plan_rate

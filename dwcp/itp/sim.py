@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from dwcp.itp.bound import RateProfile, bound_profiles
@@ -75,8 +75,14 @@ def simulate(
     dt: float = 0.01,
     tick_every: float = 0.05,
     max_time: float = 3600.0,
+    replies: bool = False,
 ) -> SimResult:
-    """Run one transfer to the end; ``prior`` defaults to ``pessimism`` x the first rate."""
+    """Run one transfer to the end; ``prior`` defaults to ``pessimism`` x the first rate.
+
+    ``replies``: as a real pull sees it (``dwcp.migrate.multi``): a source's requests in
+    flight share its rate (streams of one connection) and each piece is seen only whole,
+    when its reply has arrived, so stall detection gets no byte-level progress.
+    """
     rng = random.Random(seed)
     horizon = max_time
     for s in sources:
@@ -123,6 +129,9 @@ def simulate(
                 lost_told.add(s.name)
                 apply(sched.on_source_lost(s.name, now), now)
             budget = s.effective(now) * dt
+            if replies:
+                _serve_replies(sched, s, budget, now, got, apply)
+                continue
             while budget > 0 and s._fifo and s._fifo[0][1] <= now:
                 item = s._fifo[0]
                 take = min(budget, item[2])
@@ -164,6 +173,32 @@ def simulate(
         excluded=excluded,
         moved_after=moved_after,
     )
+
+
+def _serve_replies(
+    sched: Scheduler,
+    s: SimSource,
+    budget: float,
+    now: float,
+    got: dict[int, bool],
+    apply: Callable[[list[Request | Cancel | Exclude], float], None],
+) -> None:
+    """One step of ``s`` sending its arrived requests' replies side by side."""
+    active = [item for item in s._fifo if item[1] <= now]
+    finished = []
+    for item in active:
+        item[2] -= budget / len(active)
+        if item[2] <= 1e-9:
+            finished.append(item)
+    for item in finished:
+        s._fifo.remove(item)
+        chunk = int(item[0])
+        size = sched.chunk_size(chunk)
+        apply(sched.on_progress(s.name, chunk, size, now), now)
+        ok = now < s.lies_from
+        if ok:
+            got.setdefault(chunk, True)
+        apply(sched.on_chunk(s.name, chunk, ok, now), now)
 
 
 def _last_change(profile: RateProfile) -> float:

@@ -52,6 +52,7 @@ MAX_PIECES = 24_000  # keeps the manifest reply under the 1 MiB frame
 TICK = 0.1  # seconds between the scheduler's clock events
 FLUSH = 0.5  # seconds between fsyncs of the data file and the done journal
 MANIFEST_TIMEOUT = 30.0
+MAX_EVENTS = 100  # the scheduler's last decisions (deaths, moves, rate changes) in a result
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +152,7 @@ class PullResult:
     bound_seconds: float | None = None
     sources: dict[str, dict[str, Any]] = field(default_factory=dict)
     excluded: dict[str, str] = field(default_factory=dict)
+    events: list[tuple[float, str, str]] = field(default_factory=list)  # (unix time, source, what)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -165,6 +167,7 @@ class PullResult:
             "bound_seconds": None if self.bound_seconds is None else round(self.bound_seconds, 3),
             "sources": self.sources,
             "excluded": self.excluded,
+            "events": [[round(t, 3), s, w] for t, s, w in self.events[-MAX_EVENTS:]],
         }
 
 
@@ -279,6 +282,7 @@ async def pull(
     rtt: Mapping[str, float] | None = None,
     config: Config | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    piece: int = PIECE,
 ) -> PullResult:
     """Fetch ``name`` from ``sources``; ``place(manifest)`` gives (output path, partial dir).
 
@@ -286,7 +290,7 @@ async def pull(
     default prior is 1 MB/s each, corrected by measurement within a second.
     """
     t0 = time.monotonic()
-    m, holders, excluded = await agree(fetcher, sources, name)
+    m, holders, excluded = await agree(fetcher, sources, name, piece)
     out_path, partial = place(m)
     journal = await asyncio.to_thread(_Journal, partial, m)
     try:
@@ -411,6 +415,8 @@ async def _run(
         )
     await asyncio.to_thread(_place, journal.data_path, out_path)
     _report(result, sched, m, time.monotonic() - t0)
+    wall = time.time() - now()  # the scheduler's clock is seconds since `base`
+    result.events = [(wall + t, s, w) for t, s, w in sched.report().events]
     return result
 
 

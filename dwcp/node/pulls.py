@@ -37,9 +37,13 @@ from dwcp.node.store import check_image_name
 log = logging.getLogger("dwcp.node")
 MAX_PIECE = (1 << 20) - 4096  # a reply must fit one transport frame
 PIECE_TIMEOUT = 60.0  # one piece's request; the scheduler moves work long before
-# Real links deliver whole pieces (one reply each) and a loaded node answers late, so a
-# stall is judged over several of them: a stalled source is dropped for the whole pull.
-PULL_CONFIG = Config(stall_timeout=4.0, measure_interval=1.0)
+# A pull sees each piece only whole (one reply each), and a source's replies in flight
+# share its link and finish together: a stall is judged over three windows of pieces at
+# the source's rate, never under 1.5 s (a killed source's work moves within 2 s), and
+# three requests in flight keep the link busy while the next ones cross it.
+# tests/itp/test_stall.py runs this configuration in virtual time.
+PULL_CONFIG = Config(stall_timeout=1.5, stall_pieces=3.0, measure_interval=1.0, min_window=3)
+PULL_PIECE = 256 * 1024  # smaller pieces: more frequent signs of life per source
 PER_SOURCE = 4  # requests on the wire per source: a few replies streaming at once
 
 
@@ -202,7 +206,7 @@ class Pulls(BaseService):
         try:
             result = await pull(
                 fetcher, list(by_name), name, place, prior=prior,
-                config=PULL_CONFIG, on_progress=emit,
+                config=PULL_CONFIG, on_progress=emit, piece=PULL_PIECE,
             )  # fmt: skip
         except DwcpError as exc:
             log.info("pull of %s failed: %s", name, exc, extra={"event": "pull_failed"})
@@ -258,4 +262,4 @@ class Pulls(BaseService):
         return out
 
 
-__all__ = ["Pulls", "SessionFetcher"]
+__all__ = ["PULL_CONFIG", "PULL_PIECE", "Pulls", "SessionFetcher"]

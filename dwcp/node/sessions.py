@@ -223,7 +223,12 @@ class PeerSessions(BaseService):
             return self.config
         conns, streams = rec.level
         base = self.config or TransportConfig()
-        return replace(base, initial_connections=conns, initial_streams=streams)
+        warm = replace(base, initial_connections=conns, initial_streams=streams)
+        hint = rec.resume_hint(time.time())
+        if hint is not None and warm.congestion == "dwcp-bbr":
+            # Careful resume: the congestion controller starts near the known rate.
+            warm = replace(warm, resume_bps=hint[0], resume_rtt=hint[1])
+        return warm
 
     def _record(self, session: Session, name: str) -> None:
         """Add the session's new measurements to its peer's path history (in a thread)."""

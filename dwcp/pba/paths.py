@@ -28,6 +28,11 @@ from dwcp.pba.parallelism import LinkSample
 from dwcp.pba.predictor import Predictor, RateDistribution
 
 KEEP = 600  # seconds of history per peer
+RESUME_MIN_SECONDS = 3  # a careful resume needs at least this many seconds of history
+RESUME_MAX_AGE = 24 * 3600.0  # and its newest second at most this old (s); the transport
+# validates the jump anyway (a changed path costs one retreat), so the limit only bounds how
+# stale a guess may be.
+RESUME_RECENT = 30  # the stored RTT: the lowest of the last this many seconds
 KEEP_ERRORS = 50
 VERSION = 1
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -55,6 +60,22 @@ class PathRecord:
 
     def predictor(self) -> Predictor:
         return Predictor(s.rate_bps for s in self.seconds)
+
+    def resume_hint(self, now: float) -> tuple[float, float] | None:
+        """(rate bit/s, RTT s) for the transport's careful resume, or None (start cold).
+
+        The rate is the predictor's P10 for the next second: a rate the path delivered
+        nine times in ten, so the jump rarely overshoots and the transport's validation
+        rarely has to retreat. The RTT is the lowest recent per-second RTT (the closest
+        to the propagation delay the transport compares its first sample with).
+        """
+        if len(self.seconds) < RESUME_MIN_SECONDS or now - self.seconds[-1].t > RESUME_MAX_AGE:
+            return None
+        rate = self.predictor().predict(1.0).p10
+        rtt = min(s.rtt_s for s in self.seconds[-RESUME_RECENT:])
+        if not rate > 0 or not rtt > 0:
+            return None
+        return rate, rtt
 
     def summary(self, now: float) -> dict[str, Any]:
         """The ``dwcp paths --json`` row (a stable contract)."""

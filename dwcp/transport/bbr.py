@@ -54,6 +54,15 @@ packets:
   ``HEAVY_LOSS`` of its packets (a queue overflowing: a competing flow or our
   own overshoot) resets the bandwidth filter to 0.85 x that round's best
   sample, which drains the queue; random loss of a few percent does not.
+- Careful resume (``careful_resume``, ``dwcp.transport.resume``): on a path the
+  node knows, a new connection paces at a rate from the path's history (gain 1,
+  window ``CWND_GAIN`` x rate x RTT) from its first RTT sample, instead of
+  doubling up from 10 packets; once that round is acknowledged without heavy loss
+  or a queue it carries on with startup from the measured rate at gain
+  ``RESUMED_GAIN`` (slow start's doubling, as in the draft's normal phase: a
+  path faster than stored is still found; 2.885 from near the rate overflowed a
+  1-BDP buffer at once, 2x cold startup's drops in the simulation), else it retreats to 0.85 x what
+  was delivered and drains. A first RTT unlike the stored one means another path: no jump.
 """
 
 from __future__ import annotations
@@ -71,8 +80,11 @@ from aioquic.quic.congestion.base import (
 from aioquic.quic.packet_builder import QuicSentPacket
 from aioquic.tls import Epoch
 
+from dwcp.transport import resume as cr
+
 NAME = "dwcp-bbr"
 STARTUP_GAIN = 2.885  # 2 / ln 2: doubles the delivery rate every round
+RESUMED_GAIN = 2.0  # startup's gain after a validated careful resume: slow start's doubling
 CYCLE = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 CWND_GAIN = 2.0
 BW_ROUNDS = 10
@@ -146,13 +158,52 @@ class BbrCongestionControl(QuicCongestionControl):
         self.bw_scale = 1.0
         self._queued_samples = 0
         self._cycle_min_rtt = float("inf")
+        self.resume: cr.CarefulResume | None = None
+        self._startup_gain = STARTUP_GAIN
+
+    def careful_resume(self, rate: float, rtt: float) -> None:
+        """Resume the path's known ``rate`` (bytes/s, the jump rate) at ``rtt`` (s, the stored
+        RTT) once the first RTT sample confirms the path; before any data is acknowledged."""
+        if self._delivered == 0 and self.mode == STARTUP:
+            self.resume = cr.CarefulResume(rate, rtt)
+
+    @property
+    def _resuming(self) -> bool:
+        return self.resume is not None and self.resume.active
+
+    def _on_resume(self, phase: str | None) -> None:
+        """Act on a change of the careful-resume phase."""
+        if phase == cr.UNVALIDATED:
+            self.congestion_window = max(self.congestion_window, self._target_window())
+        elif phase == cr.NORMAL and self.resume is not None and self.resume.validated:
+            # Confirmed: startup goes on from the measured rate (it ends after 3 rounds
+            # without 25% growth, as usual), so a faster path than stored is still found.
+            self._full_bw = self.bandwidth
+            self._full_bw_rounds = 0
+            self._startup_gain = RESUMED_GAIN
+        elif phase == cr.RETREAT:
+            best = max(max(self._bw_rounds, default=0.0), self._round_max)
+            self._bw_rounds.clear()
+            self._round_max = 0.0
+            if best > 0:
+                self._bw_rounds.append(best * HEAVY_LOSS_BACKOFF)
+                self.mode = DRAIN
+                self.congestion_window = self._target_window()
+            else:
+                self.mode = STARTUP
+                self._full_bw = 0.0
+                self._full_bw_rounds = 0
+                self.congestion_window = K_INITIAL_WINDOW * self._mss
 
     # --- model ----------------------------------------------------------------
 
     @property
     def bandwidth(self) -> float:
         """Estimated bottleneck rate in bytes per second (0 before the first sample)."""
-        return self.bw_scale * max(max(self._bw_rounds, default=0.0), self._round_max)
+        bw = self.bw_scale * max(max(self._bw_rounds, default=0.0), self._round_max)
+        if self.resume is not None and self.resume.active:
+            return max(bw, self.resume.rate)
+        return bw
 
     @property
     def bdp(self) -> float:
@@ -163,8 +214,10 @@ class BbrCongestionControl(QuicCongestionControl):
 
     @property
     def pacing_gain(self) -> float:
+        if self._resuming:
+            return 1.0
         if self.mode == STARTUP:
-            return STARTUP_GAIN
+            return self._startup_gain
         if self.mode == DRAIN:
             return 1 / STARTUP_GAIN
         return CYCLE[self.cycle_index]
@@ -183,14 +236,14 @@ class BbrCongestionControl(QuicCongestionControl):
         self._app_limited_until = max(self._delivered + self.bytes_in_flight, 1)
 
     def _target_window(self) -> int:
-        gain = CWND_GAIN if self.mode == PROBE_BW else STARTUP_GAIN
+        gain = CWND_GAIN if self.mode == PROBE_BW or self._resuming else STARTUP_GAIN
         return max(int(gain * self.bdp), self._min_window)
 
     def _on_round_end(self, app_limited: bool) -> None:
         heavy = (
             self._round_lost >= HEAVY_LOSS_MIN and self._round_lost > HEAVY_LOSS * self._round_sent
         )
-        if heavy and self._round_max > 0:
+        if heavy and self._round_max > 0 and not self._resuming:
             # A queue overflowed: forget the optimistic samples, send below the latest.
             self._bw_rounds.clear()
             self._bw_rounds.append(self._round_max * HEAVY_LOSS_BACKOFF)
@@ -202,7 +255,7 @@ class BbrCongestionControl(QuicCongestionControl):
             # model does not age while the sender idles.)
             self._bw_rounds.append(self._round_max)
             self._round_max = 0.0
-        if self.mode == STARTUP and not app_limited:
+        if self.mode == STARTUP and not app_limited and not self._resuming:
             bw = self.bandwidth
             if bw >= self._full_bw * FULL_BW_GROWTH:
                 self._full_bw = bw
@@ -265,6 +318,15 @@ class BbrCongestionControl(QuicCongestionControl):
                 self._first_sent_time,
                 self._app_limited_until > 0,
             )
+            if self.resume is not None:
+                self._on_resume(
+                    self.resume.on_sent(
+                        packet.sent_bytes,
+                        self._delivered,
+                        self.bytes_in_flight,
+                        self._app_limited_until > 0,
+                    )
+                )
 
     def on_packet_acked(self, *, now: float, packet: QuicSentPacket) -> None:
         self.bytes_in_flight -= packet.sent_bytes
@@ -288,8 +350,12 @@ class BbrCongestionControl(QuicCongestionControl):
                 self._next_round_delivered = self._delivered
                 self.round_count += 1
                 self._on_round_end(app_limited)
+        if self.resume is not None:
+            self._on_resume(self.resume.on_acked(self._delivered))
         self._update_mode(now)
-        if self.mode == STARTUP or self.bandwidth <= 0:
+        if self._resuming:
+            self.congestion_window = max(self._target_window(), self._min_window)
+        elif self.mode == STARTUP or self.bandwidth <= 0:
             self.congestion_window += packet.sent_bytes  # slow start until the model exists
         else:
             self.congestion_window = max(
@@ -304,25 +370,37 @@ class BbrCongestionControl(QuicCongestionControl):
                 self._sent.pop(packet.packet_number, None)
 
     def on_packets_lost(self, *, now: float, packets: Iterable[QuicSentPacket]) -> None:
+        lost = 0
         for packet in packets:
             self.bytes_in_flight -= packet.sent_bytes
             self._round_lost += 1
             self._cycle_lost = True
+            lost += 1
             if packet.epoch == Epoch.ONE_RTT:
                 self._sent.pop(packet.packet_number, None)
+        if self.resume is not None and lost:
+            self._on_resume(self.resume.on_lost(lost))
 
     def on_persistent_congestion(self) -> None:
         # Nothing got through for several PTOs: restart the model from a small window.
+        if self.resume is not None:
+            self.resume.on_persistent_congestion()
         self._bw_rounds.clear()
         self._round_max = 0.0
         self.mode = STARTUP
+        self._startup_gain = STARTUP_GAIN
         self._full_bw = 0.0
         self._full_bw_rounds = 0
         self.congestion_window = K_INITIAL_WINDOW * self._mss
 
     def on_rtt_measurement(self, *, now: float, rtt: float) -> None:
         self._cycle_min_rtt = min(self._cycle_min_rtt, rtt)
-        if self.mode == STARTUP and self.round_count > 2 and not self._app_limited_until:
+        if (
+            self.mode == STARTUP
+            and self.round_count > 2
+            and not self._app_limited_until
+            and not self._resuming
+        ):
             # A queue is building: leave startup before it overflows a 1-BDP buffer
             # (waiting for 3 rounds without growth would overshoot ~3x). Not when
             # app-limited: then the queue is not ours.
@@ -333,6 +411,9 @@ class BbrCongestionControl(QuicCongestionControl):
         if rtt <= self.min_rtt or now - self._min_rtt_stamp > MIN_RTT_WINDOW:
             self.min_rtt = rtt
             self._min_rtt_stamp = now
+        if self.resume is not None:
+            # After the min-RTT update: the jump's window is sized from it.
+            self._on_resume(self.resume.on_rtt(rtt, self.min_rtt))
 
 
 register_congestion_control(NAME, BbrCongestionControl)

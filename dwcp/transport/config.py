@@ -37,12 +37,18 @@ class TransportConfig:
     interval: float = 0.5
     congestion: str = "dwcp-bbr"
     alpn: str = ALPN
+    # Careful resume (dwcp.transport.resume): the path's known rate in bit/s and its RTT
+    # in s, shared by the first ``initial_connections``; 0 = cold start (BBR's startup).
+    resume_bps: float = 0.0
+    resume_rtt: float = 0.0
 
     def __post_init__(self) -> None:
         if self.idle_timeout <= 0 or self.connect_timeout <= 0 or self.interval <= 0:
             raise UsageError("timeouts and the adaptation interval must be positive")
         if not 4 * KIB <= self.chunk <= 1 * MIB - 64:
             raise UsageError("chunk must be between 4 KiB and 1 MiB - 64 bytes")
+        if self.resume_bps < 0 or self.resume_rtt < 0:
+            raise UsageError("resume_bps and resume_rtt must be >= 0 (0 = cold start)")
         if self.window is not None and self.window < 2 * self.chunk:
             raise UsageError("the bulk window must hold at least two chunks")
 

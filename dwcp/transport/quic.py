@@ -271,6 +271,22 @@ class DwcpQuicConnection(QuicConnection):
         self.app_has_more: Callable[[], bool] = lambda: False
         """Set by the session: True while a bulk writer still has data to hand over."""
 
+    def careful_resume(self, rate: float, rtt: float) -> bool:
+        """Start at ``rate`` bytes/s on a path known to have ``rtt`` s (``bbr.careful_resume``);
+        False (nothing done) with a controller other than dwcp-bbr."""
+        if self._bbr is None:
+            return False
+        self._bbr.careful_resume(rate, rtt)
+        return True
+
+    @property
+    def resume_state(self) -> dict[str, str | float] | None:
+        """The careful resume's phase and why (None: the connection started cold)."""
+        r = self._bbr.resume if self._bbr is not None else None
+        if r is None:
+            return None
+        return {"phase": r.phase, "reason": r.reason, "rate_bps": round(r.rate * 8)}
+
     @property
     def is_client(self) -> bool:
         return bool(self._is_client)

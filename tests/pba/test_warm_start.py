@@ -61,3 +61,24 @@ def test_a_migration_leaves_the_path_in_the_history(tmp_path: Path) -> None:
         for n in (a, b):
             if n.proc is not None:
                 n.stop()
+
+
+def test_a_known_path_gives_the_transport_a_careful_resume_hint(tmp_path: Path) -> None:
+    import time
+
+    s = PeerSessions(NodeKey.generate(), Address("127.0.0.1", 1), lambda: [], TransportConfig())
+    s.paths = PathStore(tmp_path)
+    known = Peer("b", Address("127.0.0.1", 2), NodeKey.generate().public)
+    now = time.time()
+    rates = [80e6, 78e6, 82e6, 79e6, 81e6, 80e6, 77e6, 83e6, 80e6, 79e6]
+    seconds = [Second(now - 10 + i, r, 0.05 + 0.001 * (i % 3), 0.0) for i, r in enumerate(rates)]
+    s.paths.record_session(known.public_key.node_id, seconds, level=(2, 2))
+    warm = asyncio.run(s.warm_config(known))
+    assert warm is not None
+    assert 0.5 * 80e6 < warm.resume_bps < 80e6  # a low percentile, not the mean
+    assert warm.resume_rtt == 0.05
+    rec = s.paths.get(known.public_key.node_id)
+    assert rec is not None
+    assert rec.resume_hint(now + 3 * 86400) is None  # stale: start cold
+    rec.seconds = rec.seconds[:2]
+    assert rec.resume_hint(now) is None  # too little history

@@ -62,7 +62,14 @@ class Result:
 
 
 def _simulate(
-    *, flows: int = 1, loss: float = 0.0, seconds: float = 6.0, queue: float = BDP
+    *,
+    flows: int = 1,
+    loss: float = 0.0,
+    seconds: float = 6.0,
+    queue: float = BDP,
+    rate: float = RATE,
+    rtt: float = RTT,
+    resume: tuple[float, float] | None = None,
 ) -> Result:
     """Paced senders through one drop-tail bottleneck (``queue`` bytes) and ``RTT``.
 
@@ -73,6 +80,9 @@ def _simulate(
     rng = random.Random(1)
     bbr.restart_phase_stagger()  # the same cycle phases whatever ran before in the process
     fl = [Flow() for _ in range(flows)]
+    if resume is not None:
+        for f in fl:
+            f.cc.careful_resume(*resume)
     acks: list[tuple[float, int, int]] = []  # (arrival time, flow, packet number)
     link_free = 0.0
     drops: list[float] = []
@@ -110,16 +120,16 @@ def _simulate(
         f.cc.on_packet_sent(packet=packet)
         f.outstanding[packet.packet_number] = packet
         f.gains.add(f.cc.pacing_gain)
-        rate = f.cc.pacing_rate or f.cc.congestion_window / RTT
-        f.next_send = t + MSS / rate
+        pace = f.cc.pacing_rate or f.cc.congestion_window / rtt
+        f.next_send = t + MSS / pace
         if rng.random() < loss:
             continue
         start = max(t, link_free)
-        if (start - t) * RATE > queue:
+        if (start - t) * rate > queue:
             drops.append(t)
             continue
-        link_free = start + MSS / RATE
-        heapq.heappush(acks, (link_free + RTT, i, packet.packet_number))
+        link_free = start + MSS / rate
+        heapq.heappush(acks, (link_free + rtt, i, packet.packet_number))
     return Result(fl, drops)
 
 
@@ -245,3 +255,71 @@ def test_a_connection_is_app_limited_only_when_the_application_has_nothing_more(
 
     assert marked(has_more=False)
     assert not marked(has_more=True)
+
+
+# --- careful resume (dwcp.transport.resume) -------------------------------------------
+
+
+def _first_time(res: Result, share: float, rate: float = RATE, step: float = 0.05) -> float:
+    """The start of the first ``step`` interval whose goodput reached ``share`` x rate."""
+    t = 0.0
+    while t < 6.0:
+        if res.goodput(t, t + step) >= share * rate:
+            return t
+        t += step
+    return float("inf")
+
+
+def test_careful_resume_reaches_the_rate_sooner_and_is_validated() -> None:
+    cold = _simulate(seconds=3.0)
+    warm = _simulate(seconds=3.0, resume=(0.9 * RATE, RTT))
+    cc = warm.flows[0].cc
+    assert cc.resume is not None and cc.resume.validated and cc.resume.phase == "normal"
+    t_cold, t_warm = _first_time(cold, 0.85), _first_time(warm, 0.85)
+    assert t_warm < t_cold
+    assert warm.goodput(1.0, 3.0) > 0.95 * RATE  # still fills the pipe after validating
+    assert warm.drops(0.0) <= cold.drops(0.0)  # and overflows the queue no more than cold
+
+
+def test_careful_resume_finds_a_faster_path_than_stored() -> None:
+    res = _simulate(seconds=4.0, resume=(0.3 * RATE, RTT))
+    assert res.flows[0].cc.resume is not None and res.flows[0].cc.resume.validated
+    assert res.goodput(2.0, 4.0) > 0.95 * RATE
+
+
+def test_careful_resume_retreats_when_the_path_got_slower() -> None:
+    """Stored 100 Mbit/s, the link now carries 20: the jump overflows the queue, the
+    controller retreats to what was delivered and the queue stops overflowing."""
+    slow = RATE / 5
+    res = _simulate(seconds=5.0, rate=slow, queue=slow * RTT, resume=(0.9 * RATE, RTT))
+    cc = res.flows[0].cc
+    assert cc.resume is not None and cc.resume.phase == "retreat" and not cc.resume.validated
+    assert cc.bandwidth < 1.1 * slow
+    assert res.drops(2.0) == 0
+    assert res.goodput(2.0, 5.0) > 0.9 * slow
+
+
+def test_careful_resume_retreats_on_a_queue_without_loss() -> None:
+    """A deep buffer hides the overshoot from loss; the RTT growth shows it."""
+    slow = RATE / 4
+    res = _simulate(seconds=4.0, rate=slow, queue=20 * slow * RTT, resume=(0.9 * RATE, RTT))
+    cc = res.flows[0].cc
+    assert cc.resume is not None and cc.resume.phase == "retreat"
+    assert "queue" in cc.resume.reason or "lost" in cc.resume.reason
+    assert cc.bandwidth < 1.1 * slow
+
+
+def test_careful_resume_skips_a_path_with_another_rtt() -> None:
+    """The stored path had 5 ms; this one has 50: not the same path, no jump at all."""
+    res = _simulate(seconds=2.0, resume=(0.9 * RATE, 0.005))
+    cc = res.flows[0].cc
+    assert cc.resume is not None and cc.resume.phase == "normal"
+    assert not cc.resume.validated and "rtt" in cc.resume.reason
+    assert bbr.STARTUP_GAIN in res.flows[0].gains  # a cold startup
+
+
+def test_careful_resume_ignores_random_loss() -> None:
+    res = _simulate(seconds=3.0, loss=0.005, resume=(0.9 * RATE, RTT))
+    cc = res.flows[0].cc
+    assert cc.resume is not None and cc.resume.validated
+    assert res.goodput(1.0, 3.0) > 0.9 * RATE
