@@ -39,6 +39,8 @@ class SwimConfig:
     """Anti-entropy: every this often (scaled with log n, ``pushpull.interval``) the whole
     member table is exchanged with one random member; 0 turns it off. Lifeguard mode only:
     plain SWIM has none, as in the Lifeguard paper's baseline."""
+    push_pull_scale: bool = True
+    """Scale ``push_pull_interval`` with log2 n as memberlist does (off: the same at any n)."""
     push_pull_chunk_bytes: int = 8192
     """Encoded bytes of one push-pull chunk (a datagram; the signature envelope is extra)."""
     lifeguard: bool = True

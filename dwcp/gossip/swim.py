@@ -106,7 +106,8 @@ class Swim:
         self._pp_replied: dict[str, float] = {}
         self._pp_every = 0.0
         if cfg.lifeguard and cfg.push_pull_interval > 0:
-            self._pp_every = pushpull.interval(cfg.push_pull_interval, len(self.members) + 1)
+            n = len(self.members) + 1 if cfg.push_pull_scale else 1
+            self._pp_every = pushpull.interval(cfg.push_pull_interval, n)
             self._arm(now + self.rng.random() * self._pp_every, _PUSH_PULL, None)
 
     # --- membership (admission is decided elsewhere) --------------------------------------
