@@ -51,8 +51,9 @@ def chunks(kind: int, exchange: int, table: list[Update], chunk_bytes: int) -> l
     parts: list[list[Update]] = []
     cur: list[Update] = []
     size = 0
+    fixed = update_size((0, "", 0, ""))
     for u in table:
-        s = update_size(u)
+        s = fixed + len(u[1]) + len(u[3])
         if cur and (len(cur) >= MAX_UPDATES or size + s > chunk_bytes):
             parts.append(cur)
             cur, size = [], 0

