@@ -152,6 +152,9 @@ def accuracy(
                 freeze(s, d)
                 next_stall[s] = t + d + rng.uniform(5, 15)
         net.run_until(t)
+        if seconds >= 600 and t % 300 < step:  # a run stopped by its timeout says how far
+            deaths = sum(node.stats["deaths"] for node in net.nodes.values())
+            print(f"  progress: {t:g} virtual s, {deaths} false deaths", flush=True)
     wall = time.perf_counter() - wall
     cpu = time.process_time() - cpu
     stats = [node.stats for node in net.nodes.values()]
