@@ -33,6 +33,7 @@ health, no nacks, fixed suspicion timeout, no buddy rule), probe period 1 s, gos
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -44,6 +45,7 @@ from dwcp.gossip import DEAD, Change, SwimConfig
 from dwcp.gossip.sim import SimNet
 
 GOSSIP_INTERVAL = 0.2
+PUSH_PULL: dict[str, Any] = {}  # --push-pull S[,fixed]: SwimConfig's push-pull fields
 
 
 def dissemination(n: int, seed: int, lifeguard: bool, loss: float) -> dict[str, Any]:
@@ -118,9 +120,12 @@ def accuracy(
     model: str = "drop",
     stall_len: tuple[float, float] = (2.0, 5.0),
 ) -> dict[str, Any]:
-    cfg = SwimConfig(lifeguard=lifeguard)
+    cfg = SwimConfig(lifeguard=lifeguard, **PUSH_PULL)
     setup = time.perf_counter()
+    gc.disable()  # n x n long-lived member records: generational GC rescans them all, O(n^2)
     net = SimNet(n, seed=seed, config=cfg, loss=loss, stall_drop=model.endswith("drop"))
+    gc.enable()
+    gc.freeze()  # and keep them out of every later collection (the run's garbage is short-lived)
     setup = time.perf_counter() - setup
     freeze = net.slow if model.startswith("slow") else net.stall
     rng = random.Random(seed + 17)
@@ -197,9 +202,17 @@ def main() -> int:
     ap.add_argument("--modes", default="lifeguard,plain", help="lifeguard, plain or both")
     ap.add_argument("--loss", default="", help="accuracy: only these losses (0.01,0.05)")
     ap.add_argument("--stall-only", action="store_true", help="accuracy: only the stall cases")
+    ap.add_argument(
+        "--push-pull",
+        default="",
+        help="accuracy, scale: push-pull base interval S (0: off), ',fixed' not scaled with n",
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     args = ap.parse_args()
     only = set(args.only.split(","))
+    if args.push_pull:
+        base, _, fixed = args.push_pull.partition(",")
+        PUSH_PULL.update(push_pull_interval=float(base), push_pull_scale=fixed != "fixed")
     out: dict[str, Any] = {"load": os.getloadavg()[0], "seed": args.seed}
     modes = tuple(m == "lifeguard" for m in args.modes.split(","))
     lo, hi = (float(x) for x in args.stall_len.split(","))
@@ -247,6 +260,7 @@ def main() -> int:
         )
         out["scale"] = r
     out["load_end"] = os.getloadavg()[0]
+    out["cpu_s_total"] = round(time.process_time(), 1)
     if args.json:
         print(json.dumps(out, sort_keys=True))
     return 0

@@ -478,6 +478,9 @@ def main() -> int:
                 f"{r['resume_bps'] / 1e6:>13.1f} {r['warm_t90_s']:>10} {r['speedup']:>8}"
             )
         print(f"median speedup {ws['median_speedup']} ({ws['cell']}, {ws['seconds']} s each)")
+        lost = [(r["cold_lost_s"], r["warm_lost_s_at_cold_final"]) for r in ws["runs"]]
+        print(f"seconds lost to the start, cold/warm: {lost}; median ratio ")
+        print(f"  {ws['median_lost_ratio']:.2f}")
         if a.json:
             print(json.dumps({"warm_start": ws}))
         return 0
@@ -544,18 +547,36 @@ def _table(results: dict[str, dict[str, Any]], tools: list[str], seconds: float,
 WARM_CELL = Cell(100e6, 50, 0.005)
 
 
-def time_to_share(timeline: list[dict[str, Any]], share: float = 0.9) -> tuple[float, float]:
+def time_to_share(
+    timeline: list[dict[str, Any]], share: float = 0.9, smooth: int = 3
+) -> tuple[float, float]:
     """(seconds until goodput first reaches ``share`` of the final, final goodput): the
-    final is the median of the last third of the timeline's per-interval goodput."""
+    final is the median of the last third of the timeline's per-interval goodput; goodput
+    is the mean of the last ``smooth`` intervals (at 0.1 s one interval's goodput swings
+    40-170 Mbit/s on a 100 Mbit/s link: ACKs and window updates arrive in bursts)."""
     rates = [float(p["goodput_bps"]) for p in timeline]
     if not rates:
         raise ValueError("dwcp perf reported no timeline")
     tail = sorted(rates[len(rates) * 2 // 3 :])
     final = tail[len(tail) // 2]
-    for p in timeline:
-        if float(p["goodput_bps"]) >= share * final:
+    for i, p in enumerate(timeline):
+        window = rates[max(0, i - smooth + 1) : i + 1]
+        if sum(window) / len(window) >= share * final:
             return float(p["t"]), final
     return float(timeline[-1]["t"]), final
+
+
+def seconds_lost(timeline: list[dict[str, Any]], final: float) -> float:
+    """How much longer than a sender at ``final`` from its first interval's start the
+    session took for the bytes it moved: the cost of its start, free of interval noise."""
+    if not timeline or final <= 0:
+        return float("nan")
+    bits, last = 0.0, 0.0
+    for p in timeline:
+        t = float(p["t"])
+        bits += float(p["goodput_bps"]) * (t - last)
+        last = t
+    return last - bits / final
 
 
 def _perf_run(
@@ -643,6 +664,8 @@ def warm_start(seconds: float, runs: int, interval: float = 0.1) -> dict[str, An
             tl, _ = time_to_share(lvl["timeline"])
             tw, fw = time_to_share(warm["timeline"])
             tx = _time_to(warm["timeline"], 0.9 * fc)  # against cold's final, not its own
+            lost_c = seconds_lost(cold["timeline"], fc)
+            lost_w = seconds_lost(warm["timeline"], fc)
             pairs.append(
                 {
                     "cold_t90_s": round(tc, 2),
@@ -654,9 +677,12 @@ def warm_start(seconds: float, runs: int, interval: float = 0.1) -> dict[str, An
                     "warm_t90_s": round(tw, 2),
                     "warm_final_bps": round(fw),
                     "warm_t90_of_cold_final_s": round(tx, 2),
+                    "cold_lost_s": round(lost_c, 2),
+                    "warm_lost_s_at_cold_final": round(lost_w, 2),
                     "warm_first_s_bps": round(_first_second(warm["timeline"])),
                     "cold_first_s_bps": round(_first_second(cold["timeline"])),
                     "speedup": round(tc / max(tw, 1e-3), 2),
+                    "resume": warm.get("resume"),
                 }
             )
             print(f"  warm start: {pairs[-1]}", file=sys.stderr)
@@ -667,13 +693,18 @@ def warm_start(seconds: float, runs: int, interval: float = 0.1) -> dict[str, An
         "interval_s": interval,
         "runs": pairs,
         "median_speedup": sp[len(sp) // 2],
+        "median_lost_ratio": sorted(
+            p["cold_lost_s"] / max(p["warm_lost_s_at_cold_final"], 1e-3) for p in pairs
+        )[len(pairs) // 2],
     }
 
 
-def _time_to(timeline: list[dict[str, Any]], bps: float) -> float:
-    """Seconds until an interval's goodput first reached ``bps`` (the run's end if never)."""
-    for p in timeline:
-        if float(p["goodput_bps"]) >= bps:
+def _time_to(timeline: list[dict[str, Any]], bps: float, smooth: int = 3) -> float:
+    """Seconds until the goodput (mean of ``smooth`` intervals) first reached ``bps``."""
+    rates = [float(p["goodput_bps"]) for p in timeline]
+    for i, p in enumerate(timeline):
+        window = rates[max(0, i - smooth + 1) : i + 1]
+        if sum(window) / len(window) >= bps:
             return float(p["t"])
     return float(timeline[-1]["t"]) if timeline else float("inf")
 

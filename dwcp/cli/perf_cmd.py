@@ -202,6 +202,7 @@ async def _client(args: argparse.Namespace, key: NodeKey, trusted: list[PublicKe
         elapsed = time.perf_counter() - t0
         cpu = time.process_time() - cpu0
         stats = session.stats()
+        resumed = [c.quic.resume_state for c in session.conns]
     finally:
         await session.close("perf done")
     goodput = total * 8 / max(elapsed, 1e-9)
@@ -248,6 +249,7 @@ async def _client(args: argparse.Namespace, key: NodeKey, trusted: list[PublicKe
                     "policy": snap.policy,
                     "decision": asdict(snap.decision) if snap.decision else None,
                     "timeline": timeline,
+                    "resume": resumed,
                 }
             )
         )

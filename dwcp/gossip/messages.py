@@ -1,4 +1,4 @@
-"""Gossip messages (SWIM probe, ack, indirect probe, nack, gossip) and their byte codec.
+"""Gossip messages (SWIM probe, ack, indirect probe, nack, gossip, push-pull) and their byte codec.
 
 A membership update is a plain tuple ``(state, name, incarnation, origin)``: the simulator
 moves millions of them, so they stay tuples, and ``update_size`` is exact for the codec
@@ -18,8 +18,16 @@ from dwcp.errors import ProtocolError
 ALIVE, SUSPECT, DEAD, LEFT = 0, 1, 2, 3
 STATE_NAMES = ("alive", "suspect", "dead", "left")
 
-PING, ACK, PING_REQ, NACK, GOSSIP = 1, 2, 3, 4, 5
-KIND_NAMES = {PING: "ping", ACK: "ack", PING_REQ: "ping-req", NACK: "nack", GOSSIP: "gossip"}
+PING, ACK, PING_REQ, NACK, GOSSIP, PUSH, PULL = 1, 2, 3, 4, 5, 6, 7
+KIND_NAMES = {
+    PING: "ping",
+    ACK: "ack",
+    PING_REQ: "ping-req",
+    NACK: "nack",
+    GOSSIP: "gossip",
+    PUSH: "push",  # anti-entropy: a chunk of the sender's member table (dwcp.gossip.pushpull)
+    PULL: "pull",  # the receiver's table sent back
+}
 
 MAX_NAME = 64
 MAX_UPDATES = 255

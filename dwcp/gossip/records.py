@@ -35,6 +35,14 @@ class SwimConfig:
     awareness_max: int = 8
     packet_budget: int = 1400 - 64 - 40
     """Bytes of one message before the envelope (signature, sender, counter)."""
+    push_pull_interval: float = 30.0
+    """Anti-entropy: every this often (scaled with log n, ``pushpull.interval``) the whole
+    member table is exchanged with one random member; 0 turns it off. Lifeguard mode only:
+    plain SWIM has none, as in the Lifeguard paper's baseline."""
+    push_pull_scale: bool = True
+    """Scale ``push_pull_interval`` with log2 n as memberlist does (off: the same at any n)."""
+    push_pull_chunk_bytes: int = 8192
+    """Encoded bytes of one push-pull chunk (a datagram; the signature envelope is extra)."""
     lifeguard: bool = True
 
     def __post_init__(self) -> None:
@@ -44,6 +52,8 @@ class SwimConfig:
             raise UsageError("probe_timeout must be shorter than probe_interval")
         if self.indirect_checks < 0 or self.suspicion_mult < 1 or self.gossip_nodes < 1:
             raise UsageError("indirect_checks >= 0, suspicion_mult >= 1, gossip_nodes >= 1")
+        if self.push_pull_interval < 0 or not 512 <= self.push_pull_chunk_bytes <= 60000:
+            raise UsageError("push_pull_interval >= 0 and push_pull_chunk_bytes in 512..60000")
 
 
 class Change(NamedTuple):

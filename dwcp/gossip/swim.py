@@ -12,7 +12,8 @@ nacks, fixed suspicion timeout, no buddy rule): the simulator runs both side by 
 
 The driver calls ``tick(now)`` at ``next_deadline()`` and ``receive(src, msg, now)`` per
 message; both return ``[(destination, message), ...]``. State changes are appended to
-``changes`` for the driver's logs and metrics.
+``changes`` for the driver's logs and metrics. Anti-entropy (push-pull of the whole
+member table, Lifeguard mode only) is in ``dwcp.gossip.pushpull``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import heapq
 import random
 from collections.abc import Iterable
 
+from dwcp.errors import ProtocolError
+from dwcp.gossip import pushpull
 from dwcp.gossip.broadcast import BroadcastQueue
 from dwcp.gossip.health import Awareness, retransmit_limit, suspicion_min, suspicion_timeout
 from dwcp.gossip.messages import (
@@ -33,6 +36,8 @@ from dwcp.gossip.messages import (
     NACK,
     PING,
     PING_REQ,
+    PULL,
+    PUSH,
     SUSPECT,
     Message,
     Update,
@@ -52,10 +57,12 @@ STAT_NAMES = (
     "dropped",
     "sent",
     "received",
+    "push_pulls",
+    "rejected",
 )
 
 # timer kinds
-_PROBE, _PROBE_TIMEOUT, _NACK, _RELAY_END, _SUSPICION, _GOSSIP = range(6)
+_PROBE, _PROBE_TIMEOUT, _NACK, _RELAY_END, _SUSPICION, _GOSSIP, _PUSH_PULL = range(7)
 
 
 class Swim:
@@ -87,6 +94,7 @@ class Swim:
         self._token = 0
         self._timers: list[tuple[float, int, int, object]] = []
         self._order: list[str] = []
+        self._pos = 0
         self._probe: Probe | None = None
         self._relays: dict[int, tuple[str, int]] = {}
         self._gossip_armed = False
@@ -95,6 +103,13 @@ class Swim:
         self.queue.push((ALIVE, name, incarnation, name))
         self._arm(now + self.rng.random() * cfg.probe_interval, _PROBE, None)
         self._arm_gossip(now)
+        self.last_rejection = ""
+        self._pp_replied: dict[str, float] = {}
+        self._pp_every = 0.0
+        if cfg.lifeguard and cfg.push_pull_interval > 0:
+            n = len(self.members) + 1 if cfg.push_pull_scale else 1
+            self._pp_every = pushpull.interval(cfg.push_pull_interval, n)
+            self._arm(now + self.rng.random() * self._pp_every, _PUSH_PULL, None)
 
     # --- membership (admission is decided elsewhere) --------------------------------------
 
@@ -108,7 +123,7 @@ class Swim:
             if n not in self.members:
                 self.members[n] = Member(n, now)
         self._names = sorted(self.members)
-        self._order = []
+        self._order, self._pos = [], 0
 
     def state_of(self, name: str) -> int:
         return self.members[name].state
@@ -152,20 +167,35 @@ class Swim:
                 self._suspicion_fired(arg, now, out)  # type: ignore[arg-type]
             elif kind == _GOSSIP:
                 self._gossip(now, out)
+            elif kind == _PUSH_PULL:
+                self._arm(now + self._pp_every, _PUSH_PULL, None)
+                if not self.leaving:
+                    for dst in self._random_members(1, "", now, alive_only=True):
+                        self._send_table(out, dst, PUSH, now)
         self._arm_gossip(now)
         return out
 
     # --- probing --------------------------------------------------------------------------
 
     def _next_target(self) -> str | None:
+        """The next member of a random round-robin order, shuffled one Fisher-Yates step per
+        probe (a full shuffle up front cost the simulator 40% of a 2,000-member run)."""
+        rand = self.rng.random
+        members = self.members
         for _ in range(2):
-            while self._order:
-                name = self._order.pop()
-                m = self.members.get(name)
+            order = self._order
+            left = len(order) - self._pos
+            while left > 0:
+                i = self._pos
+                j = i + int(rand() * left)
+                name = order[j]
+                order[j], order[i] = order[i], name
+                self._pos = i + 1
+                left -= 1
+                m = members.get(name)
                 if m is not None and m.state <= SUSPECT:
                     return name
-            self._order = list(self._names)
-            self.rng.shuffle(self._order)
+            self._order, self._pos = list(self._names), 0
         return None
 
     def _timeout_for(self, m: Member) -> float:
@@ -275,9 +305,13 @@ class Swim:
             return out
         self.stats["received"] += 1
         m.heard = now
+        kind = msg.kind
+        if kind in (PUSH, PULL):
+            self._on_table(src, msg, now, out)
+            self._arm_gossip(now)
+            return out
         for u in msg.updates:
             self._apply(u, now)
-        kind = msg.kind
         if kind == PING:
             if msg.target == self.name:
                 self._send(out, src, ACK, msg.seq, "", self._buddy(m))
@@ -328,6 +362,45 @@ class Swim:
             return
         for dst in self._random_members(self.config.gossip_nodes, "", now, alive_only=False):
             self._send(out, dst, GOSSIP, 0, "", None)
+
+    # --- anti-entropy (push-pull) ---------------------------------------------------------
+
+    def table(self) -> list[Update]:
+        """This member's view as updates: itself first, then every member heard of."""
+        me = self.name
+        rows: list[Update] = [(ALIVE, me, self.incarnation, me)]
+        rows += [(m.state, m.name, m.inc, me) for m in self.members.values() if m.inc > 0]
+        return rows
+
+    def _send_table(self, out: list[Send], dst: str, kind: int, now: float) -> None:
+        self._seq += 1
+        msgs = pushpull.chunks(kind, self._seq, self.table(), self.config.push_pull_chunk_bytes)
+        self.stats["sent"] += len(msgs)
+        out.extend((dst, msg) for msg in msgs)
+
+    def _on_table(self, src: str, msg: Message, now: float, out: list[Send]) -> None:
+        try:
+            pushpull.check_chunk(msg, len(self.members))
+        except ProtocolError as exc:
+            self.stats["rejected"] += 1
+            self.last_rejection = f"from {src}: {exc}"
+            return
+        members = self.members
+        for u in msg.updates:
+            m = members.get(u[1])
+            if m is not None and m.inc == u[2] and m.state == u[0]:
+                continue  # the common case: both views agree
+            self._apply(u, now)
+        if pushpull.chunk_fields(msg.seq)[1] != 0:
+            return
+        self.stats["push_pulls"] += 1
+        # answer a push once per exchange, and a member at most 4x per interval (a member
+        # replaying pushes cannot make this one send its table in a loop)
+        if msg.kind == PUSH and self._pp_every > 0 and not self.leaving:
+            last = self._pp_replied.get(src)
+            if last is None or now - last >= self._pp_every / 4:
+                self._pp_replied[src] = now
+                self._send_table(out, src, PULL, now)
 
     # --- updates --------------------------------------------------------------------------
 

@@ -59,9 +59,9 @@ packets:
   window ``CWND_GAIN`` x rate x RTT) from its first RTT sample, instead of
   doubling up from 10 packets; once that round is acknowledged without heavy loss
   or a queue it carries on with startup from the measured rate at gain
-  ``RESUMED_GAIN`` (a path faster than stored is still found, a few rounds
-  later; 2.885 from near the rate overflowed a 1-BDP buffer at once, measured
-  in the simulation: 2x cold startup's drops), else it retreats to 0.85 x what
+  ``RESUMED_GAIN`` (slow start's doubling, as in the draft's normal phase: a
+  path faster than stored is still found; 2.885 from near the rate overflowed a
+  1-BDP buffer at once, 2x cold startup's drops in the simulation), else it retreats to 0.85 x what
   was delivered and drains. A first RTT unlike the stored one means another path: no jump.
 """
 
@@ -84,7 +84,7 @@ from dwcp.transport import resume as cr
 
 NAME = "dwcp-bbr"
 STARTUP_GAIN = 2.885  # 2 / ln 2: doubles the delivery rate every round
-RESUMED_GAIN = 1.25  # startup's gain after a validated careful resume (it starts near the rate)
+RESUMED_GAIN = 2.0  # startup's gain after a validated careful resume: slow start's doubling
 CYCLE = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 CWND_GAIN = 2.0
 BW_ROUNDS = 10

@@ -280,6 +280,14 @@ class DwcpQuicConnection(QuicConnection):
         return True
 
     @property
+    def resume_state(self) -> dict[str, str | float] | None:
+        """The careful resume's phase and why (None: the connection started cold)."""
+        r = self._bbr.resume if self._bbr is not None else None
+        if r is None:
+            return None
+        return {"phase": r.phase, "reason": r.reason, "rate_bps": round(r.rate * 8)}
+
+    @property
     def is_client(self) -> bool:
         return bool(self._is_client)
 

@@ -36,9 +36,10 @@ RECON, UNVALIDATED, VALIDATING, RETREAT, NORMAL = (
 )
 RTT_LOW = 0.5  # the first RTT must be within these x the stored RTT to resume
 RTT_HIGH = 2.0
-QUEUE_RTT = 1.5  # while resuming, this many RTTs in a row above this x min-RTT = queue
+QUEUE_RTT = 2.0  # while resuming, this many RTTs in a row above this x min-RTT = queue
+# (2, not 1.5: a QUIC receiver may delay its ACKs by 25 ms, half of a 50 ms path)
 QUEUE_MIN = 0.004  # (and above min-RTT + this, for short paths)
-QUEUE_SAMPLES = 4
+QUEUE_SAMPLES = 8
 LOSS = 0.05  # of the packets sent since the jump, and at least LOSS_MIN of them
 LOSS_MIN = 4
 

@@ -48,9 +48,9 @@ def test_heavy_loss_while_unvalidated_retreats_and_random_loss_does_not() -> Non
 def test_a_growing_rtt_retreats() -> None:
     r = _jumped()
     for _ in range(cr.QUEUE_SAMPLES - 1):
-        assert r.on_rtt(0.09, 0.05) is None
+        assert r.on_rtt(0.11, 0.05) is None
     assert r.on_rtt(0.051, 0.05) is None  # an empty-queue sample resets the count
-    phases = [r.on_rtt(0.09, 0.05) for _ in range(cr.QUEUE_SAMPLES)]
+    phases = [r.on_rtt(0.11, 0.05) for _ in range(cr.QUEUE_SAMPLES)]
     assert phases[-1] == cr.RETREAT and "queue" in r.reason
 
 
