@@ -44,7 +44,7 @@ from typing import Any
 from _nodes import BenchNode, cli
 
 from dwcp.consensus.testing import free_ports
-from dwcp.errors import DwcpError
+from dwcp.errors import DwcpError, MigrationAbortedError
 from dwcp.identity import NodeKey
 from dwcp.netemu.link import Link
 from dwcp.node import control
@@ -149,7 +149,8 @@ def run_dwcp(link: Link, root: Path, kib: int, a: argparse.Namespace) -> dict[st
             # the op `dwcp migrate --live g --to b --json` sends, called here to see its phases
             res = control.call(
                 load_config(na.config).control_path, "migrate_live",
-                {"name": "g", "to": "b", "downtime_limit": None}, on_progress=progress,
+                {"name": "g", "to": "b", "downtime_limit": None,
+                 "converge_timeout": a.converge_timeout}, on_progress=progress,
             )  # fmt: skip
             row.update(
                 converged=True,
@@ -161,9 +162,13 @@ def run_dwcp(link: Link, root: Path, kib: int, a: argparse.Namespace) -> dict[st
                 bytes_relayed=res["bytes_wire"],
                 owner=res.get("owner"),
                 epoch=res.get("epoch"),
+                downtime_limit_ms=res.get("downtime_limit_ms"),
+                converge_rung=res.get("converge_rung"),
             )
         except TimeoutError:
             row.update(seconds=None, error=f"no completion within {a.timeout:g} s")
+        except MigrationAbortedError as exc:
+            row.update(seconds=None, result="aborted", error=str(exc)[-300:])
         except DwcpError as exc:
             row.update(seconds=None, error=str(exc)[-300:])
         row["phases"] = phases
@@ -423,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="dwcp without [consensus] (no ownership commit in its downtime)",
     )
+    p.add_argument("--converge-timeout", type=float, default=80.0,
+                   help="dwcp's RAM-phase budget before its clean abort (s)")  # fmt: skip
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     rates = ["0"] if a.quick else a.rates.split(",")

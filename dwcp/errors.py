@@ -126,3 +126,8 @@ class WalError(ConsensusError, OSError):
 class VmError(LocalError, RuntimeError):
     """A VM could not be defined, started, stopped or migrated here (QEMU missing, bad
     definition, QEMU refused a command); the message says what to do."""
+
+
+class MigrationAbortedError(VmError):
+    """A live migration gave up cleanly (the guest did not converge in its budget): the VM
+    keeps running at the source, ownership unchanged; the message says what to try."""

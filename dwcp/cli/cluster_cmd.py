@@ -8,11 +8,17 @@ given, so that each node can propose migrations of its own VMs. Before a replica
 node's first start, ``dwcp --config NODE.toml cluster join`` creates the replica's
 empty log: a node that later finds no log takes it as lost and rejoins without
 voting until it has caught up (a fresh log would let it vote twice).
+
+``dwcp cluster add-node NAME PUBKEY HOST:PORT`` and ``cluster remove-node NAME``, run on
+any member with ``[consensus]``, commit the fleet's member table (ASS admission,
+``dwcp.consensus.members``): every gossiping member admits or drops the node within its
+``admission_poll`` (``gossip.toml`` stays the bootstrap set).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -48,6 +54,20 @@ def register(sub: Any) -> None:
     init.set_defaults(func=run_init)
     join = csub.add_parser("join", help="before a replica node's first start: create its empty log")
     join.set_defaults(func=run_join)
+    add = csub.add_parser(
+        "add-node", help="admit a node to the fleet's gossip (committed through PBFT)"
+    )
+    add.add_argument("name", metavar="NAME", help="the node's name in its own gossip.toml")
+    add.add_argument("pubkey", metavar="PUBKEY", help="ed25519:... or a .pub file")
+    add.add_argument("address", metavar="HOST:PORT", help="the node's gossip (UDP) address")
+    add.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    add.set_defaults(func=run_add_node)
+    rm = csub.add_parser(
+        "remove-node", help="drop a node from the fleet's gossip (committed through PBFT)"
+    )
+    rm.add_argument("name", metavar="NAME")
+    rm.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    rm.set_defaults(func=run_remove_node)
 
 
 def run_join(args: argparse.Namespace) -> int:
@@ -93,4 +113,35 @@ def run_init(args: argparse.Namespace) -> int:
     )
     NetConfig(cfg, tuple(a for _, a in replicas), owner_check=True).dump(out)
     print(f"wrote {out}: {n} replicas (tolerates f = {cfg.f}), {len(clients)} clients")
+    return 0
+
+
+def run_add_node(args: argparse.Namespace) -> int:
+    from dwcp.cli._node import call_node, require_config
+
+    config = require_config(args)
+    key = PublicKey.parse(args.pubkey).text  # a .pub file is read here, on the operator's side
+    got = call_node(config, "add_node", {"name": args.name, "key": key, "address": args.address})
+    if args.json:
+        print(json.dumps(got))
+    else:
+        print(
+            f"admitted {got['name']} at {got['address']} (member table version "
+            f"{got['version']}); members see it within their admission_poll"
+        )
+    return 0
+
+
+def run_remove_node(args: argparse.Namespace) -> int:
+    from dwcp.cli._node import call_node, require_config
+
+    config = require_config(args)
+    got = call_node(config, "remove_node", {"name": args.name})
+    if args.json:
+        print(json.dumps(got))
+    else:
+        print(
+            f"removed {got['name']} (member table version {got['version']}); members drop "
+            "it within their admission_poll"
+        )
     return 0

@@ -26,6 +26,7 @@ from typing import Any
 
 from dwcp import rates
 from dwcp.cli._node import call_node, human_bytes, require_config
+from dwcp.errors import MigrationAbortedError
 from dwcp.rates import rate_arg
 
 
@@ -71,6 +72,18 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--downtime-limit", type=int, metavar="MS", help="with --live: QEMU's downtime limit"
+    )
+    p.add_argument(
+        "--max-downtime",
+        type=int,
+        metavar="MS",
+        help="with --live: how far the convergence ladder may raise the downtime (default 3000)",
+    )
+    p.add_argument(
+        "--converge-timeout",
+        type=float,
+        metavar="S",
+        help="with --live: abort cleanly (VM stays here) if not converged by then (default 300)",
     )
     p.add_argument("--postcopy", action="store_true", help="with --live: allow postcopy")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
@@ -183,8 +196,20 @@ def run_live(args: argparse.Namespace) -> int:
     if args.postcopy:
         print("dwcp: --postcopy is not supported yet; run without it", file=sys.stderr)
         return 2
-    request = {"name": args.image, "to": args.to, "downtime_limit": args.downtime_limit}
-    result: dict[str, Any] = call_node(config, "migrate_live", request)
+    request = {
+        "name": args.image,
+        "to": args.to,
+        "downtime_limit": args.downtime_limit,
+        "max_downtime": args.max_downtime,
+        "converge_timeout": args.converge_timeout,
+    }
+    try:
+        result: dict[str, Any] = call_node(config, "migrate_live", request)
+    except MigrationAbortedError as exc:
+        if args.json:  # the contract's last line, then the one-line error on stderr
+            print(json.dumps({"name": args.image, "peer": args.to, "live": True,
+                              "result": "aborted", "reason": str(exc)}))  # fmt: skip
+        raise
     if args.json:
         print(json.dumps(result))
         return 0

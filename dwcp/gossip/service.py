@@ -18,8 +18,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dwcp.errors import ConfigError, PeerError
-from dwcp.gossip.admission import Admission, load_admission
+from dwcp.errors import ConfigError, PeerError, UsageError
+from dwcp.gossip.admission import (
+    Admission,
+    AdmissionWatcher,
+    AdmittedMember,
+    add_node,
+    load_admission,
+    remove_node,
+)
 from dwcp.gossip.auth import Signer, Verifier
 from dwcp.gossip.inventory import FINAL, REQUEST, RESPONSE, TAG, Inventory, decode_sync, encode_sync
 from dwcp.gossip.messages import ALIVE, STATE_NAMES, decode, encode
@@ -27,6 +34,7 @@ from dwcp.gossip.records import SwimConfig
 from dwcp.gossip.swim import Send, Swim
 from dwcp.node.context import NodeContext
 from dwcp.node.control import Emit, Handler
+from dwcp.node.ownership import Ownership
 from dwcp.node.service import BaseService
 from dwcp.tasks import cancel_and_wait, log_failure
 
@@ -83,9 +91,17 @@ class GossipService(BaseService):
         self._persisted = 0
         self.inventory: Inventory | None = None
         self._refresher: asyncio.Task[None] | None = None
+        self._members: dict[str, AdmittedMember] = {}  # admitted now, this node included
+        self.watcher: AdmissionWatcher | None = None
+        self._watch: asyncio.Task[None] | None = None
 
     def handlers(self) -> Mapping[str, Handler]:
-        return {"members": self.op_members, "where": self.op_where}
+        return {
+            "members": self.op_members,
+            "where": self.op_where,
+            "add_node": self.op_add_node,
+            "remove_node": self.op_remove_node,
+        }
 
     async def start(self) -> None:
         adm = self.admission
@@ -100,6 +116,7 @@ class GossipService(BaseService):
         inc = read_incarnation(self._inc_path) + 1
         write_incarnation(self._inc_path, inc)
         self._persisted = inc
+        self._members = adm.by_name()
         self._addrs = {m.name: (m.address.host, m.address.port) for m in adm.members}
         self.signer = Signer(self.ctx.key, me)
         self.verifier = Verifier({m.name: m.key for m in adm.members})
@@ -125,8 +142,15 @@ class GossipService(BaseService):
         self._rearm()
         self._refresher = asyncio.create_task(self._refresh_loop(), name="gossip-inventory")
         self._refresher.add_done_callback(log_failure)  # a bug here is logged, not lost
+        if self.ctx.ownership is not None:  # the registry's member table is authoritative
+            self.watcher = AdmissionWatcher(self.ctx.ownership, adm.members, adm.poll, self._apply)
+            self._watch = asyncio.create_task(self.watcher.run(), name="gossip-admission")
+            self._watch.add_done_callback(log_failure)
 
     async def stop(self) -> None:
+        if self._watch is not None:
+            await cancel_and_wait(self._watch)
+            self._watch = None
         if self._refresher is not None:
             await cancel_and_wait(self._refresher)
             self._refresher = None
@@ -139,6 +163,36 @@ class GossipService(BaseService):
         if transport is not None:
             transport.close()
             self._transport = None
+
+    def _apply(self, members: list[AdmittedMember], version: int) -> None:
+        """Make ``members`` the admitted set: a new one is probed, a removed one is
+        forgotten, told nothing, and its datagrams are dropped as not_admitted."""
+        core = self.core
+        assert core is not None
+        by_name = {m.name: m for m in members}
+        if core.name not in by_name:
+            log.warning(
+                "gossip: this node (%s) is not in the committed member table (version %d): "
+                "it gossips with nobody until it is added again",
+                core.name,
+                version,
+                extra={"event": "self_removed", "version": version},
+            )
+            by_name = {}
+        added, gone = set(by_name) - set(self._members), set(self._members) - set(by_name)
+        self._members = by_name
+        self._addrs = {m.name: (m.address.host, m.address.port) for m in by_name.values()}
+        self.verifier.set_keys({m.name: m.key for m in by_name.values()})
+        core.set_admitted(by_name, asyncio.get_running_loop().time())
+        log.info(
+            "gossip: member table version %d: %d members admitted (added %s, removed %s)",
+            version,
+            len(by_name),
+            ", ".join(sorted(added)) or "none",
+            ", ".join(sorted(gone)) or "none",
+            extra={"event": "admission_changed", "version": version},
+        )
+        self._rearm()
 
     # --- the loop: datagrams and one timer --------------------------------------------------
 
@@ -269,7 +323,8 @@ class GossipService(BaseService):
         image = str(args.get("image", ""))
         if self.inventory is None:
             return {"enabled": False, "image": image, "holders": []}
-        return {"enabled": True, "image": image, "holders": self.inventory.where(image)}
+        holders = [h for h in self.inventory.where(image) if h["member"] in self._members]
+        return {"enabled": True, "image": image, "holders": holders}
 
     def metrics(self) -> dict[str, Any]:
         """What ``dwcp_gossip_*`` reports when the node is scraped."""
@@ -305,7 +360,7 @@ class GossipService(BaseService):
                 "images": sorted(self.inventory.images(core.name)) if self.inventory else [],
             }
         ]
-        by_name = adm.by_name()
+        by_name = self._members
         for name in sorted(core.members):
             m = core.members[name]
             rows.append(
@@ -330,4 +385,31 @@ class GossipService(BaseService):
             "bytes_received": self.bytes_received,
             "bytes_sent_per_s": round(self.bytes_sent / up, 1),
             "awareness": core.awareness.score,
+            "admission": {
+                "source": "registry" if self.watcher and self.watcher.version else "gossip.toml",
+                "version": self.watcher.version if self.watcher else 0,
+            },
         }
+
+    async def op_add_node(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        own = self._ownership()
+        got = await add_node(
+            own, self._members, str(args["name"]), str(args["key"]), str(args["address"])
+        )
+        if self.watcher is not None:
+            self.watcher.nudge()
+        return got
+
+    async def op_remove_node(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        got = await remove_node(self._ownership(), self._members, str(args["name"]))
+        if self.watcher is not None:
+            self.watcher.nudge()
+        return got
+
+    def _ownership(self) -> Ownership:
+        if self.ctx.ownership is None:
+            raise UsageError(
+                "this node has no [consensus] section: the fleet's member table lives in the "
+                "PBFT registry; run the command on a member with [consensus]"
+            )
+        return self.ctx.ownership

@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dwcp import framing
-from dwcp.errors import ConsensusError, DwcpError, UsageError, VmError
+from dwcp.errors import ConsensusError, DwcpError, MigrationAbortedError, UsageError, VmError
 from dwcp.identity import PublicKey
-from dwcp.live import hold, recover
+from dwcp.live import hold, precopy, recover
 from dwcp.live.control import CONTROL, MAX_FRAME, RELAY, disk_size, encode_msg, read_msg
+from dwcp.live.converge import Converger
 from dwcp.live.host import VmHost
 from dwcp.live.phases import Outcome, Phase, PhaseMachine
 from dwcp.live.relay import Counter, pipe
@@ -70,7 +71,9 @@ class LiveMigrator:
         await ctx.reload()
         name = check_image_name(str(args.get("name", "")))
         peer = ctx.config.peer(str(args.get("to", "")))
-        downtime = args.get("downtime_limit")
+        conv = precopy.policy(
+            args.get("downtime_limit"), args.get("max_downtime"), args.get("converge_timeout")
+        )
         async with self.vms.lock(name):
             state, _ = await self.vms.state(name)
             if state != "running":
@@ -78,9 +81,9 @@ class LiveMigrator:
                     f"VM {name} is not running on this node ({state}): 'dwcp vm list' shows "
                     f"where it is; 'dwcp vm start {name}' starts it here"
                 )
-            return await self._migrate(name, peer, downtime, emit)
+            return await self._migrate(name, peer, conv, emit)
 
-    async def _migrate(self, name: str, peer: Any, downtime: Any, emit: Emit) -> dict[str, Any]:
+    async def _migrate(self, name: str, peer: Any, conv: Any, emit: Emit) -> dict[str, Any]:
         ctx, loop = self.ctx, asyncio.get_running_loop()
         pm = PhaseMachine()
         t0 = loop.time()
@@ -144,20 +147,21 @@ class LiveMigrator:
 
             pm.advance(Phase.RAM, loop.time())
             emit({"phase": pm.phase.value})
-            caps = [{"capability": "pause-before-switchover", "state": True}]
+            caps = [{"capability": "pause-before-switchover", "state": True}, *precopy.START_CAPS]
             await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
             crawl = hold.wanted(paths.root, "ram")
             params: dict[str, Any] = {
-                "max-bandwidth": hold.CRAWL_BYTES_PER_SECOND if crawl else 1 << 40
+                "max-bandwidth": hold.CRAWL_BYTES_PER_SECOND if crawl else 1 << 40,
+                "downtime-limit": conv.downtime_ms,
+                **precopy.START_PARAMS,
             }
-            if downtime is not None:
-                params["downtime-limit"] = int(downtime)
             await qmp.execute("migrate-set-parameters", params)
             await qmp.execute("migrate", {"uri": f"unix:{paths.root / 'relay-mig.sock'}"})
             if crawl:
                 await hold.hold(paths.root, "ram")
                 await qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
-            await self._wait_migration(qmp, pm, ("pre-switchover",), emit)
+            converger = Converger(conv, loop.time())
+            await precopy.wait_precopy(qmp, pm, converger, lambda: ram_counter.raw[0], emit)
 
             pm.advance(Phase.SWITCH, loop.time())  # the source is paused from here
             emit({"phase": pm.phase.value})
@@ -210,8 +214,15 @@ class LiveMigrator:
                 "bytes_wire": disk_bytes.up + disk_bytes.down + ram_counter.up + ram_counter.down,
                 "owner": owner,
                 "epoch": epoch,
+                "result": "completed",
+                "downtime_limit_ms": converger.downtime_ms,
+                "converge_rung": converger.rung,
             }
         except (DwcpError, OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
+            if chan is not None and pm.phase in (Phase.DISK, Phase.RAM):
+                with contextlib.suppress(DwcpError, OSError):  # the peer discards its copy now
+                    chan.writer.write(encode_msg({"op": "abort"}))
+                    await chan.writer.drain()
             where = await self._fail(name, qmp, pm, exc, peer)
             raise self._error(peer.name, pm, exc, where) from None
         except BaseException:  # cancelled: same rule, then let the cancellation go on
@@ -314,6 +325,8 @@ class LiveMigrator:
 
     def _error(self, peer: str, pm: PhaseMachine, exc: BaseException, where: str) -> DwcpError:
         what = str(exc) or type(exc).__name__
+        if isinstance(exc, MigrationAbortedError):
+            return MigrationAbortedError(f"live migration to {peer} aborted: {what}; {where}")
         cls = ConsensusError if isinstance(exc, ConsensusError) else VmError
         return cls(f"live migration to {peer} failed while {pm.phase.value} ({what}); {where}; "
                    "re-run the command to try again")  # fmt: skip

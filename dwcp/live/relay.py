@@ -38,6 +38,7 @@ class Counter:
     def __init__(self) -> None:
         self.up = 0  # source -> destination
         self.down = 0
+        self.raw = [0]  # live: bytes read from the local end into packed channels (uncompressed)
 
 
 async def _copy(reader: _Reader, writer: Any, count: list[int]) -> None:
@@ -54,8 +55,12 @@ async def _copy(reader: _Reader, writer: Any, count: list[int]) -> None:
             writer.write_eof()
 
 
-async def _pack(reader: _Reader, writer: Any, count: list[int]) -> None:
-    """Into a channel: each read compressed to one zstd frame (counted as sent)."""
+async def _pack(
+    reader: _Reader, writer: Any, count: list[int], raw: list[int] | None = None
+) -> None:
+    """Into a channel: each read compressed to one zstd frame (counted as sent). ``raw``
+    counts the uncompressed bytes once the channel took them (after drain): the rate QEMU's
+    stream crosses the link at, for ``converge``."""
     z = zstandard.ZstdCompressor(level=LEVEL)
     try:
         while True:
@@ -67,6 +72,8 @@ async def _pack(reader: _Reader, writer: Any, count: list[int]) -> None:
             writer.write(framing.header(len(frame)))
             writer.write(frame)
             await writer.drain()
+            if raw is not None:
+                raw[0] += len(data)
     finally:
         with contextlib.suppress(Exception):
             writer.write_eof()
@@ -107,7 +114,7 @@ async def pipe(
     what comes out of it decompressed. The counter counts the channel's bytes."""
     up, down = [0], [0]
     if packed == "b":
-        ab, ba = _pack(a_r, b_w, up), _unpack(b_r, a_w, down)
+        ab, ba = _pack(a_r, b_w, up, counter.raw), _unpack(b_r, a_w, down)
     elif packed == "a":
         ab, ba = _unpack(a_r, b_w, up), _pack(b_r, a_w, down)
     else:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dwcp.consensus.members import MemberSet, decode_members
 from dwcp.consensus.net import ClientPool, NetConfig, ReplicaServer
 from dwcp.consensus.registry import Result, decode_result, encode_op
 from dwcp.consensus.wal import Wal
@@ -141,7 +142,9 @@ class Ownership:
         if self.server is not None:
             self.server.close()  # waits for an fsync in flight
 
-    async def _request(self, *op: str | int) -> Result:
+    async def request_raw(self, *op: str | int) -> bytes:
+        """Order one registry op and return its committed answer (within ``[consensus]
+        timeout``, else ``ConsensusError``); one request in flight per client key."""
         assert self.pool is not None
         timeout = self.settings.timeout
         try:
@@ -153,7 +156,18 @@ class Ownership:
                 f"no answer from the ownership cluster within {timeout:g} s ([consensus] "
                 "timeout): fewer than 2f+1 replicas are reachable; check 'dwcp status'"
             ) from None
-        result = decode_result(done.result)
+        return done.result
+
+    async def member_set(self) -> MemberSet:
+        """The fleet's committed member table (``dwcp.consensus.members``)."""
+        return decode_members(await self.request_raw("members"))
+
+    async def change_members(self, *op: str) -> Result:
+        """Commit ``add_node``/``remove_node`` (``dwcp cluster add-node``/``remove-node``)."""
+        return await self._request(*op)
+
+    async def _request(self, *op: str | int) -> Result:
+        result = decode_result(await self.request_raw(*op))
         key = f"{op[0]}:{'ok' if result.ok else result.reason}"
         self.requests[key] = self.requests.get(key, 0) + 1
         return result

@@ -55,13 +55,13 @@ def step(t0: float, what: str) -> None:
     print(f"{time.monotonic() - t0:7.1f} s  {what}", flush=True)
 
 
-def boot(w: FaultWorld, name: str) -> str:
+def boot(w: FaultWorld, name: str, append: str = guest.APPEND) -> str:
     """Start VM ``name`` on a; its boot id once it has ticked three times."""
     kernel, initrd = need_guest()
     (w.a.images / f"{name}.raw").write_bytes(bytes(DISK_MIB << 20))
     w.a.cli(
         "vm", "start", name, "--disk", f"{name}.raw", "--memory", "128M",
-        "--kernel", str(kernel), "--initrd", str(initrd), "--append", guest.APPEND,
+        "--kernel", str(kernel), "--initrd", str(initrd), "--append", append,
     )  # fmt: skip
     wait_until(lambda: len(ticks(w.a, name)) >= 3, "three ticks on the console", polls=2400)
     return ticks(w.a, name)[-1][1]
@@ -160,4 +160,32 @@ def test_a_fault_leaves_the_vm_on_one_host_and_a_rerun_completes(
         for n in (w.a, w.b):
             if n.proc is None:
                 n.start()
+            kill_qemu(n, name)
+
+
+def test_a_guest_that_does_not_converge_aborts_cleanly(world: FaultWorld) -> None:
+    """The convergence budget runs out (a dirtying guest, a 1 s --converge-timeout): the
+    command fails with a typed one-line error and ``"result": "aborted"``, the VM runs on at
+    a, unpaused and still owned by a, and b has no QEMU and no staging disk for it."""
+    w, name = world, "noconverge"
+    try:
+        boot_id = boot(w, name, guest.dirty_append(4096))
+        pid = w.a.vm_status(name)["pid"]
+        r = w.a.cli("migrate", "--live", name, "--to", "b", "--converge-timeout", "1", "--json",
+                    check=False, timeout=240)  # fmt: skip
+        assert r.returncode != 0, r.stdout
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        assert res["result"] == "aborted" and "--converge-timeout" in res["reason"], res
+        assert "keeps running here" in r.stderr, r.stderr
+        st = w.a.vm_status(name)
+        assert st["state"] == "running" and st["pid"] == pid, st
+        assert st["owner"] == w.a.node_id(), st
+        wait_until(lambda: w.b.vm_status(name).get("state", "undefined") != "running" and
+                   not list(w.b.images.glob(f".{name}.raw.live-*")),
+                   "b discarded its incoming copy", polls=300, interval=0.2)  # fmt: skip
+        last = ticks(w.a, name)[-1][0]
+        wait_ticks_after(w.a, name, last, "ticks at a after the abort")
+        assert {b for _, b in ticks(w.a, name)} == {boot_id}, "the guest rebooted"
+    finally:
+        for n in (w.a, w.b):
             kill_qemu(n, name)

@@ -1,0 +1,92 @@
+"""The RAM pre-copy's QMP side: poll ``query-migrate``, feed ``converge``, apply its actions.
+
+Thin by design: what to do lives in ``converge.Converger`` (sans-IO); this module only
+turns its ``Action``s into ``migrate-set-parameters`` calls and an abort into a typed error
+(the caller's failure rule then cancels the migration and resumes the source).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from dwcp.errors import MigrationAbortedError, VmError
+from dwcp.live.converge import Action, Converger, Kind, Policy, RateMeter, Sample
+from dwcp.live.phases import PhaseMachine
+from dwcp.node.control import Emit
+from dwcp.vm.qmp import QmpClient
+
+log = logging.getLogger("dwcp.live")
+POLL = 0.1
+DEFAULT_MAX_DOWNTIME_MS = 3000
+DEFAULT_CONVERGE_SECONDS = 300.0
+
+# auto-converge cannot be switched on once a migration runs (QEMU refuses capability
+# changes then), so it is on from the start with a 1% ceiling: no throttle until the
+# ladder lifts the ceiling (``Kind.AUTO_CONVERGE``).
+START_CAPS = [{"capability": "auto-converge", "state": True}]
+START_PARAMS = {"cpu-throttle-initial": 1, "max-cpu-throttle": 1, "cpu-throttle-increment": 1}
+
+
+def policy(downtime: int | None, max_downtime: int | None, timeout: float | None) -> Policy:
+    want = int(downtime) if downtime is not None else 300
+    cap = int(max_downtime) if max_downtime is not None else DEFAULT_MAX_DOWNTIME_MS
+    return Policy(
+        downtime_ms=want,
+        max_downtime_ms=max(want, cap),
+        timeout_s=float(timeout) if timeout is not None else DEFAULT_CONVERGE_SECONDS,
+    )
+
+
+def params_of(action: Action) -> dict[str, int] | None:
+    """QEMU's ``migrate-set-parameters`` arguments for one action (None: abort)."""
+    if action.kind is Kind.DOWNTIME:
+        return {"downtime-limit": action.value}
+    if action.kind is Kind.BANDWIDTH:
+        return {"max-bandwidth": action.value}
+    if action.kind is Kind.AUTO_CONVERGE:
+        return {"max-cpu-throttle": 99, "cpu-throttle-initial": action.value}
+    if action.kind is Kind.THROTTLE:
+        return {"cpu-throttle-increment": action.value}
+    return None
+
+
+async def wait_precopy(
+    qmp: QmpClient,
+    pm: PhaseMachine,
+    conv: Converger,
+    raw_sent: Callable[[], int],
+    emit: Emit,
+) -> dict[str, Any]:
+    """Until QEMU pauses the source at ``pre-switchover``; ``MigrationAbortedError`` when the
+    converger gives up. ``raw_sent``: QEMU's bytes the relay has put into its channel."""
+    loop = asyncio.get_running_loop()
+    meter = RateMeter()
+    while True:
+        now = loop.time()
+        if pm.expired(now):
+            raise VmError("the RAM copy did not reach pre-switchover in time")
+        info: dict[str, Any] = await qmp.execute(
+            "query-migrate", timeout=max(1.0, pm.remaining(now))
+        )
+        status = info.get("status")
+        if status == "pre-switchover":
+            return info
+        if status in ("failed", "cancelled", "cancelling"):
+            raise VmError(f"QEMU's migration {status}: {info.get('error-desc', '')}")
+        rate = meter.add(now, raw_sent())
+        if status == "active":
+            for a in conv.feed(Sample.from_query(now, info, rate)):
+                args = params_of(a)
+                log.info("converge: %s %s (%s)", a.kind.value, a.value, a.reason,
+                         extra={"event": "live_converge"})  # fmt: skip
+                if args is None:
+                    raise MigrationAbortedError(a.reason)
+                await qmp.execute("migrate-set-parameters", args)
+        ram = info.get("ram", {})
+        emit({"phase": pm.phase.value, "ram_sent": ram.get("transferred"),
+              "ram_remaining": ram.get("remaining"), "downtime_limit_ms": conv.downtime_ms,
+              "rung": conv.rung})  # fmt: skip
+        await asyncio.sleep(POLL)
