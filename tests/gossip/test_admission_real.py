@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from node.cluster import ENV, PY, NodeProc, dwcp, free_udp_port, wait_until
+from node.cluster import ENV, PY, NodeProc, free_udp_port, init_cluster, wait_until
 
-from dwcp.consensus.testing import free_ports
 from dwcp.identity import NodeKey
 from dwcp.node import control
 from dwcp.node.config import load_config
@@ -60,20 +59,13 @@ class World:
         others = [NodeKey.generate() for _ in range(2)]
         for i, k in enumerate(others):
             k.save(root / f"replica-{i + 2}.key")
-        keys = [self.a.pubkey, self.b.pubkey, *(k.public.text for k in others)]
-        self.cluster = root / "cluster.json"
-        dwcp(
-            "cluster",
-            "init",
-            str(self.cluster),
-            *(f"--replica={k}@127.0.0.1:{p}" for k, p in zip(keys, free_ports(4), strict=True)),
-            f"--client={self.a.pubkey}",
-            f"--client={self.b.pubkey}",
+        self.cluster = init_cluster(
+            root,
+            [self.a, self.b],
+            [k.public.text for k in others],
+            [self.a.pubkey, self.b.pubkey],
+            timeout=30,
         )
-        for i, node in enumerate((self.a, self.b)):
-            with open(node.config, "a", encoding="utf-8") as f:
-                f.write(f'\n[consensus]\ncluster = "{self.cluster}"\nreplica = {i}\ntimeout = 30\n')
-            node.cli("cluster", "join")
         self.replicas: list[subprocess.Popen[bytes]] = []
 
     def start_replica(self, i: int) -> None:

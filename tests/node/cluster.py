@@ -183,3 +183,27 @@ def mutate(src: Path, dst: Path, blocks: list[int], seed: int) -> None:
     for b in blocks:
         data[b * 4096 : b * 4096 + 4096] = rnd.randbytes(4096)
     dst.write_bytes(data)
+
+
+def init_cluster(
+    root: Path, nodes: list[NodeProc], extra_replicas: list[str], clients: list[str], timeout: int
+) -> Path:
+    """One PBFT cluster: `nodes` are replicas 0.. in order, then `extra_replicas` (public keys).
+
+    Each node's config names its replica id and the node joins, so the daemons' tests all start
+    from the same set-up instead of each spelling `cluster init` and the config lines.
+    """
+    keys = [n.pubkey for n in nodes] + extra_replicas
+    cluster = root / "cluster.json"
+    dwcp(
+        "cluster",
+        "init",
+        str(cluster),
+        *(f"--replica={k}@127.0.0.1:{p}" for k, p in zip(keys, free_ports(len(keys)), strict=True)),
+        *(f"--client={c}" for c in clients),
+    )
+    for i, node in enumerate(nodes):
+        with open(node.config, "a", encoding="utf-8") as f:
+            f.write(f'\n[consensus]\ncluster = "{cluster}"\nreplica = {i}\ntimeout = {timeout}\n')
+        node.cli("cluster", "join")  # first start: an empty log
+    return cluster

@@ -17,9 +17,8 @@ import pytest
 
 from dwcp.consensus.net import ClientPool, NetConfig
 from dwcp.consensus.registry import decode_result, encode_op
-from dwcp.consensus.testing import free_ports
 from dwcp.identity import NodeKey, PublicKey
-from node.cluster import ENV, PY, NodeProc, dwcp, make_image, sha256_file
+from node.cluster import ENV, PY, NodeProc, dwcp, init_cluster, make_image, sha256_file
 
 MiB = 1 << 20
 
@@ -34,22 +33,13 @@ class World:
         self.mallory = NodeKey.generate()
         for i, k in enumerate(self.others):
             k.save(root / f"replica-{i + 2}.key")
-        ports = free_ports(4)
-        keys = [self.a.pubkey, self.b.pubkey, *(k.public.text for k in self.others)]
-        self.cluster = root / "cluster.json"
-        dwcp(
-            "cluster",
-            "init",
-            str(self.cluster),
-            *(f"--replica={k}@127.0.0.1:{p}" for k, p in zip(keys, ports, strict=True)),
-            f"--client={self.a.pubkey}",
-            f"--client={self.b.pubkey}",
-            f"--client={self.mallory.public.text}",
+        self.cluster = init_cluster(
+            root,
+            [self.a, self.b],
+            [k.public.text for k in self.others],
+            [self.a.pubkey, self.b.pubkey, self.mallory.public.text],
+            timeout=60,
         )
-        for i, node in enumerate((self.a, self.b)):
-            with open(node.config, "a", encoding="utf-8") as f:
-                f.write(f'\n[consensus]\ncluster = "{self.cluster}"\nreplica = {i}\ntimeout = 60\n')
-            node.cli("cluster", "join")  # first start: an empty log
         self.replicas: dict[int, subprocess.Popen[bytes]] = {}
 
     def start_replica(self, i: int) -> None:

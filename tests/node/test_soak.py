@@ -32,11 +32,10 @@ from typing import Any
 import pytest
 
 from dwcp import errors
-from dwcp.consensus.testing import free_ports
 from dwcp.identity import NodeKey
 from dwcp.node import control
 from dwcp.node.config import load_config
-from node.cluster import ENV, PY, NodeProc, dwcp, sha256_file, wait_until
+from node.cluster import ENV, PY, NodeProc, init_cluster, sha256_file, wait_until
 
 KiB = 1 << 10
 VMS = 12
@@ -64,20 +63,10 @@ class Soak:
                     n.trust(o)
         self.spare = NodeKey.generate()
         self.spare.save(root / "replica-3.key")
-        ports = free_ports(4)
-        keys = [n.pubkey for n in self.nodes.values()] + [self.spare.public.text]
-        cluster = root / "cluster.json"
-        dwcp(
-            "cluster",
-            "init",
-            str(cluster),
-            *(f"--replica={k}@127.0.0.1:{p}" for k, p in zip(keys, ports, strict=True)),
-            *(f"--client={n.pubkey}" for n in self.nodes.values()),
+        nodes = list(self.nodes.values())
+        cluster = init_cluster(
+            root, nodes, [self.spare.public.text], [n.pubkey for n in nodes], timeout=30
         )
-        for i, node in enumerate(self.nodes.values()):
-            with open(node.config, "a", encoding="utf-8") as f:
-                f.write(f'\n[consensus]\ncluster = "{cluster}"\nreplica = {i}\ntimeout = 30\n')
-            node.cli("cluster", "join")
         wal = root / "replica-3.wal"
         cmd = [PY, "-m", "dwcp.consensus.net", "replica", "--config", str(cluster)]
         cmd += ["--id", "3", "--key", str(root / "replica-3.key"), "--wal", str(wal), "--new"]
