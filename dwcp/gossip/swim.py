@@ -42,6 +42,7 @@ from dwcp.gossip.messages import (
     Message,
     Update,
 )
+from dwcp.gossip.order import ProbeOrder
 from dwcp.gossip.records import Change, Member, Probe, Suspicion, SwimConfig
 
 Send = tuple[str, Message]
@@ -84,7 +85,7 @@ class Swim:
         self.rng = rng or random.Random()
         self.awareness = Awareness(cfg.awareness_max if cfg.lifeguard else 1)
         self.members: dict[str, Member] = {}
-        self._names: list[str] = []
+        self._peers = ProbeOrder()
         self.set_admitted(members, now)
         self.queue = BroadcastQueue(retransmit_limit(cfg.retransmit_mult, len(self.members) + 1))
         self.changes: list[Change] = []
@@ -93,8 +94,6 @@ class Swim:
         self._seq = 0
         self._token = 0
         self._timers: list[tuple[float, int, int, object]] = []
-        self._order: list[str] = []
-        self._pos = 0
         self._probe: Probe | None = None
         self._relays: dict[int, tuple[str, int]] = {}
         self._gossip_armed = False
@@ -122,8 +121,7 @@ class Swim:
         for n in sorted(wanted):
             if n not in self.members:
                 self.members[n] = Member(n, now)
-        self._names = sorted(self.members)
-        self._order, self._pos = [], 0
+        self._peers.reset(sorted(self.members))
 
     def state_of(self, name: str) -> int:
         return self.members[name].state
@@ -177,27 +175,6 @@ class Swim:
 
     # --- probing --------------------------------------------------------------------------
 
-    def _next_target(self) -> str | None:
-        """The next member of a random round-robin order, shuffled one Fisher-Yates step per
-        probe (a full shuffle up front cost the simulator 40% of a 2,000-member run)."""
-        rand = self.rng.random
-        members = self.members
-        for _ in range(2):
-            order = self._order
-            left = len(order) - self._pos
-            while left > 0:
-                i = self._pos
-                j = i + int(rand() * left)
-                name = order[j]
-                order[j], order[i] = order[i], name
-                self._pos = i + 1
-                left -= 1
-                m = members.get(name)
-                if m is not None and m.state <= SUSPECT:
-                    return name
-            self._order, self._pos = list(self._names), 0
-        return None
-
     def _timeout_for(self, m: Member) -> float:
         cfg = self.config
         if m.rtts is not None:
@@ -211,7 +188,7 @@ class Swim:
         period = self.awareness.scale(cfg.probe_interval)
         self._arm(now + period, _PROBE, None)
         self._finish_probe(now, out)
-        target = self._next_target()
+        target = self._peers.next(self.members, self.rng.random)
         if now >= self._reconnect_at:
             self._reconnect_at = now + cfg.reconnect_interval
             dead = [m.name for m in self.members.values() if m.state == DEAD]
@@ -263,28 +240,10 @@ class Swim:
             self._apply((SUSPECT, m.name, m.inc, self.name), now)
 
     def _random_members(self, k: int, exclude: str, now: float, *, alive_only: bool) -> list[str]:
-        """Up to ``k`` distinct random members: alive ones (for indirect probes) or, for
-        gossip, alive, suspect and recently dead ones (so a live one hears it and refutes)."""
-        names = self._names
-        found: list[str] = []
-        if not names or k <= 0:
-            return found
-        recent = now - self.config.gossip_to_dead
-        rand = self.rng.random
-        for _ in range(3 * k + 3):
-            n = names[int(rand() * len(names))]
-            if n == exclude or n in found:
-                continue
-            m = self.members[n]
-            if alive_only:
-                if m.state != ALIVE:
-                    continue
-            elif m.state == LEFT or (m.state == DEAD and m.since < recent):
-                continue
-            found.append(n)
-            if len(found) >= k:
-                break
-        return found
+        dead_since = now - self.config.gossip_to_dead
+        return self._peers.sample(
+            k, exclude, self.members, self.rng.random, alive_only=alive_only, dead_since=dead_since
+        )
 
     # --- messages -------------------------------------------------------------------------
 
