@@ -57,6 +57,14 @@ def _stamp(path: Path) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
+def _read_checked(c: _Cached, offset: int, size: int) -> bytes | None:
+    """The piece, or None if the file is no longer the one its manifest describes (one
+    thread hop per piece, not two: the stat and the read together)."""
+    if _stamp(c.path) != c.stamp:
+        return None
+    return read_piece(c.path, offset, size)
+
+
 class SessionFetcher:
     """``Fetcher`` over the node's peer sessions: one session per source for the pull."""
 
@@ -165,14 +173,16 @@ class Pulls(BaseService):
             raise RemoteError("not_found", "ask pull-manifest first (unknown image sha256)")
         if not (0 <= offset <= c.manifest.size and 0 < size <= MAX_PIECE):
             raise RemoteError("bad_request", "pull-piece: offset or size out of range")
-        if await asyncio.to_thread(_stamp, c.path) != c.stamp:
+        data = await asyncio.to_thread(_read_checked, c, offset, size)
+        if data is None:
             raise RemoteError("changed", f"{c.path.name} changed since its manifest; retry")
-        return await asyncio.to_thread(read_piece, c.path, offset, size)
+        return data
 
     # --- as the destination -----------------------------------------------------------
 
     async def op_pull(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        """Control operation ``pull``: {name, from?: [peer names]}."""
+        """Control operation ``pull``: {name, from?: [peer names], equal_split?: bool}
+        (``equal_split``: the naive way, one equal run per source, to compare with)."""
         ctx = self.ctx
         if ctx.draining:
             raise UsageError("the node is shutting down; re-run when it is back")
@@ -207,6 +217,7 @@ class Pulls(BaseService):
             result = await pull(
                 fetcher, list(by_name), name, place, prior=prior,
                 config=PULL_CONFIG, on_progress=emit, piece=PULL_PIECE,
+                equal_split=bool(args.get("equal_split")),
             )  # fmt: skip
         except DwcpError as exc:
             log.info("pull of %s failed: %s", name, exc, extra={"event": "pull_failed"})
@@ -226,13 +237,15 @@ class Pulls(BaseService):
     ) -> dict[str, Any]:
         """The manifests' vote and the plan only: what a pull would fetch, from whom, and
         how long PBA's P10 rates say it takes. Nothing is fetched, written or claimed."""
-        m, holders, excluded = await agree(fetcher, sources, name)
+        ag = await agree(fetcher, sources, name)
+        m, holders, excluded = ag.manifest, ag.sources, ag.excluded
         out = self.ctx.store.image_path(check_image_name(name if name != m.sha256 else m.name))
         done = await asyncio.to_thread(resumable, self.ctx.store.transfer_dir(m.sha256[:32]), m)
         resumed = sum(min(m.piece, m.size - i * m.piece) for i in done)
         need = m.size - resumed
         rates = {s: prior[s] for s in holders}
-        t = bound([(need, frozenset(holders))], rates) if need else 0.0
+        pieces = [(i, min(m.piece, m.size - i * m.piece)) for i in range(len(m.hashes))]
+        t = bound(ag.groups([p for p in pieces if p[0] not in done]), rates) if need else 0.0
         return {
             "dry_run": True,
             "name": out.name,
@@ -242,6 +255,7 @@ class Pulls(BaseService):
             "bytes_to_send": need,
             "predicted_seconds": round(t, 3),
             "sources": holders,
+            "partial": {s: len(ag.pieces_of(s)) for s in ag.partial},
             "excluded": excluded,
             "prior": {s: round(r, 1) for s, r in rates.items()},
             "exists": out.exists(),
