@@ -60,7 +60,10 @@ STAT_NAMES = (
     "received",
     "push_pulls",
     "rejected",
+    "rechecks",
 )
+RECHECKS = 3
+"""Direct pings a member that was itself unwell sends a suspect before it declares it dead."""
 
 # timer kinds
 _PROBE, _PROBE_TIMEOUT, _NACK, _RELAY_END, _SUSPICION, _GOSSIP, _PUSH_PULL = range(7)
@@ -103,6 +106,7 @@ class Swim:
         self._arm(now + self.rng.random() * cfg.probe_interval, _PROBE, None)
         self._arm_gossip(now)
         self.last_rejection = ""
+        self._unwell_at = -1.0  # last time this member had evidence that it missed messages
         self._pp_replied: dict[str, float] = {}
         self._pp_every = 0.0
         if cfg.lifeguard and cfg.push_pull_interval > 0:
@@ -229,10 +233,7 @@ class Swim:
         if probe is None or probe.acked:
             return
         self.stats["probe_failures"] += 1
-        if probe.expected_nacks:
-            self.awareness.apply(max(0, probe.expected_nacks - probe.nacks))
-        else:
-            self.awareness.apply(1)
+        self._unwell(max(0, probe.expected_nacks - probe.nacks) if probe.expected_nacks else 1, now)
         m = self.members.get(probe.target)
         if m is not None and m.state <= SUSPECT:
             # a suspect we also failed to reach: our own accusation is a confirmation
@@ -413,6 +414,8 @@ class Swim:
     def _rearm_suspicion(self, m: Member) -> None:
         s = m.susp
         assert s is not None
+        if s.pings:
+            return  # a recheck is under way: it ends by itself (_suspicion_fired)
         lo, hi = self._bounds()
         s.deadline = s.start + suspicion_timeout(len(s.confirmed) - 1, self._wanted(), lo, hi)
         heapq.heappush(self._timers, (s.deadline, s.token, _SUSPICION, (m, s)))
@@ -431,8 +434,29 @@ class Swim:
         m, s = arg
         if m.susp is not s or now < s.deadline or m.state != SUSPECT:
             return
+        unwell = self._unwell_at >= s.checked
+        if self.config.lifeguard and (unwell or 0 < s.pings < RECHECKS):
+            # This member missed acks or nacks (or was itself suspected) since the suspicion
+            # began: it may have missed the refutation too (a stalled or slow receiver whose
+            # timers ran on). Fresh evidence first: RECHECKS direct pings carrying the
+            # accusation (the suspect refutes in its ack), spread over the shortest suspicion
+            # timeout, with this member hearing all along (it starts over if it was unwell).
+            s.pings = 1 if unwell else s.pings + 1
+            s.checked = now
+            self.stats["rechecks"] += 1
+            s.deadline = now + self._bounds()[0] / RECHECKS
+            heapq.heappush(self._timers, (s.deadline, s.token, _SUSPICION, (m, s)))
+            self._seq += 1
+            self._send(out, m.name, PING, self._seq, m.name, self._buddy(m))
+            return
         self.stats["deaths"] += 1
         self._apply((DEAD, m.name, m.inc, self.name), now)
+
+    def _unwell(self, delta: int, now: float) -> None:
+        """Lifeguard's local health: raise the awareness score; remember when (see above)."""
+        self.awareness.apply(delta)
+        if delta > 0:
+            self._unwell_at = now
 
     def _about_self(self, u: Update, now: float) -> None:
         state, _, inc, _ = u
@@ -447,7 +471,7 @@ class Swim:
             return
         self.incarnation = inc + 1
         self.stats["refutations"] += 1
-        self.awareness.apply(1)
+        self._unwell(1, now)
         self.queue.push((ALIVE, self.name, self.incarnation, self.name))
 
     def announce(self, now: float) -> None:
