@@ -57,7 +57,7 @@ from dwcp.vm.qmp import QmpClient
 PY = sys.executable
 RATE_BPS, DELAY_MS, LOSS = 100e6, 25.0, 0.005
 RATES_KIB = {"0": 0, "2M": 2048, "6M": 6144}
-MODES = ("dwcp", "native-reno", "native-bbr")
+MODES = ("dwcp", "native-reno", "native-bbr")  # also "dwcp-1ch": QEMU's one stream (no multifd)
 CACHE = Path(os.environ.get("DWCP_GUEST_CACHE", Path.home() / ".cache" / "dwcp-guest"))
 BOOT_SECONDS = 240.0  # a TCG boot on a loaded 2-core machine took ~30 s
 WARM_SECONDS = 3.0  # after the first tick (and the dirtier's start) before migrating
@@ -113,7 +113,9 @@ def kill_pidfile(p: Path) -> None:
 # --- dwcp -----------------------------------------------------------------------------
 
 
-def run_dwcp(link: Link, root: Path, kib: int, a: argparse.Namespace) -> dict[str, Any]:
+def run_dwcp(
+    link: Link, root: Path, kib: int, a: argparse.Namespace, multifd: int | None = None
+) -> dict[str, Any]:
     kernel, initrd = guest.build(CACHE)
     pa, pb = free_ports(2)
     na = BenchNode(root, "a", f"{link.addr_a}:{pa}")
@@ -150,7 +152,8 @@ def run_dwcp(link: Link, root: Path, kib: int, a: argparse.Namespace) -> dict[st
             res = control.call(
                 load_config(na.config).control_path, "migrate_live",
                 {"name": "g", "to": "b", "downtime_limit": None,
-                 "converge_timeout": a.converge_timeout}, on_progress=progress,
+                 "converge_timeout": a.converge_timeout, "multifd": multifd},
+                on_progress=progress,
             )  # fmt: skip
             row.update(
                 converged=True,
@@ -164,6 +167,8 @@ def run_dwcp(link: Link, root: Path, kib: int, a: argparse.Namespace) -> dict[st
                 epoch=res.get("epoch"),
                 downtime_limit_ms=res.get("downtime_limit_ms"),
                 converge_rung=res.get("converge_rung"),
+                multifd_channels=res.get("multifd_channels"),
+                lanes=res.get("lanes"),
             )
         except TimeoutError:
             row.update(seconds=None, error=f"no completion within {a.timeout:g} s")
@@ -406,10 +411,13 @@ def print_row(rate: str, mode: str, r: dict[str, Any]) -> None:
 def ratios(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for rate, by in rows.items():
-        d = by.get("dwcp", {}).get("seconds")
-        for mode in ("native-reno", "native-bbr"):
-            n = by.get(mode, {}).get("seconds")
-            out[f"{rate}:{mode}"] = round(d / n, 3) if d and n else None
+        for dm in ("dwcp", "dwcp-1ch"):
+            d = by.get(dm, {}).get("seconds")
+            for mode in ("native-reno", "native-bbr", "dwcp-1ch"):
+                n = by.get(mode, {}).get("seconds")
+                if mode in by and dm in by and dm != mode:
+                    key = f"{rate}:{mode}" if dm == "dwcp" else f"{rate}:{dm}/{mode}"
+                    out[key] = round(d / n, 3) if d and n else None
     return out
 
 
@@ -430,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--converge-timeout", type=float, default=80.0,
                    help="dwcp's RAM-phase budget before its clean abort (s)")  # fmt: skip
+    p.add_argument("--multifd", type=int, default=None,
+                   help="dwcp's multifd channels (default: the node's, 4)")  # fmt: skip
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     rates = ["0"] if a.quick else a.rates.split(",")
@@ -447,7 +457,9 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"-- {rate} {mode}")
                 try:
                     if mode == "dwcp":
-                        r = run_dwcp(link, root, kib, a)
+                        r = run_dwcp(link, root, kib, a, a.multifd)
+                    elif mode == "dwcp-1ch":
+                        r = run_dwcp(link, root, kib, a, 0)
                     else:
                         r = run_native(link, root, kib, mode.split("-")[1], a)
                 finally:

@@ -85,6 +85,13 @@ def register(sub: Any) -> None:
         metavar="S",
         help="with --live: abort cleanly (VM stays here) if not converged by then (default 300)",
     )
+    p.add_argument(
+        "--multifd",
+        type=int,
+        metavar="N",
+        help="with --live: QEMU's multifd channels, each on its own dwcp session (0: off; "
+        "default 4)",
+    )
     p.add_argument("--postcopy", action="store_true", help="with --live: allow postcopy")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     shown = p.add_mutually_exclusive_group()
@@ -202,6 +209,7 @@ def run_live(args: argparse.Namespace) -> int:
         "downtime_limit": args.downtime_limit,
         "max_downtime": args.max_downtime,
         "converge_timeout": args.converge_timeout,
+        "multifd": args.multifd,
     }
     try:
         result: dict[str, Any] = call_node(config, "migrate_live", request)

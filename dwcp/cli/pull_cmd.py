@@ -39,6 +39,12 @@ def register(sub: Any) -> None:
         help="ask the sources for the manifest and report what would be fetched, and how "
         "long it should take; fetch nothing",
     )
+    p.add_argument(
+        "--equal-split",
+        action="store_true",
+        help="the naive way, to compare with: one equal contiguous part per source, "
+        "no shares by rate and no moved work",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     p.set_defaults(func=run)
 
@@ -47,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     config = require_config(args)
     sources = [s for arg in args.sources or [] for s in arg.split(",") if s]
     req = {"name": args.name, "from": sources, "dry_run": args.dry_run}
+    if args.equal_split:
+        req["equal_split"] = True
     result: dict[str, Any] = call_node(config, "pull", req, timeout=None)
     if args.json:
         print(json.dumps(result))

@@ -81,10 +81,14 @@ class Member:
 
 
 class Suspicion:
-    __slots__ = ("confirmed", "deadline", "start", "token")
+    __slots__ = ("checked", "confirmed", "deadline", "pings", "start", "token")
 
     def __init__(self, start: float, origin: str, token: int) -> None:
         self.start = start
+        self.checked = start
+        """Since when the holder's own health is looked at before it acts (see ``swim``)."""
+        self.pings = 0
+        """Direct pings of the recheck under way (0: none)."""
         self.confirmed = {origin}
         self.deadline = start
         self.token = token

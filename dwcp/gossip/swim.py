@@ -42,6 +42,7 @@ from dwcp.gossip.messages import (
     Message,
     Update,
 )
+from dwcp.gossip.order import ProbeOrder
 from dwcp.gossip.records import Change, Member, Probe, Suspicion, SwimConfig
 
 Send = tuple[str, Message]
@@ -59,7 +60,10 @@ STAT_NAMES = (
     "received",
     "push_pulls",
     "rejected",
+    "rechecks",
 )
+RECHECKS = 3
+"""Direct pings a member that was itself unwell sends a suspect before it declares it dead."""
 
 # timer kinds
 _PROBE, _PROBE_TIMEOUT, _NACK, _RELAY_END, _SUSPICION, _GOSSIP, _PUSH_PULL = range(7)
@@ -84,7 +88,7 @@ class Swim:
         self.rng = rng or random.Random()
         self.awareness = Awareness(cfg.awareness_max if cfg.lifeguard else 1)
         self.members: dict[str, Member] = {}
-        self._names: list[str] = []
+        self._peers = ProbeOrder()
         self.set_admitted(members, now)
         self.queue = BroadcastQueue(retransmit_limit(cfg.retransmit_mult, len(self.members) + 1))
         self.changes: list[Change] = []
@@ -93,8 +97,6 @@ class Swim:
         self._seq = 0
         self._token = 0
         self._timers: list[tuple[float, int, int, object]] = []
-        self._order: list[str] = []
-        self._pos = 0
         self._probe: Probe | None = None
         self._relays: dict[int, tuple[str, int]] = {}
         self._gossip_armed = False
@@ -104,6 +106,7 @@ class Swim:
         self._arm(now + self.rng.random() * cfg.probe_interval, _PROBE, None)
         self._arm_gossip(now)
         self.last_rejection = ""
+        self._unwell_at = -1.0  # last time this member had evidence that it missed messages
         self._pp_replied: dict[str, float] = {}
         self._pp_every = 0.0
         if cfg.lifeguard and cfg.push_pull_interval > 0:
@@ -122,8 +125,7 @@ class Swim:
         for n in sorted(wanted):
             if n not in self.members:
                 self.members[n] = Member(n, now)
-        self._names = sorted(self.members)
-        self._order, self._pos = [], 0
+        self._peers.reset(sorted(self.members))
 
     def state_of(self, name: str) -> int:
         return self.members[name].state
@@ -177,27 +179,6 @@ class Swim:
 
     # --- probing --------------------------------------------------------------------------
 
-    def _next_target(self) -> str | None:
-        """The next member of a random round-robin order, shuffled one Fisher-Yates step per
-        probe (a full shuffle up front cost the simulator 40% of a 2,000-member run)."""
-        rand = self.rng.random
-        members = self.members
-        for _ in range(2):
-            order = self._order
-            left = len(order) - self._pos
-            while left > 0:
-                i = self._pos
-                j = i + int(rand() * left)
-                name = order[j]
-                order[j], order[i] = order[i], name
-                self._pos = i + 1
-                left -= 1
-                m = members.get(name)
-                if m is not None and m.state <= SUSPECT:
-                    return name
-            self._order, self._pos = list(self._names), 0
-        return None
-
     def _timeout_for(self, m: Member) -> float:
         cfg = self.config
         if m.rtts is not None:
@@ -211,7 +192,7 @@ class Swim:
         period = self.awareness.scale(cfg.probe_interval)
         self._arm(now + period, _PROBE, None)
         self._finish_probe(now, out)
-        target = self._next_target()
+        target = self._peers.next(self.members, self.rng.random)
         if now >= self._reconnect_at:
             self._reconnect_at = now + cfg.reconnect_interval
             dead = [m.name for m in self.members.values() if m.state == DEAD]
@@ -252,10 +233,7 @@ class Swim:
         if probe is None or probe.acked:
             return
         self.stats["probe_failures"] += 1
-        if probe.expected_nacks:
-            self.awareness.apply(max(0, probe.expected_nacks - probe.nacks))
-        else:
-            self.awareness.apply(1)
+        self._unwell(max(0, probe.expected_nacks - probe.nacks) if probe.expected_nacks else 1, now)
         m = self.members.get(probe.target)
         if m is not None and m.state <= SUSPECT:
             # a suspect we also failed to reach: our own accusation is a confirmation
@@ -263,28 +241,10 @@ class Swim:
             self._apply((SUSPECT, m.name, m.inc, self.name), now)
 
     def _random_members(self, k: int, exclude: str, now: float, *, alive_only: bool) -> list[str]:
-        """Up to ``k`` distinct random members: alive ones (for indirect probes) or, for
-        gossip, alive, suspect and recently dead ones (so a live one hears it and refutes)."""
-        names = self._names
-        found: list[str] = []
-        if not names or k <= 0:
-            return found
-        recent = now - self.config.gossip_to_dead
-        rand = self.rng.random
-        for _ in range(3 * k + 3):
-            n = names[int(rand() * len(names))]
-            if n == exclude or n in found:
-                continue
-            m = self.members[n]
-            if alive_only:
-                if m.state != ALIVE:
-                    continue
-            elif m.state == LEFT or (m.state == DEAD and m.since < recent):
-                continue
-            found.append(n)
-            if len(found) >= k:
-                break
-        return found
+        dead_since = now - self.config.gossip_to_dead
+        return self._peers.sample(
+            k, exclude, self.members, self.rng.random, alive_only=alive_only, dead_since=dead_since
+        )
 
     # --- messages -------------------------------------------------------------------------
 
@@ -454,6 +414,8 @@ class Swim:
     def _rearm_suspicion(self, m: Member) -> None:
         s = m.susp
         assert s is not None
+        if s.pings:
+            return  # a recheck is under way: it ends by itself (_suspicion_fired)
         lo, hi = self._bounds()
         s.deadline = s.start + suspicion_timeout(len(s.confirmed) - 1, self._wanted(), lo, hi)
         heapq.heappush(self._timers, (s.deadline, s.token, _SUSPICION, (m, s)))
@@ -472,8 +434,29 @@ class Swim:
         m, s = arg
         if m.susp is not s or now < s.deadline or m.state != SUSPECT:
             return
+        unwell = self._unwell_at >= s.checked
+        if self.config.lifeguard and (unwell or 0 < s.pings < RECHECKS):
+            # This member missed acks or nacks (or was itself suspected) since the suspicion
+            # began: it may have missed the refutation too (a stalled or slow receiver whose
+            # timers ran on). Fresh evidence first: RECHECKS direct pings carrying the
+            # accusation (the suspect refutes in its ack), spread over the shortest suspicion
+            # timeout, with this member hearing all along (it starts over if it was unwell).
+            s.pings = 1 if unwell else s.pings + 1
+            s.checked = now
+            self.stats["rechecks"] += 1
+            s.deadline = now + self._bounds()[0] / RECHECKS
+            heapq.heappush(self._timers, (s.deadline, s.token, _SUSPICION, (m, s)))
+            self._seq += 1
+            self._send(out, m.name, PING, self._seq, m.name, self._buddy(m))
+            return
         self.stats["deaths"] += 1
         self._apply((DEAD, m.name, m.inc, self.name), now)
+
+    def _unwell(self, delta: int, now: float) -> None:
+        """Lifeguard's local health: raise the awareness score; remember when (see above)."""
+        self.awareness.apply(delta)
+        if delta > 0:
+            self._unwell_at = now
 
     def _about_self(self, u: Update, now: float) -> None:
         state, _, inc, _ = u
@@ -488,7 +471,7 @@ class Swim:
             return
         self.incarnation = inc + 1
         self.stats["refutations"] += 1
-        self.awareness.apply(1)
+        self._unwell(1, now)
         self.queue.push((ALIVE, self.name, self.incarnation, self.name))
 
     def announce(self, now: float) -> None:

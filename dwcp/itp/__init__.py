@@ -2,7 +2,7 @@
 
 - ``dwcp.itp.model``: chunks, actions, and the protocols for rate estimates and chunk
   inventories (with defaults: measured EWMA, an explicit --from list).
-- ``dwcp.itp.scheduler``: the sans-IO receiver-driven scheduler.
+- ``dwcp.itp.scheduler``: the sans-IO receiver-driven scheduler (its records in ``state``).
 - ``dwcp.itp.bound``: the ideal makespan T* to judge a schedule by.
 - ``dwcp.itp.sim``: a seeded virtual-time simulator of sources for tests and benchmarks.
 """

@@ -39,93 +39,22 @@ shared/research/wave2-ass-itp-pba.md section 2):
 from __future__ import annotations
 
 import math
-from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 from dwcp.itp.model import Action, Cancel, Chunk, Exclude, Holdings, RateEstimator, Request
+from dwcp.itp.state import (
+    DEAD,
+    EXCLUDED,
+    LIVE,
+    Config,
+    Flight,
+    Report,
+    SourceReport,
+    SourceState,
+    StuckError,
+)
 
-LIVE = "live"
-DEAD = "dead"
-EXCLUDED = "excluded"
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    """Tuning; the defaults are the research note's (seconds, fractions)."""
-
-    stall_timeout: float = 1.0
-    stall_pieces: float = 0.0  # 0: the stall time is stall_timeout alone
-    max_revivals: int = 3
-    measure_interval: float = 0.5
-    replan_change: float = 1 / 3
-    slow_ratio: float = 0.5
-    endgame_budget: float = 0.01
-    endgame_gain: float = 0.8
-    min_window: int = 2
-    max_window: int = 32
-    default_rtt: float = 0.05
-
-
-@dataclass(slots=True)
-class _Flight:
-    size: int
-    started: float
-    received: int = 0
-    endgame: bool = False
-
-
-@dataclass(slots=True)
-class _Source:
-    name: str
-    rtt: float
-    plan_rate: float
-    state: str = LIVE
-    reason: str = ""
-    queue: deque[int] = field(default_factory=deque)
-    queued_bytes: int = 0
-    flights: OrderedDict[int, _Flight] = field(default_factory=OrderedDict)
-    deadline: float = 0.0
-    stall_timeout: float = 0.0  # this source's; doubled at each revival
-    stalled: bool = False  # dead by silence, not by a lost connection: may be revived
-    revivals: int = 0
-    sample_start: float | None = None
-    sample_bytes: int = 0
-    busy_since: float | None = None
-    busy_time: float = 0.0
-    bytes_wire: int = 0
-    bytes_ok: int = 0
-    chunks_ok: int = 0
-
-    def backlog(self) -> int:
-        return self.queued_bytes + sum(
-            f.size - min(f.received, f.size) for f in self.flights.values()
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class SourceReport:
-    state: str
-    reason: str
-    bytes_wire: int
-    bytes_ok: int
-    chunks_ok: int
-    busy_seconds: float
-
-
-@dataclass(frozen=True, slots=True)
-class Report:
-    """What the transfer cost; ``duplicate_bytes`` are honest sources' bytes not used."""
-
-    bytes_wire: int
-    duplicate_bytes: int
-    rejected_bytes: int
-    sources: dict[str, SourceReport]
-    events: list[tuple[float, str, str]]
-
-
-class StuckError(Exception):
-    """No live source holds some chunk (raised by ``Scheduler.check``)."""
+__all__ = ["Config", "Report", "Scheduler", "SourceReport", "StuckError"]
 
 
 class Scheduler:
@@ -145,7 +74,7 @@ class Scheduler:
         self._rates = rates
         self._holders = {c.index: holdings.holders(c.index) for c in chunks}
         self._src = {
-            s: _Source(
+            s: SourceState(
                 s,
                 (rtt or {}).get(s, cfg.default_rtt),
                 max(rates.rate(s), 1.0),
@@ -291,14 +220,14 @@ class Scheduler:
 
     # --------------------------------------------------------------- planning
 
-    def _live_holders(self, chunk: int) -> list[_Source]:
+    def _live_holders(self, chunk: int) -> list[SourceState]:
         return [
             self._src[h]
             for h in self._holders[chunk]
             if h in self._src and self._src[h].state == LIVE
         ]
 
-    def _holders_or_revived(self, chunk: int, now: float) -> list[_Source]:
+    def _holders_or_revived(self, chunk: int, now: float) -> list[SourceState]:
         """The live holders of ``chunk``; if none, the stalled ones get another chance."""
         live = self._live_holders(chunk)
         if live:
@@ -342,7 +271,7 @@ class Scheduler:
             self._queued_at.pop(c, None)
         self._assign(queued, now)
 
-    def _window(self, s: _Source) -> int:
+    def _window(self, s: SourceState) -> int:
         cfg = self.config
         want = math.ceil(s.plan_rate * s.rtt / self._piece) + 1
         return max(cfg.min_window, min(cfg.max_window, want))
@@ -366,14 +295,14 @@ class Scheduler:
                 actions += self._endgame(s, now)
         return actions
 
-    def _issue(self, s: _Source, c: int, now: float, endgame: bool) -> Request:
+    def _issue(self, s: SourceState, c: int, now: float, endgame: bool) -> Request:
         if not s.flights:
             s.deadline = now + s.rtt + self._stall(s)
             s.busy_since = now
-        s.flights[c] = _Flight(self._chunks[c].size, now, endgame=endgame)
+        s.flights[c] = Flight(self._chunks[c].size, now, endgame=endgame)
         return Request(s.name, c)
 
-    def _stall(self, s: _Source) -> float:
+    def _stall(self, s: SourceState) -> float:
         """How long ``s`` may send nothing with requests in flight before it is dead."""
         n = max(len(s.flights), self._window(s))  # the replies that share its link
         pieces = self.config.stall_pieces * n * self._piece
@@ -381,10 +310,10 @@ class Scheduler:
         # Before its first byte its rate is only the prior's guess: twice the time.
         return t if s.bytes_wire or not self.config.stall_pieces else 2 * t
 
-    def _finish_time(self, s: _Source, extra: int = 0) -> float:
+    def _finish_time(self, s: SourceState, extra: int = 0) -> float:
         return (s.backlog() + extra) / s.plan_rate
 
-    def _steal(self, thief: _Source) -> bool:
+    def _steal(self, thief: SourceState) -> bool:
         victims = [v for v in self._src.values() if v is not thief and v.state == LIVE and v.queue]
         victims.sort(key=lambda v: -self._finish_time(v))
         for v in victims:
@@ -405,7 +334,7 @@ class Scheduler:
                 return True
         return False
 
-    def _endgame(self, s: _Source, now: float) -> list[Action]:
+    def _endgame(self, s: SourceState, now: float) -> list[Action]:
         best: tuple[float, int] | None = None
         for other in self._src.values():
             if other is s or other.state != LIVE:
@@ -428,7 +357,7 @@ class Scheduler:
         self._endgame_bytes += size
         return [self._issue(s, c, now, endgame=True)]
 
-    def _move_flights(self, s: _Source, now: float) -> list[Action]:
+    def _move_flights(self, s: SourceState, now: float) -> list[Action]:
         """A slow source's in-flight chunks go where they would finish sooner."""
         actions: list[Action] = []
         ahead = 0
@@ -453,12 +382,12 @@ class Scheduler:
 
     # ---------------------------------------------------------------- failures
 
-    def _exclude(self, s: _Source, reason: str, now: float) -> list[Action]:
+    def _exclude(self, s: SourceState, reason: str, now: float) -> list[Action]:
         if s.state != LIVE:
             return self._pump(now)
         return [Exclude(s.name, reason), *self._drop(s, EXCLUDED, reason, now)]
 
-    def _drop(self, s: _Source, state: str, reason: str, now: float) -> list[Action]:
+    def _drop(self, s: SourceState, state: str, reason: str, now: float) -> list[Action]:
         s.state, s.reason = state, reason
         actions: list[Action] = [Cancel(s.name, c) for c in s.flights]
         work = [*s.flights, *s.queue]
@@ -489,13 +418,13 @@ class Scheduler:
     def _flying(self, c: int) -> bool:
         return any(c in s.flights for s in self._src.values() if s.state == LIVE)
 
-    def _waste(self, s: _Source, nbytes: int) -> None:
+    def _waste(self, s: SourceState, nbytes: int) -> None:
         if s.state == EXCLUDED:
             self._rejected += nbytes
         else:
             self._dup += nbytes
 
-    def _idle_check(self, s: _Source, now: float) -> None:
+    def _idle_check(self, s: SourceState, now: float) -> None:
         if not s.flights and s.busy_since is not None:
             s.busy_time += now - s.busy_since
             s.busy_since = None

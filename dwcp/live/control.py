@@ -18,7 +18,7 @@ from dwcp.errors import VmError
 from dwcp.vm import definition as vmdef
 
 CONTROL = "dwcp-live/1"
-RELAY = "dwcp-live-relay/2"  # 2: zstd frames (relay.pipe packed)
+RELAY = "dwcp-live-relay/3"  # 2: zstd frames (relay.pipe packed); 3: "seq" (fanout)
 MAX_FRAME = 256 << 20  # a kernel or initrd travels as one frame
 MAX_CONTROL = 1 << 16
 
@@ -48,3 +48,20 @@ def disk_size(path: Path) -> tuple[str, int]:
         capture_output=True, check=True, timeout=30,
     )  # fmt: skip
     return fmt, int(json.loads(out.stdout)["virtual-size"])
+
+
+def stage(paths: Any, d: Any, blobs: list[bytes], disk: Path, prep: dict[str, Any]) -> None:
+    """Destination: the VM's definition, kernel and initrd saved; an empty disk of the
+    source's format and size for the mirror to fill."""
+    paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    files = [f for present, f in ((d.kernel, paths.kernel), (d.initrd, paths.initrd)) if present]
+    for f, blob in zip(files, blobs, strict=True):
+        vmdef.write_atomic(f, blob)
+    vmdef.save(paths, d)
+    size = int(prep["size"])
+    if prep.get("format") == "qcow2":
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), str(size)],
+                       check=True, timeout=30, capture_output=True)  # fmt: skip
+    else:
+        with open(disk, "wb") as f:
+            f.truncate(size)

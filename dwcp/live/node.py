@@ -3,8 +3,8 @@
 Source: claim the VM, open a ``dwcp-live/1`` control channel to the peer and send the
 definition (kernel and initrd included). The destination starts QEMU paused under
 ``-incoming defer`` on a fresh disk file, exports that disk over NBD and listens for the
-migration stream, each on a private unix socket. The source's QEMU connects to local
-unix sockets; every connection is relayed over its own ``dwcp-live-relay/2`` channel.
+migration stream (main and multifd connections), each on a private unix socket; every
+QEMU connection is relayed over its own channel, re-made in accept order (``fanout``).
 Disk: ``blockdev-mirror sync=full`` to the NBD export until READY. RAM: QEMU pre-copy with
 ``pause-before-switchover``; at ``pre-switchover`` (source paused) the mirror is completed,
 the final state sent, the destination asked whether its QEMU has loaded it (``check``:
@@ -22,19 +22,18 @@ import contextlib
 import logging
 import os
 import secrets
-import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dwcp import framing
 from dwcp.errors import ConsensusError, DwcpError, MigrationAbortedError, UsageError, VmError
 from dwcp.identity import PublicKey
-from dwcp.live import hold, precopy, recover
-from dwcp.live.control import CONTROL, MAX_FRAME, RELAY, disk_size, encode_msg, read_msg
+from dwcp.live import fanout, hold, precopy, recover
+from dwcp.live.control import CONTROL, MAX_FRAME, RELAY, disk_size, encode_msg, read_msg, stage
 from dwcp.live.converge import Converger
 from dwcp.live.host import VmHost
 from dwcp.live.phases import Outcome, Phase, PhaseMachine
-from dwcp.live.relay import Counter, pipe
+from dwcp.live.relay import Counter
 from dwcp.node.control import Emit
 from dwcp.node.store import check_image_name
 from dwcp.vm import definition as vmdef
@@ -55,7 +54,8 @@ class LiveMigrator:
     def __init__(self, vms: VmHost) -> None:
         self.vms = vms
         self.ctx = vms.ctx
-        self.targets: dict[str, dict[str, Path]] = {}  # migration id -> kind -> unix socket
+        # migration id -> kind -> (QEMU's unix socket, the order its connections are made in)
+        self.targets: dict[str, dict[str, tuple[Path, fanout.Turns]]] = {}
         self.tasks: set[asyncio.Task[None]] = set()  # incoming control and relay channels
 
     def register(self) -> None:
@@ -74,6 +74,7 @@ class LiveMigrator:
         conv = precopy.policy(
             args.get("downtime_limit"), args.get("max_downtime"), args.get("converge_timeout")
         )
+        multifd, lanes = precopy.channels(args.get("multifd"), args.get("lanes"))
         async with self.vms.lock(name):
             state, _ = await self.vms.state(name)
             if state != "running":
@@ -81,9 +82,11 @@ class LiveMigrator:
                     f"VM {name} is not running on this node ({state}): 'dwcp vm list' shows "
                     f"where it is; 'dwcp vm start {name}' starts it here"
                 )
-            return await self._migrate(name, peer, conv, emit)
+            return await self._migrate(name, peer, conv, (multifd, lanes), emit)
 
-    async def _migrate(self, name: str, peer: Any, conv: Any, emit: Emit) -> dict[str, Any]:
+    async def _migrate(
+        self, name: str, peer: Any, conv: Any, chans: tuple[int, int], emit: Emit
+    ) -> dict[str, Any]:
         ctx, loop = self.ctx, asyncio.get_running_loop()
         pm = PhaseMachine()
         t0 = loop.time()
@@ -99,6 +102,7 @@ class LiveMigrator:
             async with asyncio.timeout(pm.remaining(loop.time())):
                 claim = await ctx.ownership.claim(name, peer.public_key)
         session = await ctx.sessions.checkout(peer)
+        sessions = [session]  # the multifd channels' lanes (fanout.lane_of)
         relays: list[asyncio.Task[None]] = []
         servers: list[asyncio.Server] = []
         disk_bytes, ram_counter = Counter(), Counter()
@@ -109,7 +113,8 @@ class LiveMigrator:
             emit({"phase": pm.phase.value})
             chan = await session.open_channel(CONTROL)
             fmt, size = await asyncio.to_thread(disk_size, ctx.store.images_dir / d.disk)
-            prep = {"op": "prepare", "id": mid, "def": d.to_json(), "format": fmt, "size": size}
+            prep = {"op": "prepare", "id": mid, "def": d.to_json(), "format": fmt, "size": size,
+                    "multifd": chans[0]}  # fmt: skip
             chan.writer.write(encode_msg(prep))
             for present, f in ((d.kernel, paths.kernel), (d.initrd, paths.initrd)):
                 if present:
@@ -119,15 +124,15 @@ class LiveMigrator:
             if not got.get("ok"):
                 raise VmError(f"{peer.name} cannot take VM {name}: {got.get('error')}")
 
-            for kind, counter in (("nbd", disk_bytes), ("mig", ram_counter)):
+            for _ in range(1, min(chans[1], chans[0] + 1)):
+                sessions.append(await ctx.sessions.checkout(peer))
+            for kind, counter, lanes in (("nbd", disk_bytes, [session]),
+                                         ("mig", ram_counter, sessions)):  # fmt: skip
                 sock = paths.root / f"relay-{kind}.sock"
                 with contextlib.suppress(FileNotFoundError):
                     sock.unlink()
-                servers.append(
-                    await asyncio.start_unix_server(
-                        self._relay_out(session, mid, kind, counter, relays), path=str(sock)
-                    )
-                )
+                out = fanout.Fanout(self._opener(lanes, mid, kind), counter, relays)
+                servers.append(await asyncio.start_unix_server(out, path=str(sock)))
             pm.advance(Phase.DISK, loop.time())
             emit({"phase": pm.phase.value})
             await qmp.execute(
@@ -148,12 +153,14 @@ class LiveMigrator:
             pm.advance(Phase.RAM, loop.time())
             emit({"phase": pm.phase.value})
             caps = [{"capability": "pause-before-switchover", "state": True}, *precopy.START_CAPS]
+            caps += precopy.multifd_caps(chans[0])
             await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
             crawl = hold.wanted(paths.root, "ram")
             params: dict[str, Any] = {
                 "max-bandwidth": hold.CRAWL_BYTES_PER_SECOND if crawl else 1 << 40,
                 "downtime-limit": conv.downtime_ms,
                 **precopy.START_PARAMS,
+                **precopy.multifd_params(chans[0]),
             }
             await qmp.execute("migrate-set-parameters", params)
             await qmp.execute("migrate", {"uri": f"unix:{paths.root / 'relay-mig.sock'}"})
@@ -217,6 +224,8 @@ class LiveMigrator:
                 "result": "completed",
                 "downtime_limit_ms": converger.downtime_ms,
                 "converge_rung": converger.rung,
+                "multifd_channels": chans[0],
+                "lanes": len(sessions),
             }
         except (DwcpError, OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
             if chan is not None and pm.phase in (Phase.DISK, Phase.RAM):
@@ -237,25 +246,20 @@ class LiveMigrator:
             if chan is not None:
                 with contextlib.suppress(Exception):
                     chan.writer.close()
-            ctx.sessions.checkin(session, reuse=False)
+            for lane in sessions:
+                ctx.sessions.checkin(lane, reuse=False)
         await self.vms.quit(name)  # the destination runs it: the source QEMU exits
         log.info("live-migrated VM %s to %s", name, peer.name, extra={"event": "live_ok"})
         return result
 
-    def _relay_out(
-        self, session: Session, mid: str, kind: str, counter: Counter, tasks: list[Any]
-    ) -> Any:
-        async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            tasks.append(asyncio.current_task())
-            try:
-                chan = await session.open_channel(RELAY)
-                chan.writer.write(encode_msg({"id": mid, "kind": kind}))
-                await chan.writer.drain()  # NBD's server speaks first: the peer must connect now
-                await pipe(r, w, chan.reader, chan.writer, counter, packed="b")
-            except (DwcpError, OSError):
-                w.close()
+    def _opener(self, lanes: list[Session], mid: str, kind: str) -> fanout.Opener:
+        async def open_channel(seq: int) -> tuple[Any, Any]:
+            chan = await lanes[fanout.lane_of(seq, len(lanes))].open_channel(RELAY)
+            chan.writer.write(encode_msg({"id": mid, "kind": kind, "seq": seq}))
+            await chan.writer.drain()  # NBD's server speaks first: the peer must connect now
+            return chan.reader, chan.writer
 
-        return on_conn
+        return open_channel
 
     async def _wait_job_ready(self, qmp: QmpClient, pm: PhaseMachine, emit: Emit) -> None:
         loop = asyncio.get_running_loop()
@@ -360,13 +364,14 @@ class LiveMigrator:
     async def _relay_in(self, chan: Channel) -> None:
         try:
             hdr = await read_msg(chan.reader, 30.0)
-            sock = self.targets.get(str(hdr.get("id")), {}).get(str(hdr.get("kind")))
-            log.debug("relay %s to %s", hdr, sock, extra={"event": "live_relay"})
-            if sock is None:
+            target = self.targets.get(str(hdr.get("id")), {}).get(str(hdr.get("kind")))
+            log.debug("relay %s to %s", hdr, target, extra={"event": "live_relay"})
+            if target is None or not isinstance(seq := hdr.get("seq"), int):
                 chan.writer.close()
                 return
-            r, w = await asyncio.open_unix_connection(str(sock))
-            await pipe(chan.reader, chan.writer, r, w, Counter(), packed="a")
+            sock = str(target[0])
+            await fanout.relay_in(chan.reader, chan.writer, target[1], seq,
+                                  lambda: asyncio.open_unix_connection(sock))  # fmt: skip
         except (DwcpError, OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
             chan.writer.close()
 
@@ -398,7 +403,7 @@ class LiveMigrator:
                         blobs.append(await framing.read_frame(chan.reader, MAX_FRAME))
             if (await self.vms.state(d.name))[0] != "stopped":
                 raise UsageError(f"VM {d.name} is already running at the destination")
-            await asyncio.to_thread(self._stage, paths, d, blobs, disk, prep)
+            await asyncio.to_thread(stage, paths, d, blobs, disk, prep)
             qmp = await self.vms.launch(d, incoming="defer", disk_path=disk)
             launched = True
             for k in ("nbd", "mig"):
@@ -413,8 +418,10 @@ class LiveMigrator:
                 {"type": "nbd", "id": "e0", "node-name": "disk0", "name": "disk0",
                  "writable": True},
             )  # fmt: skip
+            await precopy.incoming_multifd(qmp, prep.get("multifd"))
             await qmp.execute("migrate-incoming", {"uri": f"unix:{paths.root / 'mig.sock'}"})
-            self.targets[mid] = {"nbd": paths.root / "nbd.sock", "mig": paths.root / "mig.sock"}
+            socks = {k: (paths.root / f"{k}.sock", fanout.Turns()) for k in ("nbd", "mig")}
+            self.targets[mid] = socks
             chan.writer.write(encode_msg({"ok": True}))
             await chan.writer.drain()
             while True:
@@ -443,30 +450,12 @@ class LiveMigrator:
         finally:
             self.targets.pop(mid, None)
             if not ran:
-                if launched:
+                if launched:  # a copy that never ran (and may hang: see supervisor.state)
                     with contextlib.suppress(DwcpError):
-                        await self.vms.quit(d.name)
+                        await self.vms.quit(d.name, force=True)
                 with contextlib.suppress(FileNotFoundError):
                     disk.unlink()
             chan.writer.close()
-
-    def _stage(
-        self, paths: Any, d: VmDefinition, blobs: list[bytes], disk: Path, prep: dict[str, Any]
-    ) -> None:
-        paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        files = [
-            f for present, f in ((d.kernel, paths.kernel), (d.initrd, paths.initrd)) if present
-        ]
-        for f, blob in zip(files, blobs, strict=True):
-            vmdef.write_atomic(f, blob)
-        vmdef.save(paths, d)
-        size = int(prep["size"])
-        if prep.get("format") == "qcow2":
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), str(size)],
-                           check=True, timeout=30, capture_output=True)  # fmt: skip
-        else:
-            with open(disk, "wb") as f:
-                f.truncate(size)
 
     async def _own(self, name: str) -> bool:
         own = self.ctx.ownership
@@ -495,4 +484,5 @@ class LiveMigrator:
         final = self.ctx.store.images_dir / d.disk
         await asyncio.to_thread(os.replace, disk, final)
         await qmp.execute("cont")
+        self.vms.paths(d.name).incoming.unlink(missing_ok=True)
         log.info("VM %s arrived live and runs here", d.name, extra={"event": "live_in_ok"})

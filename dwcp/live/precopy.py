@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from dwcp.errors import MigrationAbortedError, VmError
+from dwcp.errors import MigrationAbortedError, UsageError, VmError
 from dwcp.live.converge import Action, Converger, Kind, Policy, RateMeter, Sample
 from dwcp.live.phases import PhaseMachine
 from dwcp.node.control import Emit
@@ -28,6 +28,41 @@ DEFAULT_CONVERGE_SECONDS = 300.0
 # ladder lifts the ceiling (``Kind.AUTO_CONVERGE``).
 START_CAPS = [{"capability": "auto-converge", "state": True}]
 START_PARAMS = {"cpu-throttle-initial": 1, "max-cpu-throttle": 1, "cpu-throttle-increment": 1}
+
+
+# QEMU's multifd: the RAM pages on this many more connections, each relayed on its own
+# channel (``fanout``) over its own lane (session); 0: QEMU's single main stream.
+DEFAULT_MULTIFD = 4
+MAX_MULTIFD = 16
+
+
+def channels(multifd: Any, lanes: Any) -> tuple[int, int]:
+    """(multifd channels, lanes) from the op's arguments; lanes default to one per channel."""
+    n = DEFAULT_MULTIFD if multifd is None else int(multifd)
+    if not 0 <= n <= MAX_MULTIFD:
+        raise UsageError(f"--multifd takes 0 (off) to {MAX_MULTIFD} channels, not {n}")
+    k = n + 1 if lanes is None else int(lanes)
+    if k < 1:
+        raise UsageError(f"--lanes takes at least 1 session, not {k}")
+    return n, k
+
+
+def multifd_caps(n: int) -> list[dict[str, Any]]:
+    return [{"capability": "multifd", "state": True}] if n else []
+
+
+def multifd_params(n: int) -> dict[str, int]:
+    return {"multifd-channels": n} if n else {}
+
+
+async def incoming_multifd(qmp: QmpClient, multifd: Any) -> None:
+    """Destination: the source's multifd setting, before ``migrate-incoming``."""
+    n = int(multifd or 0)
+    if not 0 <= n <= MAX_MULTIFD:
+        raise VmError(f"the source asked for {n} multifd channels (at most {MAX_MULTIFD})")
+    if n:
+        await qmp.execute("migrate-set-capabilities", {"capabilities": multifd_caps(n)})
+        await qmp.execute("migrate-set-parameters", multifd_params(n))
 
 
 def policy(downtime: int | None, max_downtime: int | None, timeout: float | None) -> Policy:

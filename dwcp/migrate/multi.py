@@ -1,15 +1,16 @@
 """A pull from many sources at once, scheduled by ``dwcp.itp`` (issue 15).
 
 The destination asks every source for the image's piece manifest (size, SHA-256, one
-hash per piece), keeps the manifest most sources agree on, then runs the sans-IO
+hash per piece), keeps the manifest most sources agree on (``dwcp.migrate.pieces``; a
+source with another version lends the pieces they share), then runs the sans-IO
 ``dwcp.itp.Scheduler``: its requests become fetches of one piece each, its cancels
 cancel them, and every piece is checked against the manifest before it is accepted, so a
 source that sends wrong bytes is excluded and the result is still byte-identical.
 
 Nothing is lost: the pieces are written into ``partial/ID/data`` and, once that file
 is fsynced, their indexes appended to ``partial/ID/done``; a pull that stops resumes
-from what ``done`` lists. The finished file is checked as a whole (SHA-256), fsynced and
-renamed into place.
+from what ``done`` lists. The finished file is checked as a whole (SHA-256, hashed as
+the pieces arrive rather than re-read at the end), fsynced and renamed into place.
 
 This module knows no sockets: a ``Fetcher`` (the node's sessions, or a test's fake)
 answers ``manifest`` and ``piece``.
@@ -19,25 +20,23 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import math
 import os
 import shutil
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from dwcp.errors import DwcpError, ImageError, IntegrityError, ManifestError, PeerError
+from dwcp.errors import DwcpError, IntegrityError, PeerError
 from dwcp.itp import (
     Cancel,
     Chunk,
     Config,
     EwmaRates,
     Exclude,
-    ExplicitHoldings,
+    Holdings,
     RateEstimator,
     Request,
     Scheduler,
@@ -45,98 +44,21 @@ from dwcp.itp import (
     bound,
     split_chunks,
 )
+from dwcp.migrate.pieces import (
+    PIECE,
+    Agreement,
+    Fetcher,
+    PieceManifest,
+    agree,
+    build_manifest,
+    piece_hash,
+    read_piece,
+)
 
-PIECE = 512 * 1024  # one piece per request: under the transport's 1 MiB frame
-HASH_HEX = 32  # hex digits of each piece's SHA-256 kept in the manifest (128 bits)
-MAX_PIECES = 24_000  # keeps the manifest reply under the 1 MiB frame
 TICK = 0.1  # seconds between the scheduler's clock events
 FLUSH = 0.5  # seconds between fsyncs of the data file and the done journal
-MANIFEST_TIMEOUT = 30.0
+REORDER = 32 << 20  # bytes of pieces held ahead of the whole-file hash (then re-read)
 MAX_EVENTS = 100  # the scheduler's last decisions (deaths, moves, rate changes) in a result
-
-
-@dataclass(frozen=True, slots=True)
-class PieceManifest:
-    """What a source says the image is: what each piece is checked against."""
-
-    name: str
-    size: int
-    sha256: str
-    piece: int
-    hashes: tuple[str, ...]
-
-    def to_json(self) -> bytes:
-        return json.dumps(
-            {
-                "name": self.name,
-                "size": self.size,
-                "sha256": self.sha256,
-                "piece": self.piece,
-                "hashes": list(self.hashes),
-            }
-        ).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> PieceManifest:
-        """Parse a peer's reply; anything malformed is a ``ManifestError`` (never a crash)."""
-        try:
-            d = json.loads(raw)
-            m = cls(
-                str(d["name"]),
-                int(d["size"]),
-                str(d["sha256"]),
-                int(d["piece"]),
-                tuple(str(h) for h in d["hashes"]),
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ManifestError(f"malformed piece manifest: {exc}") from None
-        want = math.ceil(m.size / m.piece) if m.piece > 0 else -1
-        if m.size < 0 or m.piece <= 0 or len(m.hashes) != want or len(m.sha256) != 64:
-            raise ManifestError("piece manifest does not describe its size")
-        return m
-
-    def key(self) -> tuple[int, str, int, tuple[str, ...]]:
-        return (self.size, self.sha256, self.piece, self.hashes)
-
-
-def piece_hash(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()[:HASH_HEX]
-
-
-def build_manifest(path: Path, name: str, piece: int = PIECE) -> PieceManifest:
-    """Hash ``path`` piece by piece (blocking: run it in a thread)."""
-    if piece <= 0:
-        raise ValueError("piece size must be positive")
-    size = path.stat().st_size
-    piece = max(piece, math.ceil(size / MAX_PIECES))
-    whole = hashlib.sha256()
-    hashes = []
-    with open(path, "rb") as f:
-        while data := f.read(piece):
-            whole.update(data)
-            hashes.append(piece_hash(data))
-    if len(hashes) != math.ceil(size / piece):
-        raise ImageError(f"{path} changed while it was hashed; retry")
-    return PieceManifest(name, size, whole.hexdigest(), piece, tuple(hashes))
-
-
-def read_piece(path: Path, offset: int, size: int) -> bytes:
-    """Blocking read of one piece for a peer (run it in a thread)."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(size)
-
-
-class Fetcher(Protocol):
-    """How the pull reaches its sources (the node's sessions, or a test's fake)."""
-
-    async def manifest(self, source: str, name: str, piece: int) -> bytes:
-        """The source's piece manifest of ``name`` as JSON bytes."""
-        ...
-
-    async def piece(self, source: str, sha256: str, offset: int, size: int) -> bytes:
-        """``size`` bytes at ``offset`` of the image whose SHA-256 is ``sha256``."""
-        ...
 
 
 @dataclass
@@ -153,6 +75,7 @@ class PullResult:
     sources: dict[str, dict[str, Any]] = field(default_factory=dict)
     excluded: dict[str, str] = field(default_factory=dict)
     events: list[tuple[float, str, str]] = field(default_factory=list)  # (unix time, source, what)
+    phases: dict[str, float] = field(default_factory=dict)  # agree, pieces, finish (seconds)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -168,42 +91,8 @@ class PullResult:
             "sources": self.sources,
             "excluded": self.excluded,
             "events": [[round(t, 3), s, w] for t, s, w in self.events[-MAX_EVENTS:]],
+            "phases": {k: round(v, 3) for k, v in self.phases.items()},
         }
-
-
-async def agree(
-    fetcher: Fetcher, sources: Sequence[str], name: str, piece: int = PIECE
-) -> tuple[PieceManifest, list[str], dict[str, str]]:
-    """Ask every source for its manifest: the one most agree on, its holders, the others."""
-
-    async def one(s: str) -> PieceManifest:
-        async with asyncio.timeout(MANIFEST_TIMEOUT):
-            raw = await fetcher.manifest(s, name, piece)
-        return PieceManifest.from_json(raw)
-
-    got = await asyncio.gather(*(one(s) for s in sources), return_exceptions=True)
-    excluded: dict[str, str] = {}
-    ok: dict[str, PieceManifest] = {}
-    for s, r in zip(sources, got, strict=True):
-        if isinstance(r, PieceManifest):
-            ok[s] = r
-        elif isinstance(r, (DwcpError, TimeoutError, OSError)):
-            excluded[s] = f"no manifest: {r or type(r).__name__}"
-        elif isinstance(r, BaseException):
-            raise r
-    if not ok:
-        detail = "; ".join(f"{s}: {why}" for s, why in excluded.items())
-        raise ImageError(f"no source holds {name} ({detail or 'no sources given'})")
-    votes = Counter(m.key() for m in ok.values())
-    if len(name) == 64 and all(c in "0123456789abcdef" for c in name):
-        votes = Counter({k: v for k, v in votes.items() if k[1] == name}) or votes
-    best = votes.most_common(1)[0][0]
-    chosen = next(m for m in ok.values() if m.key() == best)
-    holders = [s for s in sources if s in ok and ok[s].key() == best]
-    for s, m in ok.items():
-        if m.key() != best:
-            excluded[s] = f"holds a different image under {name} (sha256 {m.sha256[:12]})"
-    return chosen, holders, excluded
 
 
 class _Journal:
@@ -232,7 +121,10 @@ class _Journal:
         self._pending: list[int] = []
 
     def write(self, chunk: int, offset: int, data: bytes) -> None:
-        os.pwrite(self.fd, data, offset)
+        view = memoryview(data)
+        while view:  # a short write (a full disk) is retried, then fails with ENOSPC
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
         self._pending.append(chunk)
 
     def flush(self) -> None:
@@ -263,12 +155,50 @@ def resumable(partial: Path, m: PieceManifest) -> set[int]:
     return {int(t) for t in text.split() if t.isdigit() and int(t) < len(m.hashes)}
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(1 << 20):
-            h.update(data)
-    return h.hexdigest()
+class _WholeHash:
+    """The image's SHA-256, fed the verified pieces as they arrive, in order.
+
+    Why: re-reading and hashing the whole file after the last piece was the pull's
+    serial tail (seconds per GiB on a loaded host). Pieces that arrive ahead of the next
+    one wait in memory up to ``REORDER`` bytes; the ones past that, and those resumed
+    from an interrupted pull, ``finish`` reads back from the data file.
+    """
+
+    def __init__(self, m: PieceManifest) -> None:
+        self._m = m
+        self._h = hashlib.sha256()
+        self._next = 0
+        self._ahead: dict[int, bytes] = {}
+        self._held = 0
+
+    def add(self, idx: int, data: bytes) -> None:
+        if idx < self._next or idx in self._ahead:
+            return
+        if idx != self._next:
+            if self._held + len(data) <= REORDER:
+                self._ahead[idx] = data
+                self._held += len(data)
+            return
+        self._h.update(data)
+        self._next += 1
+        while (d := self._ahead.pop(self._next, None)) is not None:
+            self._held -= len(d)
+            self._h.update(d)
+            self._next += 1
+
+    def finish(self, path: Path) -> str:
+        """The rest from memory or ``path`` (blocking: run it in a thread)."""
+        m, n = self._m, len(self._m.hashes)
+        with open(path, "rb") as f:
+            while self._next < n:
+                d = self._ahead.pop(self._next, None)
+                if d is None:
+                    off = self._next * m.piece
+                    f.seek(off)
+                    d = f.read(min(m.piece, m.size - off))
+                self._h.update(d)
+                self._next += 1
+        return self._h.hexdigest()
 
 
 async def pull(
@@ -283,20 +213,26 @@ async def pull(
     config: Config | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     piece: int = PIECE,
+    equal_split: bool = False,
 ) -> PullResult:
     """Fetch ``name`` from ``sources``; ``place(manifest)`` gives (output path, partial dir).
 
     ``rates`` (PBA's estimator) or ``prior`` (bytes/s per source) seed the shares; the
-    default prior is 1 MB/s each, corrected by measurement within a second.
+    default prior is 1 MB/s each, corrected by measurement within a second. Sources with
+    another version of the image lend the pieces it shares. ``equal_split`` is the
+    naive way, kept to compare with: one equal contiguous run per full holder.
     """
     t0 = time.monotonic()
-    m, holders, excluded = await agree(fetcher, sources, name, piece)
-    out_path, partial = place(m)
-    journal = await asyncio.to_thread(_Journal, partial, m)
+    ag = await agree(fetcher, sources, name, piece)
+    if equal_split:
+        ag.excluded.update(dict.fromkeys(ag.partial, "equal split: full holders only"))
+        ag.partial.clear()
+    out_path, partial = place(ag.manifest)
+    journal = await asyncio.to_thread(_Journal, partial, ag.manifest)
     try:
         result = await _run(
-            fetcher, m, holders, excluded, journal, out_path, t0,
-            rates or EwmaRates({s: (prior or {}).get(s, 1e6) for s in holders}),
+            fetcher, ag, ag.holdings(equal_split), journal, out_path, t0,
+            rates or EwmaRates({s: (prior or {}).get(s, 1e6) for s in ag.sources}),
             rtt, config, on_progress,
         )  # fmt: skip
     finally:
@@ -307,9 +243,8 @@ async def pull(
 
 async def _run(
     fetcher: Fetcher,
-    m: PieceManifest,
-    holders: list[str],
-    excluded: dict[str, str],
+    ag: Agreement,
+    holdings: Holdings,
     journal: _Journal,
     out_path: Path,
     t0: float,
@@ -318,12 +253,15 @@ async def _run(
     config: Config | None,
     on_progress: Callable[[dict[str, Any]], None] | None,
 ) -> PullResult:
+    m = ag.manifest
     result = PullResult(name=out_path.name, sha256=m.sha256, bytes=m.size)
-    result.excluded.update(excluded)
+    result.excluded.update(ag.excluded)
+    result.phases["agree"] = time.monotonic() - t0
     chunks = [c for c in split_chunks(m.size, m.piece) if c.index not in journal.done]
     result.bytes_resumed = m.size - sum(c.size for c in chunks)
     by_index = {c.index: c for c in chunks}
-    sched = Scheduler(chunks, holders, rates, ExplicitHoldings(holders), config, rtt)
+    sched = Scheduler(chunks, ag.sources, rates, holdings, config, rtt)
+    whole = _WholeHash(m)
     loop = asyncio.get_running_loop()
     base = loop.time()
     flights: dict[tuple[str, int], asyncio.Task[bytes]] = {}
@@ -333,7 +271,7 @@ async def _run(
         return loop.time() - base
 
     async def fetch(src: str, c: Chunk) -> bytes:
-        return await fetcher.piece(src, m.sha256, c.offset, c.size)
+        return await fetcher.piece(src, ag.sha_of(src), c.offset, c.size)
 
     def launched(key: tuple[str, int], task: asyncio.Task[bytes]) -> None:
         def done(t: asyncio.Task[bytes]) -> None:
@@ -387,8 +325,10 @@ async def _run(
             c = by_index[idx]
             act(sched.on_progress(src, idx, len(got), now()))
             ok = len(got) == c.size and piece_hash(got) == m.hashes[idx]
-            if ok and idx not in journal.done:
-                journal.write(idx, c.offset, got)
+            if ok:
+                if idx not in journal.done:
+                    journal.write(idx, c.offset, got)
+                whole.add(idx, got)
             act(sched.on_chunk(src, idx, ok, now()))
             if now() - last_flush >= FLUSH:
                 await asyncio.to_thread(journal.flush)
@@ -405,8 +345,9 @@ async def _run(
     for t in flights.values():
         t.cancel()
     await asyncio.gather(*flights.values(), return_exceptions=True)
+    result.phases["pieces"] = time.monotonic() - t0 - result.phases["agree"]
     await asyncio.to_thread(journal.flush)
-    got_sha = await asyncio.to_thread(_file_sha256, journal.data_path)
+    got_sha = await asyncio.to_thread(whole.finish, journal.data_path)
     if got_sha != m.sha256:
         journal.done_path.unlink(missing_ok=True)
         raise IntegrityError(
@@ -414,7 +355,8 @@ async def _run(
             "dropped: re-run the pull"
         )
     await asyncio.to_thread(_place, journal.data_path, out_path)
-    _report(result, sched, m, time.monotonic() - t0)
+    _report(result, sched, ag, [(c.index, c.size) for c in chunks], time.monotonic() - t0)
+    result.phases["finish"] = result.seconds - result.phases["agree"] - result.phases["pieces"]
     wall = time.time() - now()  # the scheduler's clock is seconds since `base`
     result.events = [(wall + t, s, w) for t, s, w in sched.report().events]
     return result
@@ -440,7 +382,13 @@ def _place(data: Path, out: Path) -> None:
         os.close(dfd)
 
 
-def _report(result: PullResult, sched: Scheduler, m: PieceManifest, seconds: float) -> None:
+def _report(
+    result: PullResult,
+    sched: Scheduler,
+    ag: Agreement,
+    pieces: list[tuple[int, int]],
+    seconds: float,
+) -> None:
     rep = sched.report()
     result.seconds = seconds
     result.bytes_wire = rep.bytes_wire
@@ -459,13 +407,14 @@ def _report(result: PullResult, sched: Scheduler, m: PieceManifest, seconds: flo
         }
     live = {s: r for s, r in measured.items() if r > 0}
     if live:
-        need = m.size - result.bytes_resumed
-        t = bound([(need, frozenset(live))], live)
+        # T* with the subsets: pieces only some sources hold bound the time too.
+        t = bound(ag.groups(pieces), live)
         result.bound_seconds = t if math.isfinite(t) else None
 
 
 __all__ = [
     "PIECE",
+    "Agreement",
     "Fetcher",
     "PieceManifest",
     "PullResult",

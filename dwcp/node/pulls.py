@@ -57,6 +57,14 @@ def _stamp(path: Path) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
+def _read_checked(c: _Cached, offset: int, size: int) -> bytes | None:
+    """The piece, or None if the file is no longer the one its manifest describes (one
+    thread hop per piece, not two: the stat and the read together)."""
+    if _stamp(c.path) != c.stamp:
+        return None
+    return read_piece(c.path, offset, size)
+
+
 class SessionFetcher:
     """``Fetcher`` over the node's peer sessions: one session per source for the pull."""
 
@@ -103,6 +111,10 @@ class Pulls(BaseService):
         self._by_path: dict[tuple[Path, int], _Cached] = {}
         self._hashing: dict[tuple[Path, int], asyncio.Lock] = {}
         self.pulling: set[str] = set()
+        # Each source's rate in this node's last pull from it (bytes/s while busy): the
+        # prior where PBA has no history for the path, so a pull does not start from an
+        # equal split and spend its first second correcting it.
+        self._measured: dict[str, float] = {}
         ctx.sessions.add_request_handler("pull-manifest", self._on_manifest)
         ctx.sessions.add_request_handler("pull-piece", self._on_piece)
 
@@ -165,14 +177,16 @@ class Pulls(BaseService):
             raise RemoteError("not_found", "ask pull-manifest first (unknown image sha256)")
         if not (0 <= offset <= c.manifest.size and 0 < size <= MAX_PIECE):
             raise RemoteError("bad_request", "pull-piece: offset or size out of range")
-        if await asyncio.to_thread(_stamp, c.path) != c.stamp:
+        data = await asyncio.to_thread(_read_checked, c, offset, size)
+        if data is None:
             raise RemoteError("changed", f"{c.path.name} changed since its manifest; retry")
-        return await asyncio.to_thread(read_piece, c.path, offset, size)
+        return data
 
     # --- as the destination -----------------------------------------------------------
 
     async def op_pull(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        """Control operation ``pull``: {name, from?: [peer names]}."""
+        """Control operation ``pull``: {name, from?: [peer names], equal_split?: bool}
+        (``equal_split``: the naive way, one equal run per source, to compare with)."""
         ctx = self.ctx
         if ctx.draining:
             raise UsageError("the node is shutting down; re-run when it is back")
@@ -207,6 +221,7 @@ class Pulls(BaseService):
             result = await pull(
                 fetcher, list(by_name), name, place, prior=prior,
                 config=PULL_CONFIG, on_progress=emit, piece=PULL_PIECE,
+                equal_split=bool(args.get("equal_split")),
             )  # fmt: skip
         except DwcpError as exc:
             log.info("pull of %s failed: %s", name, exc, extra={"event": "pull_failed"})
@@ -215,6 +230,9 @@ class Pulls(BaseService):
             self.pulling.discard(name)
             fetcher.close()
         ctx.stats.bytes_received += result.bytes_wire
+        for s, r in result.sources.items():
+            if r["state"] == "live" and r["rate"] > 0:
+                self._measured[s] = float(r["rate"])
         out = result.to_dict()
         out["seconds"] = round(time.monotonic() - t0, 3)
         out["prior"] = {s: round(r, 1) for s, r in prior.items()}
@@ -226,29 +244,34 @@ class Pulls(BaseService):
     ) -> dict[str, Any]:
         """The manifests' vote and the plan only: what a pull would fetch, from whom, and
         how long PBA's P10 rates say it takes. Nothing is fetched, written or claimed."""
-        m, holders, excluded = await agree(fetcher, sources, name)
+        ag = await agree(fetcher, sources, name, PULL_PIECE)  # the pull's pieces, not PIECE
+        m, holders, excluded = ag.manifest, ag.sources, ag.excluded
         out = self.ctx.store.image_path(check_image_name(name if name != m.sha256 else m.name))
         done = await asyncio.to_thread(resumable, self.ctx.store.transfer_dir(m.sha256[:32]), m)
         resumed = sum(min(m.piece, m.size - i * m.piece) for i in done)
         need = m.size - resumed
         rates = {s: prior[s] for s in holders}
-        t = bound([(need, frozenset(holders))], rates) if need else 0.0
+        pieces = [(i, min(m.piece, m.size - i * m.piece)) for i in range(len(m.hashes))]
+        t = bound(ag.groups([p for p in pieces if p[0] not in done]), rates) if need else 0.0
         return {
             "dry_run": True,
             "name": out.name,
             "sha256": m.sha256,
             "bytes": m.size,
+            "piece": m.piece,
             "bytes_resumed": resumed,
             "bytes_to_send": need,
             "predicted_seconds": round(t, 3),
             "sources": holders,
+            "partial": {s: len(ag.pieces_of(s)) for s in ag.partial},
             "excluded": excluded,
             "prior": {s: round(r, 1) for s, r in rates.items()},
             "exists": out.exists(),
         }
 
     def _priors(self, peers: list[Peer]) -> dict[str, float]:
-        """PBA's P10 rate (bytes/s) per path with history; 1 MB/s for the others."""
+        """PBA's P10 rate (bytes/s) per path with history; else the rate this node's last
+        pull from that source measured; else 1 MB/s."""
         paths = self.ctx.sessions.paths
         out: dict[str, float] = {}
         for p in peers:
@@ -258,7 +281,10 @@ class Pulls(BaseService):
                     d = paths.predict(p.public_key.node_id, horizon_s=10.0)
                 except OSError:
                     d = None
-            out[p.name] = d.p10 / 8 if d is not None and d.p10 > 0 else 1e6
+            if d is not None and d.p10 > 0:
+                out[p.name] = d.p10 / 8
+            else:
+                out[p.name] = self._measured.get(p.name, 1e6)
         return out
 
 

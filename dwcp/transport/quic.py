@@ -11,7 +11,8 @@ What aioquic lacks and dwcp adds:
   the adaptive controller; per-stream send-buffer state for back-pressure.
 
 aioquic has no public API for these, so this module is the only one in dwcp
-that reads or patches aioquic's private members; each is behind a named
+that reads or patches aioquic's private members (with ``quic_pacing``, its
+packet-path half); each is behind a named
 function or method here, listed in ``PRIVATES`` and checked by
 ``check_aioquic`` (a test runs it, so a new aioquic that renames one fails
 loudly rather than misbehaving). pyproject pins aioquic to ``TESTED_SERIES``.
@@ -24,7 +25,6 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import aioquic
@@ -33,52 +33,18 @@ from aioquic._buffer import Buffer  # aioquic.buffer re-exports it without __all
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection
 from aioquic.quic.packet import QuicFrameType, QuicHeader, encode_quic_retry, pull_quic_header
-from aioquic.quic.packet_builder import QuicPacketBuilder, QuicSentPacket
-from aioquic.quic.recovery import K_MICRO_SECOND, K_SECOND, QuicPacketPacer, QuicPacketSpace
+from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.recovery import QuicPacketPacer, QuicPacketSpace
 from aioquic.quic.retry import QuicRetryTokenHandler
 from aioquic.quic.stream import QuicStream, QuicStreamSender
 
 from dwcp.identity import PublicKey
 from dwcp.transport import bbr
+from dwcp.transport.quic_pacing import BurstPacer, LinkCounters, count_packets, report_ack_delay
 from dwcp.transport.tls import AlertCertificateRequired, certificate_public_key
 
 CONGESTION_CONTROLLERS = ("reno", "cubic", bbr.NAME)
 TESTED_SERIES = "1.7."
-PACER_BURST_PACKETS = 64
-
-
-@dataclass
-class LinkCounters:
-    """Cumulative per-connection counters (read and differenced by the controller)."""
-
-    packets_sent: int = 0
-    packets_lost: int = 0
-
-
-class BurstPacer(QuicPacketPacer):
-    """aioquic's token-bucket pacer with a deeper bucket (64 packets instead of 16).
-
-    Why: the bucket is refilled only when the event loop wakes the connection;
-    with 16 packets per wake-up and wake-ups every 2-5 ms (uvloop's 1 ms timer
-    granularity plus a busy machine), one connection cannot exceed 40-90 Mbit/s
-    whatever its window. 64 packets keep bursts below a quarter of the window.
-
-    A rate-based controller (``bbr``) sets the rate itself through
-    ``rate_source``; aioquic's own rule (window / smoothed RTT) would let a
-    window that is only a cap on what is in flight fill the bottleneck queue.
-    """
-
-    rate_source: Callable[[], float] | None = None
-
-    def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
-        mss = self._max_datagram_size
-        rate = self.rate_source() if self.rate_source is not None else 0.0
-        pacing_rate = rate if rate > 0 else congestion_window / max(smoothed_rtt, K_MICRO_SECOND)
-        self.packet_time = max(K_MICRO_SECOND, min(mss / pacing_rate, K_SECOND))
-        burst = max(2 * mss, min(congestion_window // 4, PACER_BURST_PACKETS * mss))
-        self.bucket_max = burst / pacing_rate
-        if self.bucket_time > self.bucket_max:
-            self.bucket_time = self.bucket_max
 
 
 class PacedStream:
@@ -92,24 +58,6 @@ class PacedStream:
 
 
 # --- aioquic internals, one named function each -----------------------------
-
-
-def _count_packets(cc: Any, counters: LinkCounters) -> None:
-    """Count sent and lost packets by wrapping the controller's two hooks."""
-    lost_hook: Callable[..., None] = cc.on_packets_lost
-    sent_hook: Callable[..., None] = cc.on_packet_sent
-
-    def on_packets_lost(*, now: float, packets: Iterable[QuicSentPacket]) -> None:
-        packets = list(packets)
-        counters.packets_lost += len(packets)
-        lost_hook(now=now, packets=packets)
-
-    def on_packet_sent(*, packet: QuicSentPacket) -> None:
-        counters.packets_sent += 1
-        sent_hook(packet=packet)
-
-    cc.on_packets_lost = on_packets_lost
-    cc.on_packet_sent = on_packet_sent
 
 
 def _sender(stream: QuicStream) -> QuicStreamSender:
@@ -263,10 +211,11 @@ class DwcpQuicConnection(QuicConnection):
         if self._bbr is not None:
             cc_bbr = self._bbr
             pacer.rate_source = lambda: cc_bbr.pacing_rate
+            report_ack_delay(recovery, cc_bbr)
         self.trusted = frozenset(trusted)
         self.peer_key: PublicKey | None = None
         self.counters = LinkCounters()
-        _count_packets(cc, self.counters)
+        count_packets(cc, self.counters)
         self.paced: dict[int, PacedStream] = {}
         self.app_has_more: Callable[[], bool] = lambda: False
         """Set by the session: True while a bulk writer still has data to hand over."""
@@ -423,6 +372,8 @@ PRIVATES: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
     ("connection", "_is_client", None),
     ("connection", "_max_datagram_size", None),
     ("recovery", "_cc", None),
+    ("recovery", "on_ack_received", ("ack_rangeset", "ack_delay", "now", "space")),
+    ("recovery", "max_ack_delay", None),
     ("recovery", "_pacer", None),
     ("recovery", "_rtt_smoothed", None),
     ("recovery", "_rtt_min", None),

@@ -232,3 +232,34 @@ def test_lifeguard_declares_far_fewer_slow_receivers_dead_than_plain_swim() -> N
     fixed timeout and lack of a buddy rule kill members whose refutation never came."""
     lifeguard, plain = _deaths_with_slow_receivers(True), _deaths_with_slow_receivers(False)
     assert plain > 10 * max(lifeguard, 1)
+
+
+def test_a_member_deaf_for_longer_than_its_suspicions_declares_nobody_dead() -> None:
+    """Issue 13's slow-member false deaths: n0's input is lost for 30 s while its timers run.
+    It fails its probes, accuses members, they refute, n0 misses every refutation and its
+    own suspicion timers (24 s with no confirmations at n = 10) expire while it is deaf.
+    Before the fix it declared 4 healthy members dead; now, unwell since those suspicions
+    began, it pings each suspect first and hears the refutation in the ack."""
+    net = SimNet(10, seed=4, config=SwimConfig(lifeguard=True), stall_drop=True)
+    net.run_until(10)
+    deaf = net.nodes["n0"]
+    net.slow("n0", 30.0)
+    net.run_until(120)
+    assert deaf.stats["deaths"] == 0
+    assert deaf.stats["accusations"] >= 3
+    assert deaf.stats["rechecks"] >= 3
+    assert all(_views(net, n) == {ALIVE} for n in net.names)
+
+
+def test_a_member_that_was_unwell_still_declares_a_crashed_member_dead() -> None:
+    """The recheck delays this member's own declaration, it does not hide a real failure: a
+    member crashes while n0 is deaf; the others declare it dead and n0 holds it dead too."""
+    net = SimNet(10, seed=4, config=SwimConfig(lifeguard=True), stall_drop=True)
+    net.run_until(10)
+    deaf = net.nodes["n0"]
+    net.slow("n0", 30.0)
+    net.run_until(12)
+    net.crash("n5")
+    net.run_until(120)
+    assert deaf.state_of("n5") == DEAD
+    assert all(_views(net, n) == {ALIVE} for n in net.names if n not in ("n0", "n5"))

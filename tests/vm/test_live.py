@@ -62,6 +62,8 @@ def test_live_migration_back_and_forth_keeps_the_guest_running(
         assert set(res) >= {"seconds", "downtime_ms", "bytes_wire", "bytes_ram", "bytes_disk",
                             "owner", "epoch"}  # fmt: skip
         assert res["bytes_ram"] > 0 and res["bytes_disk"] > 0
+        # QEMU's multifd (the default): main + 4 connections, each on its own session
+        assert (res["multifd_channels"], res["lanes"]) == (4, 5)
         assert exited(pid), "the source QEMU still runs"
         assert cli_json(src, "vm", "status", "g1")["state"] == "stopped"
         assert cli_json(dst, "vm", "status", "g1")["state"] == "running"
