@@ -450,9 +450,9 @@ class LiveMigrator:
         finally:
             self.targets.pop(mid, None)
             if not ran:
-                if launched:
+                if launched:  # a copy that never ran (and may hang: see supervisor.state)
                     with contextlib.suppress(DwcpError):
-                        await self.vms.quit(d.name)
+                        await self.vms.quit(d.name, force=True)
                 with contextlib.suppress(FileNotFoundError):
                     disk.unlink()
             chan.writer.close()
@@ -484,4 +484,5 @@ class LiveMigrator:
         final = self.ctx.store.images_dir / d.disk
         await asyncio.to_thread(os.replace, disk, final)
         await qmp.execute("cont")
+        self.vms.paths(d.name).incoming.unlink(missing_ok=True)
         log.info("VM %s arrived live and runs here", d.name, extra={"event": "live_in_ok"})

@@ -109,7 +109,6 @@ async def after_restart(vms: VmHost, name: str) -> str:
 
 
 async def _settle(vms: VmHost, name: str, disk: str, state: str, staged: list[Path]) -> str:
-    qmp = await vms.attach(name)
     own = vms.ctx.ownership
     owner = await owner_of(vms, name)
     if owner is None and own is not None:
@@ -118,16 +117,18 @@ async def _settle(vms: VmHost, name: str, disk: str, state: str, staged: list[Pa
     if owner == me:
         if state == "inmigrate":
             return "left inmigrate although owned here (the stream did not complete)"
+        qmp = await vms.attach(name)
         if staged:  # an incoming migration that had loaded the state
             with contextlib.suppress(DwcpError):
                 await qmp.execute("nbd-server-stop")
             await asyncio.to_thread(os.replace, staged[-1], vms.ctx.store.images_dir / disk)
         await undo_source(qmp)
         await resume(qmp)
+        vms.paths(name).incoming.unlink(missing_ok=True)
         return "resumed (owned here)"
     if owner is None and state != "inmigrate":  # no registry: the operator decides
         return f"left {state}: no [consensus] registry says where it runs"
-    await vms.quit(name)
+    await vms.quit(name, force=state == "inmigrate")
     for f in staged:
         f.unlink(missing_ok=True)
     return f"quit its QEMU ({state}): the VM is owned by {owner or 'no node'}"

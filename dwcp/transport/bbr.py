@@ -14,9 +14,10 @@ packets:
   min-RTT are dropped.
 - Propagation delay: the lowest RTT seen in the last ``MIN_RTT_WINDOW`` s.
 - Pacing rate = pacing gain x bandwidth (the pacer in ``quic.BurstPacer`` reads
-  ``pacing_rate``); the window (``CWND_GAIN`` x bandwidth x min-RTT) is only a
-  cap on what is in flight. Sending at the modelled rate, not at window / RTT,
-  is what keeps the bottleneck queue near empty.
+  ``pacing_rate``); the window (``CWND_GAIN`` x bandwidth x min-RTT, plus
+  ``QUANTUM_BUDGET`` send quanta for the pacer's bursts and the peer's clumped
+  ACKs, as Linux does) is only a cap on what is in flight. Sending at the
+  modelled rate, not at window / RTT, is what keeps the bottleneck queue near empty.
 - Modes: STARTUP (gain 2/ln 2, window grows like slow start) until the
   bandwidth grew less than 25% in 3 rounds, or earlier once 8 RTT samples in
   a row show a queue (1.25 x min-RTT): with a 1-BDP drop-tail buffer the
@@ -29,7 +30,8 @@ packets:
   batches), and the max filter keeps the high ones, so the estimate ran
   2-8% above the link and a standing queue filled the 1-BDP buffer (RTT 2 x,
   thousands of tail drops). A cycle whose every RTT sample exceeded
-  ``QUEUE_RTT`` x min-RTT (the queue outlived the 0.75 phase) scales the
+  ``QUEUE_RTT`` x min-RTT and ``QUEUE_MIN`` above it, less the ACK delay the
+  peer reported (the queue outlived the 0.75 phase) scales the
   estimate by ``BW_SCALE_DOWN`` (floor ``BW_SCALE_MIN``) and drains instead
   of probing; a cycle that saw the empty-queue RTT recovers it slowly. The
   same signal makes several connections on one bottleneck back off.
@@ -98,9 +100,14 @@ STARTUP_QUEUE_RTT = 1.25  # startup also ends when STARTUP_QUEUE_SAMPLES RTTs in
 STARTUP_QUEUE_SAMPLES = 8  # exceed this x min-RTT (and min-RTT + STARTUP_QUEUE_MIN)
 STARTUP_QUEUE_MIN = 0.004
 QUEUE_RTT = 1.5  # a cycle whose RTTs all exceed this x min-RTT left a standing queue
+QUEUE_MIN = 0.004  # s; and at least this above min-RTT (scheduling noise on short paths)
 BW_SCALE_DOWN = 0.9
 BW_SCALE_UP = 1.02
 BW_SCALE_MIN = 0.8
+
+SEND_QUANTUM = 0.001  # s of the pacing rate sent per pacer wake-up (quic.BurstPacer)
+QUANTUM_MAX_PACKETS = 64
+QUANTUM_BUDGET = 3  # send quanta the window holds above gain x BDP
 
 STARTUP, DRAIN, PROBE_BW = "startup", "drain", "probe_bw"
 
@@ -160,6 +167,13 @@ class BbrCongestionControl(QuicCongestionControl):
         self._cycle_min_rtt = float("inf")
         self.resume: cr.CarefulResume | None = None
         self._startup_gain = STARTUP_GAIN
+        self.ack_delay = 0.0
+        """The ACK delay the peer reported for the next RTT sample (set by the connection)."""
+
+    def set_datagram_size(self, size: int) -> None:
+        """The connection's datagrams grew (path MTU discovery): the floors scale with them."""
+        self._mss = size
+        self._min_window = K_MINIMUM_WINDOW * size * 2
 
     def careful_resume(self, rate: float, rtt: float) -> None:
         """Resume the path's known ``rate`` (bytes/s, the jump rate) at ``rtt`` (s, the stored
@@ -227,7 +241,8 @@ class BbrCongestionControl(QuicCongestionControl):
         """Bytes per second the pacer should send at; 0.0 = no model yet (pace the window)."""
         rate = self.pacing_gain * self.bandwidth
         if self.mode == STARTUP and self._app_limited_until and self.min_rtt != float("inf"):
-            rate = max(rate, self.pacing_gain * K_INITIAL_WINDOW * self._mss / self.min_rtt)
+            initial = self.pacing_gain * K_INITIAL_WINDOW * self._mss
+            rate = max(rate, initial / max(self.min_rtt, 1e-6))
         return rate
 
     def mark_app_limited(self) -> None:
@@ -237,7 +252,16 @@ class BbrCongestionControl(QuicCongestionControl):
 
     def _target_window(self) -> int:
         gain = CWND_GAIN if self.mode == PROBE_BW or self._resuming else STARTUP_GAIN
-        return max(int(gain * self.bdp), self._min_window)
+        return max(int(gain * self.bdp + self._quantum_budget()), self._min_window)
+
+    def _quantum_budget(self) -> float:
+        """Room for ``QUANTUM_BUDGET`` send quanta above gain x BDP (Linux BBR's
+        quantization budget): the pacer releases a quantum per wake-up and the peer
+        acknowledges in clumps (aioquic: 1 ms after the first unacknowledged packet),
+        so on a sub-millisecond path 2 x BDP is less than one ACK interval's data
+        and the connection is window-bound at a rate that only falls."""
+        quantum = min(self.bandwidth * SEND_QUANTUM, QUANTUM_MAX_PACKETS * self._mss)
+        return QUANTUM_BUDGET * max(2 * self._mss, quantum)
 
     def _on_round_end(self, app_limited: bool) -> None:
         heavy = (
@@ -296,7 +320,7 @@ class BbrCongestionControl(QuicCongestionControl):
         """Delay correction: a queue that outlived the cycle's drain phase means the
         bandwidth is overestimated (ACK-timing noise, or connections sharing the
         bottleneck): send slower and drain instead of probing; else recover."""
-        if self._cycle_min_rtt > QUEUE_RTT * self.min_rtt:
+        if self._cycle_min_rtt > max(QUEUE_RTT * self.min_rtt, self.min_rtt + QUEUE_MIN):
             self.bw_scale = max(BW_SCALE_MIN, self.bw_scale * BW_SCALE_DOWN)
             self.cycle_index = 1
         else:
@@ -394,7 +418,10 @@ class BbrCongestionControl(QuicCongestionControl):
         self.congestion_window = K_INITIAL_WINDOW * self._mss
 
     def on_rtt_measurement(self, *, now: float, rtt: float) -> None:
-        self._cycle_min_rtt = min(self._cycle_min_rtt, rtt)
+        # The queue signals use the sample less the delay the peer says it held the
+        # ACK (RFC 9002 5.3's adjusted RTT); min-RTT takes the raw sample.
+        queued = rtt - self.ack_delay if rtt - self.ack_delay >= self.min_rtt else rtt
+        self._cycle_min_rtt = min(self._cycle_min_rtt, queued)
         if (
             self.mode == STARTUP
             and self.round_count > 2
@@ -405,7 +432,7 @@ class BbrCongestionControl(QuicCongestionControl):
             # (waiting for 3 rounds without growth would overshoot ~3x). Not when
             # app-limited: then the queue is not ours.
             limit = max(STARTUP_QUEUE_RTT * self.min_rtt, self.min_rtt + STARTUP_QUEUE_MIN)
-            self._queued_samples = self._queued_samples + 1 if rtt > limit else 0
+            self._queued_samples = self._queued_samples + 1 if queued > limit else 0
             if self._queued_samples >= STARTUP_QUEUE_SAMPLES:
                 self.mode = DRAIN
         if rtt <= self.min_rtt or now - self._min_rtt_stamp > MIN_RTT_WINDOW:

@@ -108,6 +108,11 @@ class VmPaths:
         return self.root / "qmp.sock"
 
     @property
+    def incoming(self) -> Path:
+        """Present while QEMU is an incoming live-migration copy that has not run yet."""
+        return self.root / "incoming"
+
+    @property
     def console(self) -> Path:
         return self.root / "console.log"
 

@@ -118,6 +118,13 @@ class VmSupervisor(BaseService):
             got = await (await self.attach(name)).execute("query-status")
         except QmpClosedError:
             return "stopped", None
+        except VmError:
+            # QEMU 7.2's multifd: a channel that breaks while the destination waits for its
+            # sync hangs QEMU's main loop (QMP silent for good). A copy that never ran is
+            # only ever killed, so saying "inmigrate" lets the callers settle it.
+            if p.incoming.exists():
+                return "inmigrate", pid
+            raise
         return str(got.get("status", "unknown")), pid
 
     async def launch(
@@ -135,6 +142,8 @@ class VmSupervisor(BaseService):
         argv = vmdef.qemu_argv(d, p, disk, vmdef.detect_accel(), incoming)
         with contextlib.suppress(FileNotFoundError):
             p.qmp.unlink()
+        if incoming is not None:
+            p.incoming.touch()
         # A thread and subprocess.run, not asyncio's subprocesses: under uvloop, waiting for
         # a daemonizing QEMU's pipe hangs (the parent exits; its child keeps running).
         try:
@@ -155,17 +164,20 @@ class VmSupervisor(BaseService):
             raise VmError(f"QEMU refused to start {d.name}: {msg[-1] if msg else proc.returncode}")
         return await self.attach(d.name)
 
-    async def quit(self, name: str) -> bool:
-        """Stop QEMU (``quit``, then SIGKILL after ``QUIT_SECONDS``); False if not running."""
+    async def quit(self, name: str, *, force: bool = False) -> bool:
+        """Stop QEMU (``quit``, then SIGKILL after ``QUIT_SECONDS``); False if not running.
+        ``force``: SIGKILL at once (an incoming copy that never ran: nothing to flush)."""
         p = self.paths(name)
         pid = qemu_pid(p)
         if pid is None:
             return False
+        gone = False
         try:
-            c = await self.attach(name)
-            with contextlib.suppress(QmpClosedError):
-                await c.execute("quit")
-            gone = await c.wait_closed(QUIT_SECONDS)
+            if not force:
+                c = await self.attach(name)
+                with contextlib.suppress(QmpClosedError):
+                    await c.execute("quit")
+                gone = await c.wait_closed(QUIT_SECONDS)
         except VmError:
             gone = False
         self.qmp.pop(name, None)

@@ -70,12 +70,16 @@ def _simulate(
     rate: float = RATE,
     rtt: float = RTT,
     resume: tuple[float, float] | None = None,
+    ack_every: float = 0.0,
+    ack_hold: float = 0.0,
 ) -> Result:
     """Paced senders through one drop-tail bottleneck (``queue`` bytes) and ``RTT``.
 
     Each flow sends when its pacer and its window allow; the bottleneck serialises
     packets at ``RATE``; random loss drops packets before the queue; a packet is
     declared lost once a packet sent 3 after it is acknowledged (QUIC's threshold).
+    ``ack_every`` > 0: the receiver acknowledges only on ticks that far apart (aioquic
+    acks 1 ms after the first unacknowledged packet), so ACKs arrive in clumps.
     """
     rng = random.Random(1)
     bbr.restart_phase_stagger()  # the same cycle phases whatever ran before in the process
@@ -83,6 +87,10 @@ def _simulate(
     if resume is not None:
         for f in fl:
             f.cc.careful_resume(*resume)
+    if ack_hold > 0:
+        for f in fl:
+            f.cc.on_rtt_measurement(now=0.0, rtt=rtt)
+            f.cc.ack_delay = ack_hold
     acks: list[tuple[float, int, int]] = []  # (arrival time, flow, packet number)
     link_free = 0.0
     drops: list[float] = []
@@ -129,7 +137,11 @@ def _simulate(
             drops.append(t)
             continue
         link_free = start + MSS / rate
-        heapq.heappush(acks, (link_free + rtt, i, packet.packet_number))
+        acked = link_free + rtt
+        if ack_every > 0:
+            at_receiver = link_free + rtt / 2
+            acked = (at_receiver // ack_every + 1) * ack_every + rtt / 2
+        heapq.heappush(acks, (acked + ack_hold, i, packet.packet_number))
     return Result(fl, drops)
 
 
@@ -141,6 +153,24 @@ def test_fills_the_pipe_with_a_short_queue() -> None:
     assert 0.9 * RATE < cc.bandwidth <= 1.01 * RATE
     assert abs(cc.min_rtt - RTT) < 0.01 * RTT
     assert cc.mode == bbr.PROBE_BW
+
+
+def test_fills_a_sub_millisecond_path_whose_receiver_acks_every_millisecond() -> None:
+    """Loopback or a datacenter: RTT 0.25 ms, but the receiver acknowledges once per
+    ms, so a window of 2 x bandwidth x min-RTT (under 4 packets) cannot cover one ACK
+    interval and the estimate spirals down to what that window delivers (measured:
+    14 Mbit/s on loopback where Reno ran at 56). The send-quantum budget fixes it."""
+    rate = 200e6 / 8
+    res = _simulate(seconds=2.0, rate=rate, rtt=0.00025, queue=rate * 0.005, ack_every=0.001)
+    assert res.goodput(1.0, 2.0) > 0.9 * rate
+
+
+def test_the_ack_delay_the_peer_reports_is_not_a_queue() -> None:
+    """A receiver that holds ACKs (and says so, as QUIC's ACK delay) adds to every RTT
+    sample; taken as a standing queue, it scaled the estimate down every cycle."""
+    res = _simulate(seconds=4.0, rtt=0.01, ack_hold=0.01)
+    assert res.goodput(2.0, 4.0) > 0.9 * RATE
+    assert res.flows[0].cc.bw_scale == 1.0
 
 
 def test_probe_bw_cycles_its_pacing_gain() -> None:
