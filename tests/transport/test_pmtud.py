@@ -72,11 +72,12 @@ class Path:
             self._move(self.server, self.client, SERVER)
 
     def exchange(self) -> None:
-        """Handshake, then 1 MiB each way on one stream."""
+        """Handshake (or nothing, once connected), then 1 MiB more each way on new streams."""
         self.run(0.05)
+        self.received = {k: bytearray() for k in self.received}
         for conn in (self.client, self.server):
             conn.send_stream_data(conn.get_next_available_stream_id(), PAYLOAD, end_stream=True)
-        for _ in range(40):
+        for _ in range(200):
             self.run(0.05)
             if all(len(r) == len(PAYLOAD) for r in self.received.values()):
                 break
@@ -117,6 +118,19 @@ def test_a_1500_byte_path_stays_at_1452_and_lost_probes_are_not_congestion() -> 
     assert path.largest[id(dwcp)] <= 1452
     assert dwcp.pmtu.probes_lost >= 2 * pmtud.PROBE_TRIES  # both candidates were tried
     assert dwcp.counters.packets_lost == 0  # Reno was never told of a loss: no window cut
+
+
+def test_a_path_that_stops_carrying_big_datagrams_falls_back_to_the_base_size() -> None:
+    """RFC 8899's black hole: the route changed under a connection at 64 KiB datagrams."""
+    path = Path(dwcp_is_client=True, mtu=65536)
+    path.exchange()
+    dwcp = path.dwcp
+    assert isinstance(dwcp, DwcpQuicConnection) and dwcp.pmtu is not None
+    assert dwcp.pmtu.size > 16384
+    path.mtu = 1500
+    path.exchange()  # the data still arrives, in 1452-byte datagrams
+    assert dwcp.pmtu.size == 1452
+    assert dwcp._max_datagram_size == 1452
 
 
 def test_search_drops_a_candidate_after_its_tries_and_keeps_an_acked_size() -> None:
