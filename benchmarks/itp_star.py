@@ -149,6 +149,8 @@ def run_real(
                 rows[scenario] = {
                     "seconds": round(secs, 2),
                     "pull_seconds": out["seconds"],
+                    "bound_measured": out.get("bound_seconds"),
+                    "prior": out.get("prior", {}),
                     "phases": out.get("phases", {}),
                     "bound_nominal": round(bound, 2),
                     "ratio": round(secs / bound, 3),
@@ -165,6 +167,7 @@ def run_real(
                 }
                 print(f"{scenario:8s} {secs:8.2f} s  T* {bound:7.2f} s  x{secs / bound:5.2f}  "
                       f"dup {100 * out['duplicate_bytes'] / size:5.2f}%  ok={ok}  "
+                      f"T*(measured rates) {out.get('bound_seconds')} s  prior {out.get('prior')}  "
                       f"phases {rows[scenario]['phases']}  {rows[scenario]['sources']} "
                       f"cpu {cpu} load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
 

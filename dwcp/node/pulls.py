@@ -111,6 +111,10 @@ class Pulls(BaseService):
         self._by_path: dict[tuple[Path, int], _Cached] = {}
         self._hashing: dict[tuple[Path, int], asyncio.Lock] = {}
         self.pulling: set[str] = set()
+        # Each source's rate in this node's last pull from it (bytes/s while busy): the
+        # prior where PBA has no history for the path, so a pull does not start from an
+        # equal split and spend its first second correcting it.
+        self._measured: dict[str, float] = {}
         ctx.sessions.add_request_handler("pull-manifest", self._on_manifest)
         ctx.sessions.add_request_handler("pull-piece", self._on_piece)
 
@@ -226,6 +230,9 @@ class Pulls(BaseService):
             self.pulling.discard(name)
             fetcher.close()
         ctx.stats.bytes_received += result.bytes_wire
+        for s, r in result.sources.items():
+            if r["state"] == "live" and r["rate"] > 0:
+                self._measured[s] = float(r["rate"])
         out = result.to_dict()
         out["seconds"] = round(time.monotonic() - t0, 3)
         out["prior"] = {s: round(r, 1) for s, r in prior.items()}
@@ -237,7 +244,7 @@ class Pulls(BaseService):
     ) -> dict[str, Any]:
         """The manifests' vote and the plan only: what a pull would fetch, from whom, and
         how long PBA's P10 rates say it takes. Nothing is fetched, written or claimed."""
-        ag = await agree(fetcher, sources, name)
+        ag = await agree(fetcher, sources, name, PULL_PIECE)  # the pull's pieces, not PIECE
         m, holders, excluded = ag.manifest, ag.sources, ag.excluded
         out = self.ctx.store.image_path(check_image_name(name if name != m.sha256 else m.name))
         done = await asyncio.to_thread(resumable, self.ctx.store.transfer_dir(m.sha256[:32]), m)
@@ -251,6 +258,7 @@ class Pulls(BaseService):
             "name": out.name,
             "sha256": m.sha256,
             "bytes": m.size,
+            "piece": m.piece,
             "bytes_resumed": resumed,
             "bytes_to_send": need,
             "predicted_seconds": round(t, 3),
@@ -262,7 +270,8 @@ class Pulls(BaseService):
         }
 
     def _priors(self, peers: list[Peer]) -> dict[str, float]:
-        """PBA's P10 rate (bytes/s) per path with history; 1 MB/s for the others."""
+        """PBA's P10 rate (bytes/s) per path with history; else the rate this node's last
+        pull from that source measured; else 1 MB/s."""
         paths = self.ctx.sessions.paths
         out: dict[str, float] = {}
         for p in peers:
@@ -272,7 +281,10 @@ class Pulls(BaseService):
                     d = paths.predict(p.public_key.node_id, horizon_s=10.0)
                 except OSError:
                     d = None
-            out[p.name] = d.p10 / 8 if d is not None and d.p10 > 0 else 1e6
+            if d is not None and d.p10 > 0:
+                out[p.name] = d.p10 / 8
+            else:
+                out[p.name] = self._measured.get(p.name, 1e6)
         return out
 
 

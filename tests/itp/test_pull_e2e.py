@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 from node.cluster import NodeProc, make_image, sha256_file, wait_until
 
+from dwcp.node.pulls import PULL_PIECE
+
 MiB = 1 << 20
 
 
@@ -56,6 +58,9 @@ def test_pull_from_three_daemons_is_byte_identical(
     plan = _pull(dst, "disk.img", "--from", "a,b,c", "--dry-run")  # issue 16: nothing fetched
     assert plan["dry_run"] and plan["bytes_to_send"] == plan["bytes"] == img.stat().st_size
     assert set(plan["sources"]) == {"a", "b", "c"} and plan["predicted_seconds"] > 0
+    # The plan is of the pull's own pieces: else the sources hash the image twice and an
+    # interrupted pull's journal (of the pull's manifest) never counts as resumable.
+    assert plan["piece"] == PULL_PIECE
     assert not (dst.images / "disk.img").exists()
     assert not dst.partial.exists() or not any(dst.partial.iterdir())
     out = _pull(dst, "disk.img", "--from", "a", "--from", "b,c")
