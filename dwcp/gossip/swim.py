@@ -4,8 +4,10 @@ Each probe period a member pings the next member of a shuffled round-robin order
 timeout it asks ``indirect_checks`` others to ping for it (they answer with an ack, or a
 nack when the target is silent, Lifeguard); with no ack by the end of the period it
 suspects the target. A suspicion becomes a death when no refutation (a higher
-incarnation from the suspect) arrives before the suspicion timeout. Updates ride on
-every message (and on gossip messages, sent only while there is something to say).
+incarnation from the suspect) arrives before the suspicion timeout, unless this member
+was itself unwell meanwhile (it may have missed the refutation): then it pings the suspect
+first. Updates ride on every message (and on gossip messages, sent only while there is
+something to say).
 
 ``SwimConfig(lifeguard=False)`` is plain SWIM (fixed timeouts, no local health, no
 nacks, fixed suspicion timeout, no buddy rule): the simulator runs both side by side.
@@ -434,17 +436,20 @@ class Swim:
         m, s = arg
         if m.susp is not s or now < s.deadline or m.state != SUSPECT:
             return
-        unwell = self._unwell_at >= s.checked
-        if self.config.lifeguard and (unwell or 0 < s.pings < RECHECKS):
-            # This member missed acks or nacks (or was itself suspected) since the suspicion
-            # began: it may have missed the refutation too (a stalled or slow receiver whose
-            # timers ran on). Fresh evidence first: RECHECKS direct pings carrying the
-            # accusation (the suspect refutes in its ack), spread over the shortest suspicion
-            # timeout, with this member hearing all along (it starts over if it was unwell).
+        lo, hi = self._bounds()
+        unwell = self._unwell_at >= s.checked or self.awareness.score > 0
+        if self.config.lifeguard and now < s.start + 2 * hi and (unwell or 0 < s.pings < RECHECKS):
+            # This member is or was unwell (missed acks or nacks, or was itself suspected)
+            # since the suspicion began: it may have missed the refutation too (a stalled or
+            # slow receiver whose timers ran on). Fresh evidence first: RECHECKS direct pings
+            # carrying the accusation (the suspect refutes in its ack), spread over the
+            # shortest suspicion timeout while this member is well (it starts over if not),
+            # and never past twice the longest timeout (a member unwell for good, e.g. one
+            # side of a partition, still decides).
             s.pings = 1 if unwell else s.pings + 1
             s.checked = now
             self.stats["rechecks"] += 1
-            s.deadline = now + self._bounds()[0] / RECHECKS
+            s.deadline = now + lo / RECHECKS
             heapq.heappush(self._timers, (s.deadline, s.token, _SUSPICION, (m, s)))
             self._seq += 1
             self._send(out, m.name, PING, self._seq, m.name, self._buddy(m))

@@ -97,7 +97,13 @@ class UdpEndpoint:
         except (BlockingIOError, InterruptedError):
             return  # a full socket buffer is a lost datagram; QUIC recovers
         except OSError as exc:
-            if exc.errno not in (errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH):
+            # EMSGSIZE: a path MTU probe larger than the interface (lost, as it should be).
+            if exc.errno not in (
+                errno.ECONNREFUSED,
+                errno.ENETUNREACH,
+                errno.EHOSTUNREACH,
+                errno.EMSGSIZE,
+            ):
                 raise
 
     def close(self) -> None:
@@ -259,12 +265,27 @@ class Conn:
                 self._fail(SessionClosedError(f"closed locally ({reason or 'no reason'})"))
 
 
+# Linux: DF set, never fragment, ignore the kernel's path MTU cache (path MTU discovery
+# is the connection's own, dwcp.transport.pmtud); elsewhere the defaults stay.
+IP_MTU_DISCOVER, IPV6_MTU_DISCOVER, PMTUDISC_PROBE = 10, 23, 3
+
+
+def no_fragmentation(sock: socket.socket, family: int) -> None:
+    """Datagrams leave whole or not at all, so a too-large path MTU probe is lost."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, PMTUDISC_PROBE)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, PMTUDISC_PROBE)
+
+
 def open_udp_socket(family: int, bind: Addr, buffer: int) -> socket.socket:
-    """A bound UDP socket with BDP-sized kernel buffers."""
+    """A bound UDP socket with BDP-sized kernel buffers that never fragments."""
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        if os.uname().sysname == "Linux":
+            no_fragmentation(sock, family)
         set_socket_buffers(sock, buffer)
         sock.bind(bind)
     except OSError:

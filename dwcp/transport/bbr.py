@@ -170,6 +170,11 @@ class BbrCongestionControl(QuicCongestionControl):
         self.ack_delay = 0.0
         """The ACK delay the peer reported for the next RTT sample (set by the connection)."""
 
+    def set_datagram_size(self, size: int) -> None:
+        """The connection's datagrams grew (path MTU discovery): the floors scale with them."""
+        self._mss = size
+        self._min_window = K_MINIMUM_WINDOW * size * 2
+
     def careful_resume(self, rate: float, rtt: float) -> None:
         """Resume the path's known ``rate`` (bytes/s, the jump rate) at ``rtt`` (s, the stored
         RTT) once the first RTT sample confirms the path; before any data is acknowledged."""
@@ -236,7 +241,8 @@ class BbrCongestionControl(QuicCongestionControl):
         """Bytes per second the pacer should send at; 0.0 = no model yet (pace the window)."""
         rate = self.pacing_gain * self.bandwidth
         if self.mode == STARTUP and self._app_limited_until and self.min_rtt != float("inf"):
-            rate = max(rate, self.pacing_gain * K_INITIAL_WINDOW * self._mss / self.min_rtt)
+            initial = self.pacing_gain * K_INITIAL_WINDOW * self._mss
+            rate = max(rate, initial / max(self.min_rtt, 1e-6))
         return rate
 
     def mark_app_limited(self) -> None:

@@ -9,13 +9,13 @@ What aioquic lacks and dwcp adds:
   window whenever data arrives, so memory would follow the producer's speed).
 - Link statistics: packets sent and lost, smoothed RTT, congestion window, for
   the adaptive controller; per-stream send-buffer state for back-pressure.
+- Path MTU discovery (``pmtud``): PING+PADDING probes, datagrams up to 64 KiB.
 
-aioquic has no public API for these, so this module is the only one in dwcp
-that reads or patches aioquic's private members (with ``quic_pacing``, its
-packet-path half); each is behind a named
-function or method here, listed in ``PRIVATES`` and checked by
-``check_aioquic`` (a test runs it, so a new aioquic that renames one fails
-loudly rather than misbehaving). pyproject pins aioquic to ``TESTED_SERIES``.
+aioquic has no public API for these, so this module (with ``quic_pacing``, its
+packet-path half) is the only one in dwcp that touches aioquic's private
+members; each is behind a named function or method, listed in ``PRIVATES``
+and checked by ``check_aioquic`` (a test runs it, so a new aioquic that renames
+one fails loudly rather than misbehaving). pyproject pins ``TESTED_SERIES``.
 
 Still sans-IO: the asyncio glue in ``aio.py`` feeds it datagrams and ``now``.
 """
@@ -32,15 +32,30 @@ from aioquic import tls
 from aioquic._buffer import Buffer  # aioquic.buffer re-exports it without __all__
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection
-from aioquic.quic.packet import QuicFrameType, QuicHeader, encode_quic_retry, pull_quic_header
+from aioquic.quic.packet import (
+    QuicFrameType,
+    QuicHeader,
+    encode_quic_retry,
+    pull_quic_header,
+    pull_quic_transport_parameters,
+)
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketPacer, QuicPacketSpace
 from aioquic.quic.retry import QuicRetryTokenHandler
 from aioquic.quic.stream import QuicStream, QuicStreamSender
 
 from dwcp.identity import PublicKey
-from dwcp.transport import bbr
-from dwcp.transport.quic_pacing import BurstPacer, LinkCounters, count_packets, report_ack_delay
+from dwcp.transport import bbr, pmtud
+from dwcp.transport.quic_pacing import (
+    STREAM_FRAME_MAX,
+    BurstPacer,
+    LinkCounters,
+    PathMtu,
+    count_packets,
+    report_ack_delay,
+    watch_black_hole,
+    write_stream_frames,
+)
 from dwcp.transport.tls import AlertCertificateRequired, certificate_public_key
 
 CONGESTION_CONTROLLERS = ("reno", "cubic", bbr.NAME)
@@ -215,7 +230,9 @@ class DwcpQuicConnection(QuicConnection):
         self.trusted = frozenset(trusted)
         self.peer_key: PublicKey | None = None
         self.counters = LinkCounters()
-        count_packets(cc, self.counters)
+        self.path_mtu = PathMtu(self)
+        count_packets(cc, self.counters, self.path_mtu.probes)
+        watch_black_hole(cc, self.path_mtu.black_hole)
         self.paced: dict[int, PacedStream] = {}
         self.app_has_more: Callable[[], bool] = lambda: False
         """Set by the session: True while a bulk writer still has data to hand over."""
@@ -242,6 +259,7 @@ class DwcpQuicConnection(QuicConnection):
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
         out = super().datagrams_to_send(now)
+        out += self.path_mtu.datagrams(now)
         # App-limited (see bbr's docstring) only if the application has nothing more:
         # lanes are kept short on purpose, so a bulk sender's buffers run empty between
         # chunks many times per round trip while its writer waits for room.
@@ -252,6 +270,17 @@ class DwcpQuicConnection(QuicConnection):
         ):
             self._bbr.mark_app_limited()
         return out
+
+    @property
+    def pmtu(self) -> pmtud.PmtuSearch | None:
+        """Path MTU search, from the handshake's confirmation (None before)."""
+        return self.path_mtu.search
+
+    def _parse_transport_parameters(self, data: bytes, from_session_ticket: bool = False) -> None:
+        super()._parse_transport_parameters(data, from_session_ticket)
+        peer = pull_quic_transport_parameters(Buffer(data=data)).max_udp_payload_size
+        if peer is not None:
+            self.path_mtu.peer_max = peer
 
     def _set_peer(self, key: PublicKey) -> None:
         self.peer_key = key
@@ -336,6 +365,17 @@ class DwcpQuicConnection(QuicConnection):
             paced.window // 2
         )
 
+    def _write_stream_frame(
+        self,
+        builder: QuicPacketBuilder,
+        space: QuicPacketSpace,
+        stream: QuicStream,
+        max_offset: int,
+    ) -> int:
+        if self._max_datagram_size <= STREAM_FRAME_MAX:
+            return int(QuicConnection._write_stream_frame(self, builder, space, stream, max_offset))
+        return write_stream_frames(self, builder, stream, max_offset)
+
     def _write_stream_limits(
         self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: QuicStream
     ) -> None:
@@ -367,7 +407,18 @@ PRIVATES: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
     ("QuicConnection", "_write_stream_limits", ("self", "builder", "space", "stream")),
     ("QuicConnection", "_get_or_create_stream_for_send", ("self", "stream_id")),
     ("QuicConnection", "_on_max_stream_data_delivery", ("self", "delivery", "stream")),
+    ("QuicConnection", "_parse_transport_parameters", ("self", "data", "from_session_ticket")),
+    ("QuicConnection", "_write_stream_frame", ("self", "builder", "space", "stream", "max_offset")),
+    ("QuicConnection", "_flush_builder", ("self", "builder", "network_path", "peer_cid", "now")),
     ("connection", "_loss", None),
+    ("connection", "_handshake_confirmed", None),
+    ("connection", "_close_pending", None),
+    ("connection", "_network_paths", None),
+    ("connection", "_peer_cid", None),
+    ("connection", "_packet_number", None),
+    ("connection", "_cryptos", None),
+    ("connection", "_quic_logger", None),
+    ("connection", "_version", None),
     ("connection", "_streams", None),
     ("connection", "_is_client", None),
     ("connection", "_max_datagram_size", None),

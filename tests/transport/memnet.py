@@ -30,12 +30,14 @@ SERVER_ADDR = ("10.0.0.2", 2222)
 
 @dataclass
 class Link:
-    """One direction: a FIFO at ``rate_bps`` then ``delay`` seconds; drops at random."""
+    """One direction: a FIFO at ``rate_bps`` then ``delay`` seconds; drops at random, and
+    drops datagrams larger than ``mtu`` less IPv6 + UDP headers (path MTU probes)."""
 
     rate_bps: float = 100e6
     delay: float = 0.010
     loss: float = 0.0
     free_at: float = 0.0
+    mtu: int = 1500
 
 
 @dataclass
@@ -112,6 +114,8 @@ class MemoryPair:
         link = self._links[id(quic)]
         peer = self._peer[id(quic)]
         for data, _addr in quic.datagrams_to_send(now=self.now):
+            if len(data) > link.mtu - 48:
+                continue
             start = max(self.now, link.free_at)
             link.free_at = start + len(data) * 8 / link.rate_bps
             if link.loss and self.rng.random() < link.loss:
