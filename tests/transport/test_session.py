@@ -150,6 +150,9 @@ def test_bulk_transfer_arrives_byte_identical() -> None:
             stats = session.stats()
             assert stats.packets_sent > 0
             assert stats.connections == 2  # striped over two QUIC connections
+            # Loopback's 64 KiB MTU: path MTU discovery through real DF sockets.
+            assert all(c.quic.pmtu and c.quic.pmtu.size > 16384 for c in session.conns)
+            assert stats.packets_sent < size / 16384
 
     run(main(), timeout=240)
     assert result == {"digest": expected.hexdigest(), "offset": size}
