@@ -89,8 +89,8 @@ def register(sub: Any) -> None:
         "--multifd",
         type=int,
         metavar="N",
-        help="with --live: QEMU's multifd channels, each on its own dwcp session (0: off; "
-        "default 4)",
+        help="with --live: QEMU's multifd channels, each on its own dwcp session (default 0: "
+        "QEMU's one stream)",
     )
     p.add_argument(
         "--compress",

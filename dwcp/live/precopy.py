@@ -31,8 +31,10 @@ START_PARAMS = {"cpu-throttle-initial": 1, "max-cpu-throttle": 1, "cpu-throttle-
 
 
 # QEMU's multifd: the RAM pages on this many more connections, each relayed on its own
-# channel (``fanout``) over its own lane (session); 0: QEMU's single main stream.
-DEFAULT_MULTIFD = 4
+# channel (``fanout``) over its own lane (session); 0: QEMU's single main stream. Off by
+# default: on this CPU-bound 2-core machine multifd 4 was slower than one stream
+# (benchmarks/RESULTS.md, "Live migration: multifd channels").
+DEFAULT_MULTIFD = 0
 MAX_MULTIFD = 16
 
 

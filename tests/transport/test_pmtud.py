@@ -7,11 +7,15 @@ dropping those larger than the path MTU as a DF-marked datagram would be.
 
 from __future__ import annotations
 
+import asyncio
+import socket
+
+import pytest
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import StreamDataReceived
 
 from dwcp.identity import NodeKey
-from dwcp.transport import pmtud
+from dwcp.transport import aio, pmtud
 from dwcp.transport.quic import DwcpQuicConnection
 from dwcp.transport.tls import make_configuration
 
@@ -145,3 +149,27 @@ def test_search_drops_a_candidate_after_its_tries_and_keeps_an_acked_size() -> N
     search.acked(8952, now=1.0)
     assert search.size == 8952
     assert search.probe_due(2.0) is None
+
+
+@pytest.mark.skipif(not aio.LINUX, reason="IP_MTU_DISCOVER is Linux's")
+def test_only_datagrams_past_the_base_size_leave_unfragmentable() -> None:
+    """Probes and jumbo data must be lost on a narrower link, never fragmented; datagrams
+    of the base size keep the kernel's default (a sub-1500 tunnel may fragment them)."""
+
+    async def main() -> list[int]:
+        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        rx.bind(("127.0.0.1", 0))
+        sock = aio.open_udp_socket(socket.AF_INET, ("127.0.0.1", 0), 1 << 20)
+        ep = aio.UdpEndpoint(sock, lambda batch: None)
+        modes = []
+        try:
+            for size in (1200, 9000, 1452, 65000):
+                ep.sendto(bytes(size), rx.getsockname())
+                modes.append(sock.getsockopt(socket.IPPROTO_IP, aio.IP_MTU_DISCOVER))
+        finally:
+            ep.close()
+            rx.close()
+        return modes
+
+    probe, want = aio.PMTUDISC_PROBE, aio.PMTUDISC_WANT
+    assert asyncio.run(main()) == [want, probe, want, probe]
