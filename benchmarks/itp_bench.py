@@ -64,7 +64,7 @@ def naive(sources: list[SimSource], size: int, horizon: float) -> tuple[float, f
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--size-mib", type=int, help="default 1024 (virtual), 64 (--real)")
     ap.add_argument("--piece-kib", type=int, default=1024)
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--json", action="store_true")
@@ -81,11 +81,11 @@ def main() -> int:
 
         only = frozenset(args.scenarios.split(",")) if args.scenarios else None
         prof = Path(args.profile) if args.profile else None
-        out = run_real(args.size_mib if args.size_mib != 1024 else 64, only, prof)
+        out = run_real(args.size_mib or 64, only, prof)
         if args.json:
             print(json.dumps(out))
         return 0
-    size = args.size_mib << 20
+    size = (args.size_mib or 1024) << 20
     chunks = split_chunks(size, args.piece_kib << 10)
     seeds = [int(s) for s in args.seeds.split(",")]
     rows: dict[str, dict[str, Any]] = {}

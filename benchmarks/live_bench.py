@@ -57,7 +57,8 @@ from dwcp.vm.qmp import QmpClient
 PY = sys.executable
 RATE_BPS, DELAY_MS, LOSS = 100e6, 25.0, 0.005
 RATES_KIB = {"0": 0, "2M": 2048, "6M": 6144}
-MODES = ("dwcp", "native-reno", "native-bbr")  # also "dwcp-1ch": QEMU's one stream (no multifd)
+MODES = ("dwcp", "native-reno", "native-bbr")
+# also "dwcp-1ch": QEMU's one stream (no multifd); "dwcp-qz": multifd with QEMU's zstd-1
 CACHE = Path(os.environ.get("DWCP_GUEST_CACHE", Path.home() / ".cache" / "dwcp-guest"))
 BOOT_SECONDS = 240.0  # a TCG boot on a loaded 2-core machine took ~30 s
 WARM_SECONDS = 3.0  # after the first tick (and the dirtier's start) before migrating
@@ -114,7 +115,12 @@ def kill_pidfile(p: Path) -> None:
 
 
 def run_dwcp(
-    link: Link, root: Path, kib: int, a: argparse.Namespace, multifd: int | None = None
+    link: Link,
+    root: Path,
+    kib: int,
+    a: argparse.Namespace,
+    multifd: int | None = None,
+    compress: str = "dwcp",
 ) -> dict[str, Any]:
     kernel, initrd = guest.build(CACHE)
     pa, pb = free_ports(2)
@@ -152,7 +158,8 @@ def run_dwcp(
             res = control.call(
                 load_config(na.config).control_path, "migrate_live",
                 {"name": "g", "to": "b", "downtime_limit": None,
-                 "converge_timeout": a.converge_timeout, "multifd": multifd},
+                 "converge_timeout": a.converge_timeout, "multifd": multifd,
+                 "lanes": a.lanes if multifd != 0 else None, "compress": compress},
                 on_progress=progress,
             )  # fmt: skip
             row.update(
@@ -411,9 +418,9 @@ def print_row(rate: str, mode: str, r: dict[str, Any]) -> None:
 def ratios(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for rate, by in rows.items():
-        for dm in ("dwcp", "dwcp-1ch"):
+        for dm in ("dwcp", "dwcp-1ch", "dwcp-qz"):
             d = by.get(dm, {}).get("seconds")
-            for mode in ("native-reno", "native-bbr", "dwcp-1ch"):
+            for mode in ("native-reno", "native-bbr", "dwcp-1ch", "dwcp-qz"):
                 n = by.get(mode, {}).get("seconds")
                 if mode in by and dm in by and dm != mode:
                     key = f"{rate}:{mode}" if dm == "dwcp" else f"{rate}:{dm}/{mode}"
@@ -440,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="dwcp's RAM-phase budget before its clean abort (s)")  # fmt: skip
     p.add_argument("--multifd", type=int, default=None,
                    help="dwcp's multifd channels (default: the node's, 4)")  # fmt: skip
+    p.add_argument("--lanes", type=int, default=None,
+                   help="sessions the multifd channels spread over (default 1 each)")  # fmt: skip
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     rates = ["0"] if a.quick else a.rates.split(",")
@@ -460,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
                         r = run_dwcp(link, root, kib, a, a.multifd)
                     elif mode == "dwcp-1ch":
                         r = run_dwcp(link, root, kib, a, 0)
+                    elif mode == "dwcp-qz":
+                        r = run_dwcp(link, root, kib, a, a.multifd, "qemu")
                     else:
                         r = run_native(link, root, kib, mode.split("-")[1], a)
                 finally:

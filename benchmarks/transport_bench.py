@@ -332,6 +332,7 @@ def loop_dwcp(nbytes: int, keys: Path) -> dict[str, Any]:
         "receiver_s_per_gb": _per_gb(float(m.group(3)), int(m.group(1))),
         "connections": out.get("connections"),
         "streams": out.get("streams"),
+        "bytes_per_packet": round(out["bytes"] / max(1, out.get("packets_sent") or 1)),
     }
 
 
@@ -365,6 +366,7 @@ def loop_aioquic(nbytes: int) -> dict[str, Any]:
 def run_loopback(nbytes: int, runs: int) -> dict[str, Any]:
     """``runs`` alternating dwcp / aioquic transfers; medians per tool and dwcp/aioquic ratios."""
     per_tool: dict[str, list[dict[str, Any]]] = {"dwcp": [], "aioquic": []}
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         keys = Path(tmp)
         _keygen(keys)
@@ -383,7 +385,14 @@ def run_loopback(nbytes: int, runs: int) -> dict[str, Any]:
         for k in keys_
         for d, a in [(med["dwcp"][k], med["aioquic"][k])]
     }
-    return {"bytes": nbytes, "runs": per_tool, "median": med, "dwcp_over_aioquic": ratio}
+    load = [round(x, 2) for x in (*load_before, *os.getloadavg())]
+    return {
+        "bytes": nbytes,
+        "runs": per_tool,
+        "median": med,
+        "dwcp_over_aioquic": ratio,
+        "loadavg_before_after": load,
+    }
 
 
 def _loopback_main(a: argparse.Namespace) -> int:
@@ -396,6 +405,7 @@ def _loopback_main(a: argparse.Namespace) -> int:
         g = m["goodput_bps"]
         gs = "n/a" if g is None else (f"{g:.2f}x" if tool == "dwcp/aioq" else f"{g / 1e6:.1f}")
         print(f"{tool:<10} {gs:>15} {m['sender_s_per_gb']!s:>16} {m['receiver_s_per_gb']!s:>18}")
+    print(f"load average (1/5/15 min) before, after: {res['loadavg_before_after']}")
     if a.json:
         print(json.dumps({"loopback": res}))
     return 0

@@ -89,8 +89,13 @@ def register(sub: Any) -> None:
         "--multifd",
         type=int,
         metavar="N",
-        help="with --live: QEMU's multifd channels, each on its own dwcp session (0: off; "
-        "default 4)",
+        help="with --live: QEMU's multifd channels, each on its own dwcp session (default 0: "
+        "QEMU's one stream)",
+    )
+    p.add_argument(
+        "--compress",
+        choices=("dwcp", "qemu"),
+        help="with --live --multifd: who compresses, the relay (default) or QEMU's zstd-1",
     )
     p.add_argument("--postcopy", action="store_true", help="with --live: allow postcopy")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
@@ -210,6 +215,7 @@ def run_live(args: argparse.Namespace) -> int:
         "max_downtime": args.max_downtime,
         "converge_timeout": args.converge_timeout,
         "multifd": args.multifd,
+        "compress": args.compress,
     }
     try:
         result: dict[str, Any] = call_node(config, "migrate_live", request)

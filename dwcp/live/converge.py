@@ -121,7 +121,8 @@ class Converger:
                 f"{s.remaining / 1e6:.1f} MB left): migrate it when it is idler, or raise "
                 "--max-downtime / --converge-timeout",
             )
-        outrun = rate is not None and s.iteration >= 2 and s.dirty_rate >= p.near * rate
+        # a rate of 0 is a stall, not a guest outrunning the link: the timeout handles it
+        outrun = bool(rate) and s.iteration >= 2 and s.dirty_rate >= p.near * (rate or 0.0)
         if outrun and s.now - self.last_step >= p.patience_s:
             assert rate is not None
             step = self._next_rung(s, rate)

@@ -67,8 +67,11 @@ class Fanout:
     """Source side: a unix-server callback giving each QEMU connection the next ``seq``
     and its own channel from ``opener``; ``tasks`` collects the relays for cancelling."""
 
-    def __init__(self, opener: Opener, counter: Counter, tasks: list[Any]) -> None:
+    def __init__(
+        self, opener: Opener, counter: Counter, tasks: list[Any], packed: bool = True
+    ) -> None:
         self.opener = opener
+        self.packed = packed  # False: QEMU compresses (multifd zstd), the relay only copies
         self.counter = counter
         self.tasks = tasks
         self.accepted = 0
@@ -79,7 +82,7 @@ class Fanout:
         self.tasks.append(asyncio.current_task())
         try:
             cr, cw = await self.opener(seq)
-            await pipe(r, w, cr, cw, self.counter, packed="b")
+            await pipe(r, w, cr, cw, self.counter, packed="b" if self.packed else None)
         except (DwcpError, OSError):
             w.close()
 
@@ -103,6 +106,7 @@ async def relay_in(
     turns: Turns | None,
     seq: int,
     connect: Callable[[], Awaitable[tuple[Any, Any]]],
+    packed: bool = True,
 ) -> None:
     """One channel out to QEMU's socket, connected in turn; bytes relayed both ways."""
     try:
@@ -111,4 +115,4 @@ async def relay_in(
         with contextlib.suppress(Exception):
             chan_w.close()
         raise
-    await pipe(chan_r, chan_w, r, w, Counter(), packed="a")
+    await pipe(chan_r, chan_w, r, w, Counter(), packed="a" if packed else None)

@@ -75,6 +75,7 @@ class LiveMigrator:
             args.get("downtime_limit"), args.get("max_downtime"), args.get("converge_timeout")
         )
         multifd, lanes = precopy.channels(args.get("multifd"), args.get("lanes"))
+        qz = multifd > 0 and args.get("compress") == "qemu"  # else the relay's zstd
         async with self.vms.lock(name):
             state, _ = await self.vms.state(name)
             if state != "running":
@@ -82,10 +83,10 @@ class LiveMigrator:
                     f"VM {name} is not running on this node ({state}): 'dwcp vm list' shows "
                     f"where it is; 'dwcp vm start {name}' starts it here"
                 )
-            return await self._migrate(name, peer, conv, (multifd, lanes), emit)
+            return await self._migrate(name, peer, conv, (multifd, lanes, qz), emit)
 
     async def _migrate(
-        self, name: str, peer: Any, conv: Any, chans: tuple[int, int], emit: Emit
+        self, name: str, peer: Any, conv: Any, chans: tuple[int, int, bool], emit: Emit
     ) -> dict[str, Any]:
         ctx, loop = self.ctx, asyncio.get_running_loop()
         pm = PhaseMachine()
@@ -114,7 +115,7 @@ class LiveMigrator:
             chan = await session.open_channel(CONTROL)
             fmt, size = await asyncio.to_thread(disk_size, ctx.store.images_dir / d.disk)
             prep = {"op": "prepare", "id": mid, "def": d.to_json(), "format": fmt, "size": size,
-                    "multifd": chans[0]}  # fmt: skip
+                    "multifd": chans[0], "qemu_zstd": chans[2]}  # fmt: skip
             chan.writer.write(encode_msg(prep))
             for present, f in ((d.kernel, paths.kernel), (d.initrd, paths.initrd)):
                 if present:
@@ -131,7 +132,9 @@ class LiveMigrator:
                 sock = paths.root / f"relay-{kind}.sock"
                 with contextlib.suppress(FileNotFoundError):
                     sock.unlink()
-                out = fanout.Fanout(self._opener(lanes, mid, kind), counter, relays)
+                packed = not (kind == "mig" and chans[2])
+                opener = self._opener(lanes, mid, kind, packed)
+                out = fanout.Fanout(opener, counter, relays, packed)
                 servers.append(await asyncio.start_unix_server(out, path=str(sock)))
             pm.advance(Phase.DISK, loop.time())
             emit({"phase": pm.phase.value})
@@ -160,7 +163,7 @@ class LiveMigrator:
                 "max-bandwidth": hold.CRAWL_BYTES_PER_SECOND if crawl else 1 << 40,
                 "downtime-limit": conv.downtime_ms,
                 **precopy.START_PARAMS,
-                **precopy.multifd_params(chans[0]),
+                **precopy.multifd_params(chans[0], chans[2]),
             }
             await qmp.execute("migrate-set-parameters", params)
             await qmp.execute("migrate", {"uri": f"unix:{paths.root / 'relay-mig.sock'}"})
@@ -225,6 +228,7 @@ class LiveMigrator:
                 "downtime_limit_ms": converger.downtime_ms,
                 "converge_rung": converger.rung,
                 "multifd_channels": chans[0],
+                "compress": "qemu" if chans[2] else "dwcp",
                 "lanes": len(sessions),
             }
         except (DwcpError, OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
@@ -252,10 +256,11 @@ class LiveMigrator:
         log.info("live-migrated VM %s to %s", name, peer.name, extra={"event": "live_ok"})
         return result
 
-    def _opener(self, lanes: list[Session], mid: str, kind: str) -> fanout.Opener:
+    def _opener(self, lanes: list[Session], mid: str, kind: str, packed: bool) -> fanout.Opener:
         async def open_channel(seq: int) -> tuple[Any, Any]:
             chan = await lanes[fanout.lane_of(seq, len(lanes))].open_channel(RELAY)
-            chan.writer.write(encode_msg({"id": mid, "kind": kind, "seq": seq}))
+            hdr = {"id": mid, "kind": kind, "seq": seq, "packed": packed}
+            chan.writer.write(encode_msg(hdr))
             await chan.writer.drain()  # NBD's server speaks first: the peer must connect now
             return chan.reader, chan.writer
 
@@ -371,7 +376,8 @@ class LiveMigrator:
                 return
             sock = str(target[0])
             await fanout.relay_in(chan.reader, chan.writer, target[1], seq,
-                                  lambda: asyncio.open_unix_connection(sock))  # fmt: skip
+                                  lambda: asyncio.open_unix_connection(sock),
+                                  hdr.get("packed", True) is not False)  # fmt: skip
         except (DwcpError, OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
             chan.writer.close()
 
@@ -418,7 +424,7 @@ class LiveMigrator:
                 {"type": "nbd", "id": "e0", "node-name": "disk0", "name": "disk0",
                  "writable": True},
             )  # fmt: skip
-            await precopy.incoming_multifd(qmp, prep.get("multifd"))
+            await precopy.incoming_multifd(qmp, prep.get("multifd"), prep.get("qemu_zstd"))
             await qmp.execute("migrate-incoming", {"uri": f"unix:{paths.root / 'mig.sock'}"})
             socks = {k: (paths.root / f"{k}.sock", fanout.Turns()) for k in ("nbd", "mig")}
             self.targets[mid] = socks

@@ -31,8 +31,10 @@ START_PARAMS = {"cpu-throttle-initial": 1, "max-cpu-throttle": 1, "cpu-throttle-
 
 
 # QEMU's multifd: the RAM pages on this many more connections, each relayed on its own
-# channel (``fanout``) over its own lane (session); 0: QEMU's single main stream.
-DEFAULT_MULTIFD = 4
+# channel (``fanout``) over its own lane (session); 0: QEMU's single main stream. Off by
+# default: on this CPU-bound 2-core machine multifd 4 was slower than one stream
+# (benchmarks/RESULTS.md, "Live migration: multifd channels").
+DEFAULT_MULTIFD = 0
 MAX_MULTIFD = 16
 
 
@@ -51,18 +53,23 @@ def multifd_caps(n: int) -> list[dict[str, Any]]:
     return [{"capability": "multifd", "state": True}] if n else []
 
 
-def multifd_params(n: int) -> dict[str, int]:
-    return {"multifd-channels": n} if n else {}
+def multifd_params(n: int, qemu_zstd: bool = False) -> dict[str, Any]:
+    """``qemu_zstd``: QEMU's multifd zstd-1 compresses (in its threads), the relay only
+    copies; else the relay's zstd does (compression once either way, issue 12)."""
+    if not n:
+        return {}
+    zstd = {"multifd-compression": "zstd", "multifd-zstd-level": 1} if qemu_zstd else {}
+    return {"multifd-channels": n, **zstd}
 
 
-async def incoming_multifd(qmp: QmpClient, multifd: Any) -> None:
+async def incoming_multifd(qmp: QmpClient, multifd: Any, qemu_zstd: Any) -> None:
     """Destination: the source's multifd setting, before ``migrate-incoming``."""
     n = int(multifd or 0)
     if not 0 <= n <= MAX_MULTIFD:
         raise VmError(f"the source asked for {n} multifd channels (at most {MAX_MULTIFD})")
     if n:
         await qmp.execute("migrate-set-capabilities", {"capabilities": multifd_caps(n)})
-        await qmp.execute("migrate-set-parameters", multifd_params(n))
+        await qmp.execute("migrate-set-parameters", multifd_params(n, bool(qemu_zstd)))
 
 
 def policy(downtime: int | None, max_downtime: int | None, timeout: float | None) -> Policy:

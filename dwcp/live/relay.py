@@ -41,7 +41,9 @@ class Counter:
         self.raw = [0]  # live: bytes read from the local end into packed channels (uncompressed)
 
 
-async def _copy(reader: _Reader, writer: Any, count: list[int]) -> None:
+async def _copy(
+    reader: _Reader, writer: Any, count: list[int], raw: list[int] | None = None
+) -> None:
     try:
         while True:
             data = await reader.read(CHUNK)
@@ -50,6 +52,8 @@ async def _copy(reader: _Reader, writer: Any, count: list[int]) -> None:
             count[0] += len(data)
             writer.write(data)
             await writer.drain()
+            if raw is not None:  # into a channel (QEMU compressed it): as in _pack
+                raw[0] += len(data)
     finally:
         with contextlib.suppress(Exception):
             writer.write_eof()
@@ -118,7 +122,7 @@ async def pipe(
     elif packed == "a":
         ab, ba = _unpack(a_r, b_w, up), _pack(b_r, a_w, down)
     else:
-        ab, ba = _copy(a_r, b_w, up), _copy(b_r, a_w, down)
+        ab, ba = _copy(a_r, b_w, up, counter.raw), _copy(b_r, a_w, down)
     t1 = asyncio.create_task(ab)
     t2 = asyncio.create_task(ba)
     try:

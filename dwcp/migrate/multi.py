@@ -44,6 +44,7 @@ from dwcp.itp import (
     bound,
     split_chunks,
 )
+from dwcp.itp.state import EXCLUDED
 from dwcp.migrate.pieces import (
     PIECE,
     Agreement,
@@ -405,10 +406,13 @@ def _report(
             "state": r.state,
             "reason": r.reason,
         }
-    live = {s: r for s, r in measured.items() if r > 0}
-    if live:
+    # An excluded source's bytes were all rejected: it gave no capacity. A dead one
+    # delivered until it died, so it stays in, at its rate while busy.
+    live = {s: r for s, r in measured.items() if r > 0 and rep.sources[s].state != EXCLUDED}
+    groups = [(b, frozenset(h for h in hs if h in live)) for b, hs in ag.groups(pieces)]
+    if live and all(hs for _, hs in groups):
         # T* with the subsets: pieces only some sources hold bound the time too.
-        t = bound(ag.groups(pieces), live)
+        t = bound(groups, live)
         result.bound_seconds = t if math.isfinite(t) else None
 
 

@@ -76,6 +76,7 @@ class UdpEndpoint:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._readable)
         self.closed = False
+        self._no_fragmentation = False
 
     def _readable(self) -> None:
         recv = self.sock.recvfrom
@@ -92,6 +93,10 @@ class UdpEndpoint:
             self._on_batch(batch)
 
     def sendto(self, data: bytes, addr: Addr) -> None:
+        big = len(data) > FRAGMENT_MAX
+        if big != self._no_fragmentation and LINUX:
+            no_fragmentation(self.sock, big)  # a syscall only when the size class changes
+            self._no_fragmentation = big
         try:
             self.sock.sendto(data, addr)
         except (BlockingIOError, InterruptedError):
@@ -265,27 +270,30 @@ class Conn:
                 self._fail(SessionClosedError(f"closed locally ({reason or 'no reason'})"))
 
 
-# Linux: DF set, never fragment, ignore the kernel's path MTU cache (path MTU discovery
-# is the connection's own, dwcp.transport.pmtud); elsewhere the defaults stay.
-IP_MTU_DISCOVER, IPV6_MTU_DISCOVER, PMTUDISC_PROBE = 10, 23, 3
+# Linux's IP_MTU_DISCOVER modes: WANT (the default: DF, but fragment what exceeds a
+# known path MTU) and PROBE (DF, never fragment, ignore the kernel's path MTU cache).
+IP_MTU_DISCOVER, IPV6_MTU_DISCOVER, PMTUDISC_WANT, PMTUDISC_PROBE = 10, 23, 1, 3
+FRAGMENT_MAX = 1452  # dwcp's base datagram size (tls.make_configuration)
+LINUX = os.uname().sysname == "Linux"
 
 
-def no_fragmentation(sock: socket.socket, family: int) -> None:
-    """Datagrams leave whole or not at all, so a too-large path MTU probe is lost."""
+def no_fragmentation(sock: socket.socket, on: bool) -> None:
+    """``on``: datagrams leave whole or not at all, so a too-large path MTU probe (and
+    data in datagrams past the base size) is lost, never fragmented. Off (the default)
+    for datagrams up to the base size, which a sub-1500 tunnel may still fragment."""
+    mode = PMTUDISC_PROBE if on else PMTUDISC_WANT
     with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, PMTUDISC_PROBE)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, PMTUDISC_PROBE)
+        sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, mode)
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, mode)
 
 
 def open_udp_socket(family: int, bind: Addr, buffer: int) -> socket.socket:
-    """A bound UDP socket with BDP-sized kernel buffers that never fragments."""
+    """A bound UDP socket with BDP-sized kernel buffers."""
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        if os.uname().sysname == "Linux":
-            no_fragmentation(sock, family)
         set_socket_buffers(sock, buffer)
         sock.bind(bind)
     except OSError:

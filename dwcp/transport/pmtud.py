@@ -14,8 +14,9 @@ not congestion). Candidates, largest first: the cap (the peer's
 max_udp_payload_size, the largest local interface MTU less IPv6 + UDP headers,
 ``MAX_DATAGRAM``), then jumbo-frame size. A candidate lost ``PROBE_TRIES``
 times is dropped and the next smaller is tried; the first acknowledged one
-becomes the datagram size and ends the search (a path MTU is not expected to
-grow: RFC 8899's raise timer would re-probe, ``RAISE_INTERVAL`` later).
+becomes the datagram size and ends the search until ``RAISE_INTERVAL`` later.
+Black hole (RFC 8899 4.4): persistent congestion while above the base size
+sends the connection back to the base and searches again later.
 Sockets set DF without fragmentation (``IP_PMTUDISC_PROBE``, ``aio``), so a
 probe over a narrower link is dropped (or refused locally with EMSGSIZE), never
 fragmented.
@@ -31,6 +32,7 @@ MAX_DATAGRAM = 65527  # RFC 9000's default max_udp_payload_size
 JUMBO_MTU = 9000
 PROBE_TRIES = 2
 RAISE_INTERVAL = 600.0  # s before a search that found a size looks for a larger one
+BLACK_HOLE_WAIT = 60.0  # s at the base size after a black hole, before searching again
 
 
 @functools.cache
@@ -59,7 +61,8 @@ class PmtuSearch:
         """Datagram size the connection may use (raised only by an acknowledged probe)."""
         cap = min(cap, MAX_DATAGRAM)
         sizes = {cap, JUMBO_MTU - IP_UDP_OVERHEAD}
-        self._candidates = sorted((s for s in sizes if base < s <= cap), reverse=True)
+        self._all = sorted((s for s in sizes if base < s <= cap), reverse=True)
+        self._candidates = list(self._all)
         self._tries = 0
         self.in_flight: int | None = None
         """Size of the probe awaiting its fate (at most one at a time)."""
@@ -91,3 +94,12 @@ class PmtuSearch:
         if self._tries >= PROBE_TRIES and self._candidates and self._candidates[0] == size:
             self._candidates.pop(0)
             self._tries = 0
+
+    def black_hole(self, now: float) -> None:
+        """Datagrams of ``size`` stopped getting through (the connection saw persistent
+        congestion): back to the base size, and search again ``BLACK_HOLE_WAIT`` later."""
+        self.size = self.base
+        self.in_flight = None
+        self._tries = 0
+        self._candidates = list(self._all)
+        self._next_at = now + BLACK_HOLE_WAIT

@@ -39,7 +39,7 @@ from aioquic.quic.packet import (
     pull_quic_header,
     pull_quic_transport_parameters,
 )
-from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
+from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketPacer, QuicPacketSpace
 from aioquic.quic.retry import QuicRetryTokenHandler
 from aioquic.quic.stream import QuicStream, QuicStreamSender
@@ -50,10 +50,10 @@ from dwcp.transport.quic_pacing import (
     STREAM_FRAME_MAX,
     BurstPacer,
     LinkCounters,
+    PathMtu,
     count_packets,
-    probe_datagram,
     report_ack_delay,
-    set_datagram_size,
+    watch_black_hole,
     write_stream_frames,
 )
 from dwcp.transport.tls import AlertCertificateRequired, certificate_public_key
@@ -230,13 +230,9 @@ class DwcpQuicConnection(QuicConnection):
         self.trusted = frozenset(trusted)
         self.peer_key: PublicKey | None = None
         self.counters = LinkCounters()
-        self._probes: set[int] = set()
-        count_packets(cc, self.counters, self._probes)
-        self._peer_max_udp_payload = pmtud.MAX_DATAGRAM
-        self.pmtu: pmtud.PmtuSearch | None = None
-        """Path MTU search, from the handshake's confirmation (None: not yet, or disabled)."""
-        self.pmtu_enabled = True
-        self._pmtu_now = 0.0
+        self.path_mtu = PathMtu(self)
+        count_packets(cc, self.counters, self.path_mtu.probes)
+        watch_black_hole(cc, self.path_mtu.black_hole)
         self.paced: dict[int, PacedStream] = {}
         self.app_has_more: Callable[[], bool] = lambda: False
         """Set by the session: True while a bulk writer still has data to hand over."""
@@ -263,9 +259,7 @@ class DwcpQuicConnection(QuicConnection):
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
         out = super().datagrams_to_send(now)
-        self._pmtu_now = now
-        if self.pmtu_enabled and self._handshake_confirmed and not self._close_pending:
-            out += self._pmtu_probe(now)
+        out += self.path_mtu.datagrams(now)
         # App-limited (see bbr's docstring) only if the application has nothing more:
         # lanes are kept short on purpose, so a bulk sender's buffers run empty between
         # chunks many times per round trip while its writer waits for room.
@@ -277,34 +271,16 @@ class DwcpQuicConnection(QuicConnection):
             self._bbr.mark_app_limited()
         return out
 
-    def _pmtu_probe(self, now: float) -> list[tuple[bytes, Any]]:
-        search = self.pmtu
-        if search is None:
-            cap = min(self._peer_max_udp_payload, pmtud.interface_mtu() - pmtud.IP_UDP_OVERHEAD)
-            search = self.pmtu = pmtud.PmtuSearch(self._max_datagram_size, cap)
-        size = search.probe_due(now)
-        if size is None or not self._network_paths:
-            return []
-        self._probes.add(self._packet_number)
-        search.sent(size)
-        return probe_datagram(self, size, now, self._on_probe_delivery)
-
-    def _on_probe_delivery(self, state: QuicDeliveryState, size: int) -> None:
-        search = self.pmtu
-        if search is None:
-            return
-        if state == QuicDeliveryState.ACKED:
-            search.acked(size, self._pmtu_now)
-            if search.size > self._max_datagram_size:
-                set_datagram_size(self, search.size)
-        else:
-            search.lost(size)
+    @property
+    def pmtu(self) -> pmtud.PmtuSearch | None:
+        """Path MTU search, from the handshake's confirmation (None before)."""
+        return self.path_mtu.search
 
     def _parse_transport_parameters(self, data: bytes, from_session_ticket: bool = False) -> None:
         super()._parse_transport_parameters(data, from_session_ticket)
         peer = pull_quic_transport_parameters(Buffer(data=data)).max_udp_payload_size
         if peer is not None:
-            self._peer_max_udp_payload = peer
+            self.path_mtu.peer_max = peer
 
     def _set_peer(self, key: PublicKey) -> None:
         self.peer_key = key

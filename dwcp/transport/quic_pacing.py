@@ -12,11 +12,11 @@ from typing import Any
 
 from aioquic.buffer import size_uint_var
 from aioquic.quic.packet import QuicFrameType, QuicPacketType
-from aioquic.quic.packet_builder import QuicPacketBuilder, QuicSentPacket
+from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder, QuicSentPacket
 from aioquic.quic.recovery import K_MICRO_SECOND, K_SECOND, QuicPacketPacer
 from aioquic.tls import Epoch
 
-from dwcp.transport import bbr
+from dwcp.transport import bbr, pmtud
 
 PACER_BURST_PACKETS = bbr.QUANTUM_MAX_PACKETS
 STREAM_FRAME_MAX = 0x3FFF  # aioquic writes a STREAM frame's length as a 2-byte varint
@@ -192,3 +192,65 @@ def write_stream_frames(conn: Any, builder: QuicPacketBuilder, stream: Any, max_
         used += int(sender.highest_offset - previous)
         if frame.fin or sender.buffer_is_empty:
             return used
+
+
+def watch_black_hole(cc: Any, on_collapse: Callable[[], None]) -> None:
+    """Call ``on_collapse`` on persistent congestion (nothing acknowledged for several
+    PTOs), before the controller restarts: the path may no longer carry the probed
+    size (RFC 8899 4.4's black hole)."""
+    hook: Callable[[], None] = cc.on_persistent_congestion
+
+    def on_persistent_congestion() -> None:
+        on_collapse()
+        hook()
+
+    cc.on_persistent_congestion = on_persistent_congestion
+
+
+class PathMtu:
+    """One connection's side of path MTU discovery: when to probe, what a probe's fate
+    changes (``pmtud.PmtuSearch`` decides), which packet numbers are probes."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.enabled = True
+        self.probes: set[int] = set()
+        self.peer_max = pmtud.MAX_DATAGRAM
+        """The peer's max_udp_payload_size transport parameter (RFC 9000's default)."""
+        self.search: pmtud.PmtuSearch | None = None
+        self._now = 0.0
+
+    def datagrams(self, now: float) -> list[tuple[bytes, Any]]:
+        """A probe to send with this batch, if one is due (after the handshake's confirmation)."""
+        conn = self.conn
+        self._now = now
+        if not (self.enabled and conn._handshake_confirmed and not conn._close_pending):
+            return []
+        if self.search is None:
+            cap = min(self.peer_max, pmtud.interface_mtu() - pmtud.IP_UDP_OVERHEAD)
+            self.search = pmtud.PmtuSearch(conn._max_datagram_size, cap)
+        size = self.search.probe_due(now)
+        if size is None or not conn._network_paths:
+            return []
+        self.probes.add(conn._packet_number)
+        self.search.sent(size)
+        return probe_datagram(conn, size, now, self._on_delivery)
+
+    def _on_delivery(self, state: QuicDeliveryState, size: int) -> None:
+        search = self.search
+        if search is None:
+            return
+        if state == QuicDeliveryState.ACKED:
+            self.probes.clear()  # at most one probe is out (a lost one: count_packets drops it)
+            search.acked(size, self._now)
+            if search.size > self.conn._max_datagram_size:
+                set_datagram_size(self.conn, search.size)
+        else:
+            search.lost(size)
+
+    def black_hole(self) -> None:
+        """Persistent congestion with datagrams above the base size: back to the base."""
+        search = self.search
+        if search is not None and search.size > search.base:
+            search.black_hole(self._now)
+            set_datagram_size(self.conn, search.base)

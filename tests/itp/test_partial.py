@@ -91,3 +91,16 @@ def test_whole_hash_past_the_reorder_window(tmp_path: Path, monkeypatch) -> None
     r = asyncio.run(pull(src, ["a", "b", "c"], "img", _place(tmp_path)))
     assert _sha(tmp_path / "out" / "img") == _sha(img) == r.sha256
     assert set(r.phases) == {"agree", "pieces", "finish"}
+
+
+def test_the_measured_bound_leaves_a_liar_out(tmp_path: Path) -> None:
+    """A source whose bytes were all rejected gave no capacity: T* is the honest ones'."""
+    img = _image(tmp_path / "img", 40 * PIECE, 4)
+    src = FakeSources({"s0": img, "s1": img, "s2": img}, {"s0": 0.001, "s1": 0.002, "s2": 0.004})
+    src.liar = "s0"
+    r = asyncio.run(pull(src, ["s0", "s1", "s2"], "img", _place(tmp_path)))
+    assert r.sources["s0"]["state"] == "excluded" and r.sources["s0"]["rate"] > 0
+    honest = {s: float(v["rate"]) for s, v in r.sources.items() if s != "s0"}
+    want = bound([(img.stat().st_size, frozenset(honest))], honest)
+    assert r.bound_seconds is not None
+    assert abs(r.bound_seconds - want) <= 1e-3 * want

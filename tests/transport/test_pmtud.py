@@ -7,11 +7,15 @@ dropping those larger than the path MTU as a DF-marked datagram would be.
 
 from __future__ import annotations
 
+import asyncio
+import socket
+
+import pytest
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import StreamDataReceived
 
 from dwcp.identity import NodeKey
-from dwcp.transport import pmtud
+from dwcp.transport import aio, pmtud
 from dwcp.transport.quic import DwcpQuicConnection
 from dwcp.transport.tls import make_configuration
 
@@ -72,11 +76,12 @@ class Path:
             self._move(self.server, self.client, SERVER)
 
     def exchange(self) -> None:
-        """Handshake, then 1 MiB each way on one stream."""
+        """Handshake (or nothing, once connected), then 1 MiB more each way on new streams."""
         self.run(0.05)
+        self.received = {k: bytearray() for k in self.received}
         for conn in (self.client, self.server):
             conn.send_stream_data(conn.get_next_available_stream_id(), PAYLOAD, end_stream=True)
-        for _ in range(40):
+        for _ in range(200):
             self.run(0.05)
             if all(len(r) == len(PAYLOAD) for r in self.received.values()):
                 break
@@ -119,6 +124,19 @@ def test_a_1500_byte_path_stays_at_1452_and_lost_probes_are_not_congestion() -> 
     assert dwcp.counters.packets_lost == 0  # Reno was never told of a loss: no window cut
 
 
+def test_a_path_that_stops_carrying_big_datagrams_falls_back_to_the_base_size() -> None:
+    """RFC 8899's black hole: the route changed under a connection at 64 KiB datagrams."""
+    path = Path(dwcp_is_client=True, mtu=65536)
+    path.exchange()
+    dwcp = path.dwcp
+    assert isinstance(dwcp, DwcpQuicConnection) and dwcp.pmtu is not None
+    assert dwcp.pmtu.size > 16384
+    path.mtu = 1500
+    path.exchange()  # the data still arrives, in 1452-byte datagrams
+    assert dwcp.pmtu.size == 1452
+    assert dwcp._max_datagram_size == 1452
+
+
 def test_search_drops_a_candidate_after_its_tries_and_keeps_an_acked_size() -> None:
     search = pmtud.PmtuSearch(1452, 65488)
     assert search.probe_due(0.0) == 65488
@@ -131,3 +149,27 @@ def test_search_drops_a_candidate_after_its_tries_and_keeps_an_acked_size() -> N
     search.acked(8952, now=1.0)
     assert search.size == 8952
     assert search.probe_due(2.0) is None
+
+
+@pytest.mark.skipif(not aio.LINUX, reason="IP_MTU_DISCOVER is Linux's")
+def test_only_datagrams_past_the_base_size_leave_unfragmentable() -> None:
+    """Probes and jumbo data must be lost on a narrower link, never fragmented; datagrams
+    of the base size keep the kernel's default (a sub-1500 tunnel may fragment them)."""
+
+    async def main() -> list[int]:
+        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        rx.bind(("127.0.0.1", 0))
+        sock = aio.open_udp_socket(socket.AF_INET, ("127.0.0.1", 0), 1 << 20)
+        ep = aio.UdpEndpoint(sock, lambda batch: None)
+        modes = []
+        try:
+            for size in (1200, 9000, 1452, 65000):
+                ep.sendto(bytes(size), rx.getsockname())
+                modes.append(sock.getsockopt(socket.IPPROTO_IP, aio.IP_MTU_DISCOVER))
+        finally:
+            ep.close()
+            rx.close()
+        return modes
+
+    probe, want = aio.PMTUDISC_PROBE, aio.PMTUDISC_WANT
+    assert asyncio.run(main()) == [want, probe, want, probe]

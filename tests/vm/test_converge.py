@@ -153,3 +153,14 @@ def test_sample_from_query_migrate() -> None:
     s = Sample.from_query(2.0, info, 1e6)
     assert (s.remaining, s.dirty_rate, s.iteration, s.qemu_rate) == (1000, 40960, 3, 1e7)
     assert Sample.from_query(0.0, {}, None).remaining == 0
+
+
+def test_a_zero_link_rate_climbs_no_rung() -> None:
+    # the relay measured nothing yet (0 B/s) and the guest dirties nothing: not "outrun"
+    # (0 >= 0.7 x 0 divided by the rate: a ZeroDivisionError in the live bench)
+    conv = Converger(Policy(), 0.0)
+    for i in range(100):
+        s = Sample(now=i * 0.5, remaining=4 * MB, dirty_rate=0.0, iteration=3,
+                   qemu_rate=10 * MB, link_rate=0.0)  # fmt: skip
+        assert all(a.kind is not Kind.ABORT for a in conv.feed(s))
+    assert conv.rung == 0

@@ -58,11 +58,12 @@ def test_live_migration_back_and_forth_keeps_the_guest_running(
         # 1.5 s, as the fault tests: QEMU sends the last RAM under its main lock, so a
         # 10 s limit let the final stage grow past the switch-over deadline when the
         # loaded CI relay carried ~1 MB/s (QMP silent for 60 s)
-        res = cli_json(src, "migrate", "--live", "g1", "--to", dst.name, "--downtime-limit", "1500")
+        res = cli_json(src, "migrate", "--live", "g1", "--to", dst.name, "--downtime-limit", "1500",
+                       "--multifd", "4")  # fmt: skip
         assert set(res) >= {"seconds", "downtime_ms", "bytes_wire", "bytes_ram", "bytes_disk",
                             "owner", "epoch"}  # fmt: skip
         assert res["bytes_ram"] > 0 and res["bytes_disk"] > 0
-        # QEMU's multifd (the default): main + 4 connections, each on its own session
+        # QEMU's multifd: main + 4 connections, each on its own session
         assert (res["multifd_channels"], res["lanes"]) == (4, 5)
         assert exited(pid), "the source QEMU still runs"
         assert cli_json(src, "vm", "status", "g1")["state"] == "stopped"
