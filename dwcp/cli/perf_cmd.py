@@ -85,6 +85,9 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--idle-timeout", type=float, default=30.0)
     p.add_argument(
+        "--no-pmtud", action="store_true", help="keep datagrams at 1452 bytes (no path MTU probes)"
+    )
+    p.add_argument(
         "--loop", choices=("auto", "uvloop", "asyncio"), default="auto", help="event loop"
     )
     p.set_defaults(func=run)
@@ -106,6 +109,7 @@ def _config(args: argparse.Namespace) -> Any:
         congestion=args.congestion,
         resume_bps=args.resume_bps,
         resume_rtt=args.resume_rtt,
+        path_mtu_discovery=not args.no_pmtud,
     )
 
 

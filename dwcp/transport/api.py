@@ -74,6 +74,7 @@ async def _open_conn(
     quic = DwcpQuicConnection(
         configuration=quic_configuration(key, config, is_client=True), trusted=trusted
     )
+    quic.path_mtu.enabled = config.path_mtu_discovery
     if config.resume_bps > 0 and config.resume_rtt > 0 and hello.index < config.initial_connections:
         # A known path: the first connections share its rate (careful resume).
         share = config.resume_bps / 8 / max(1, config.initial_connections)

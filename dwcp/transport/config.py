@@ -41,6 +41,9 @@ class TransportConfig:
     # in s, shared by the first ``initial_connections``; 0 = cold start (BBR's startup).
     resume_bps: float = 0.0
     resume_rtt: float = 0.0
+    # Path MTU discovery (dwcp.transport.pmtud): datagrams past 1452 bytes where the path
+    # carries them; off keeps every datagram at 1452 (a middlebox that mishandles probes).
+    path_mtu_discovery: bool = True
 
     def __post_init__(self) -> None:
         if self.idle_timeout <= 0 or self.connect_timeout <= 0 or self.interval <= 0:

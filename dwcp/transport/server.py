@@ -142,6 +142,7 @@ class Server:
             original_destination_connection_id=original_cid,
             retry_source_connection_id=retry_cid,
         )
+        quic.path_mtu.enabled = self.config.path_mtu_discovery
         conn = Conn(
             quic,
             self._endpoint,

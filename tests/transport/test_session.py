@@ -321,3 +321,19 @@ def test_connect_to_nobody_times_out_with_a_clear_error() -> None:
         config = TransportConfig(connect_timeout=0.5)
         with pytest.raises(ConnectionLostError, match="no dwcp answer"):
             run(connect("127.0.0.1", port, b, [a.public], config=config))
+
+
+def test_path_mtu_discovery_can_be_turned_off() -> None:
+    async def main() -> None:
+        async def handler(session: Session) -> None:
+            recv = await session.accept_bulk()
+            async for _chunk in recv:
+                pass
+
+        config = TransportConfig(idle_timeout=10.0, policy="fixed", path_mtu_discovery=False)
+        async with pair(handler, config=config) as (session, _server):
+            assert await session.send([os.urandom(MiB)] * 4) == 4 * MiB
+            assert all(c.quic.pmtu is None for c in session.conns)
+            assert session.stats().packets_sent > 4 * MiB / 1452
+
+    run(main(), timeout=60)
