@@ -232,6 +232,12 @@ class PathMtu:
         size = self.search.probe_due(now)
         if size is None or not conn._network_paths:
             return []
+        recovery = conn._loss
+        if recovery.bytes_in_flight + size > recovery.congestion_window:
+            # Congestion-controlled like any packet (RFC 8899 3): a 64 KiB probe in a
+            # young window blocked data until a PTO declared it lost (+0.8 s on a 1 MB
+            # transfer over 50 ms); it waits for a window that holds it.
+            return []
         self.probes.add(conn._packet_number)
         self.search.sent(size)
         return probe_datagram(conn, size, now, self._on_delivery)
