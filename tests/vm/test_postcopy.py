@@ -1,0 +1,61 @@
+"""``dwcp migrate --live --postcopy``: a TCG guest dirtying memory faster than the link.
+
+Real daemons, a 4-replica ownership registry, and a link held to LINK bytes/s while the
+guest rewrites about twice that. The ladder is given no room (a 10 ms downtime cap, a 4 s
+budget), so without --postcopy it would abort; with it the last rung is postcopy: owner=b
+is committed first, then b runs the VM while the pages it lacks still flow; the counter
+goes on at b (same boot) and the source QEMU exits.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from node.cluster import wait_until
+
+from dwcp.vm import guest
+from vm.faultworld import FaultWorld
+from vm.guestfix import need_guest
+from vm.test_supervisor import exited, ticks
+
+LINK = 6e6  # bytes/s a -> b
+DIRTY_KIB, WS_MIB = 12 << 10, 24
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[FaultWorld]:
+    need_guest()
+    w = FaultWorld(tmp_path, rate=LINK)
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def test_postcopy_moves_a_guest_that_outruns_the_link(world: FaultWorld) -> None:
+    w = world
+    kernel, initrd = need_guest()
+    (w.a.images / "g1.raw").write_bytes(bytes(4 << 20))
+    w.a.cli(
+        "vm", "start", "g1", "--disk", "g1.raw", "--memory", "128M",
+        "--kernel", str(kernel), "--initrd", str(initrd),
+        "--append", guest.dirty_append(DIRTY_KIB, WS_MIB),
+    )  # fmt: skip
+    wait_until(lambda: len(ticks(w.a, "g1")) >= 3, "three ticks on the console", polls=2400)
+    boot = ticks(w.a, "g1")[-1][1]
+    pid = w.a.vm_status("g1")["pid"]
+    r = w.a.cli("migrate", "--live", "g1", "--to", "b", "--postcopy", "--json",
+                "--downtime-limit", "10", "--max-downtime", "10", "--converge-timeout", "4",
+                timeout=240)  # fmt: skip
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["result"] == "completed" and res["postcopy"] is True, res
+    assert res["owner"] == w.b.node_id()
+    last = max(t for t, _ in ticks(w.a, "g1"))
+    assert exited(pid), "the source QEMU still runs"
+    assert w.a.vm_status("g1").get("state") == "stopped"
+    assert w.b.vm_status("g1")["state"] == "running"
+    wait_until(lambda: any(t > last for t, _ in ticks(w.b, "g1")), "ticks at b", polls=1800)
+    assert {bt for _, bt in ticks(w.b, "g1")} == {boot}
