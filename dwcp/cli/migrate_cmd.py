@@ -236,6 +236,9 @@ def run_live(args: argparse.Namespace) -> int:
         f"(downtime {result['downtime_ms']:.0f} ms, {human_bytes(result['bytes_wire'])} on the "
         f"wire: RAM {human_bytes(result['bytes_ram'])}, disk {human_bytes(result['bytes_disk'])})"
     )
+    if result.get("postcopy"):
+        print(f"the guest outran the link: {result['peer']} ran it first and pulled the rest "
+              "(postcopy)")  # fmt: skip
     if result.get("owner"):
         print(f"VM {result['name']} now owned by {result['peer']} (epoch {result['epoch']})")
     return 0

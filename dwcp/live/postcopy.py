@@ -17,6 +17,9 @@ postcopy recovery (``migrate-pause``; ``migrate-recover`` at the destination, th
 ``migrate`` with ``resume`` at the source) brings it back. dwcp does not drive that
 recovery: it detects ``postcopy-paused``, reports it in one line that says what to do,
 and leaves the source QEMU paused and alive (``Outcome.HOLD_SOURCE``): never both running.
+A crash of the source node in postcopy is not recovered either: at its restart ``recover``
+finds the destination owning the VM and quits the source QEMU, so the pages that had not
+crossed yet are lost with it.
 """
 
 from __future__ import annotations
