@@ -58,7 +58,8 @@ PY = sys.executable
 RATE_BPS, DELAY_MS, LOSS = 100e6, 25.0, 0.005
 RATES_KIB = {"0": 0, "2M": 2048, "6M": 6144}
 MODES = ("dwcp", "native-reno", "native-bbr")
-# also "dwcp-1ch": QEMU's one stream (no multifd); "dwcp-qz": multifd with QEMU's zstd-1
+# also "dwcp-1ch": QEMU's one stream (no multifd); "dwcp-qz": multifd with QEMU's zstd-1;
+# "dwcp-pc": one stream with --postcopy (the ladder's last rung is postcopy, not the abort)
 CACHE = Path(os.environ.get("DWCP_GUEST_CACHE", Path.home() / ".cache" / "dwcp-guest"))
 BOOT_SECONDS = 240.0  # a TCG boot on a loaded 2-core machine took ~30 s
 WARM_SECONDS = 3.0  # after the first tick (and the dirtier's start) before migrating
@@ -121,6 +122,7 @@ def run_dwcp(
     a: argparse.Namespace,
     multifd: int | None = None,
     compress: str = "dwcp",
+    postcopy: bool = False,
 ) -> dict[str, Any]:
     kernel, initrd = guest.build(CACHE)
     pa, pb = free_ports(2)
@@ -157,9 +159,10 @@ def run_dwcp(
             # the op `dwcp migrate --live g --to b --json` sends, called here to see its phases
             res = control.call(
                 load_config(na.config).control_path, "migrate_live",
-                {"name": "g", "to": "b", "downtime_limit": None,
+                {"name": "g", "to": "b", "downtime_limit": None, "max_downtime": a.max_downtime,
                  "converge_timeout": a.converge_timeout, "multifd": multifd,
-                 "lanes": a.lanes if multifd != 0 else None, "compress": compress},
+                 "lanes": a.lanes if multifd != 0 else None, "compress": compress,
+                 "postcopy": postcopy},
                 on_progress=progress,
             )  # fmt: skip
             row.update(
@@ -176,6 +179,7 @@ def run_dwcp(
                 converge_rung=res.get("converge_rung"),
                 multifd_channels=res.get("multifd_channels"),
                 lanes=res.get("lanes"),
+                postcopy=res.get("postcopy"),
             )
         except TimeoutError:
             row.update(seconds=None, error=f"no completion within {a.timeout:g} s")
@@ -445,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--converge-timeout", type=float, default=80.0,
                    help="dwcp's RAM-phase budget before its clean abort (s)")  # fmt: skip
+    p.add_argument("--max-downtime", type=int, default=None,
+                   help="dwcp's ladder cap (ms; default the node's, 3000)")  # fmt: skip
     p.add_argument("--multifd", type=int, default=None,
                    help="dwcp's multifd channels (default: the node's, 4)")  # fmt: skip
     p.add_argument("--lanes", type=int, default=None,
@@ -469,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
                         r = run_dwcp(link, root, kib, a, a.multifd)
                     elif mode == "dwcp-1ch":
                         r = run_dwcp(link, root, kib, a, 0)
+                    elif mode == "dwcp-pc":
+                        r = run_dwcp(link, root, kib, a, 0, postcopy=True)
                     elif mode == "dwcp-qz":
                         r = run_dwcp(link, root, kib, a, a.multifd, "qemu")
                     else:

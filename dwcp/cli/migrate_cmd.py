@@ -97,7 +97,12 @@ def register(sub: Any) -> None:
         choices=("dwcp", "qemu"),
         help="with --live --multifd: who compresses, the relay (default) or QEMU's zstd-1",
     )
-    p.add_argument("--postcopy", action="store_true", help="with --live: allow postcopy")
+    p.add_argument(
+        "--postcopy",
+        action="store_true",
+        help="with --live: when the convergence ladder is exhausted, switch to postcopy instead "
+        "of aborting (the destination runs the VM first; a lost link then loses its state)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     shown = p.add_mutually_exclusive_group()
     shown.add_argument(
@@ -205,9 +210,6 @@ class _Bar:
 def run_live(args: argparse.Namespace) -> int:
     """``migrate --live VM --to PEER``: returns when the VM runs at PEER."""
     config = require_config(args)
-    if args.postcopy:
-        print("dwcp: --postcopy is not supported yet; run without it", file=sys.stderr)
-        return 2
     request = {
         "name": args.image,
         "to": args.to,
@@ -216,13 +218,15 @@ def run_live(args: argparse.Namespace) -> int:
         "converge_timeout": args.converge_timeout,
         "multifd": args.multifd,
         "compress": args.compress,
+        "postcopy": args.postcopy,
     }
     try:
         result: dict[str, Any] = call_node(config, "migrate_live", request)
     except MigrationAbortedError as exc:
         if args.json:  # the contract's last line, then the one-line error on stderr
             print(json.dumps({"name": args.image, "peer": args.to, "live": True,
-                              "result": "aborted", "reason": str(exc)}))  # fmt: skip
+                              "result": "aborted", "reason": str(exc),
+                              "postcopy": False}))  # fmt: skip
         raise
     if args.json:
         print(json.dumps(result))
@@ -232,6 +236,9 @@ def run_live(args: argparse.Namespace) -> int:
         f"(downtime {result['downtime_ms']:.0f} ms, {human_bytes(result['bytes_wire'])} on the "
         f"wire: RAM {human_bytes(result['bytes_ram'])}, disk {human_bytes(result['bytes_disk'])})"
     )
+    if result.get("postcopy"):
+        print(f"the guest outran the link: {result['peer']} ran it first and pulled the rest "
+              "(postcopy)")  # fmt: skip
     if result.get("owner"):
         print(f"VM {result['name']} now owned by {result['peer']} (epoch {result['epoch']})")
     return 0

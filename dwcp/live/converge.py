@@ -15,6 +15,10 @@ measured. Two things keep that from happening on a WAN, and this core answers bo
   later rung; when the ladder is exhausted and the guest still outruns the link, or after
   ``timeout_s`` in the RAM phase, abort: the caller cancels the migration and the VM keeps
   running at the source.
+- Only when asked (``Policy.postcopy``, ``--postcopy``) the last rung is postcopy instead of
+  the abort (``Kind.POSTCOPY``): the destination runs the VM and pulls the pages it still
+  lacks. It is never a default: from then on the VM's memory is split between two hosts
+  and a lost link or source loses it (``dwcp.live.postcopy``).
 
 Fed one ``Sample`` per ``query-migrate`` poll with ``now``; returns ``Action``s. No QMP, no
 clock: tested in virtual time (tests/vm/test_converge.py).
@@ -34,6 +38,7 @@ class Kind(Enum):
     AUTO_CONVERGE = "auto-converge"  # value: cpu-throttle-initial (%); enable the capability
     THROTTLE = "cpu-throttle-increment"  # value: %
     ABORT = "abort"  # value: 0; reason says why and what to do
+    POSTCOPY = "postcopy"  # value: 0; switch to postcopy (only with Policy.postcopy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +90,7 @@ class Policy:
     min_bandwidth: int = 1 << 20  # never throttle QEMU below this (bytes/s)
     throttle_initial: int = 30
     throttle_steps: tuple[int, ...] = (10, 20, 30)  # cpu-throttle-increment per later rung
+    postcopy: bool = False  # the last rung: postcopy instead of the abort (--postcopy)
 
 
 @dataclass
@@ -98,6 +104,7 @@ class Converger:
     throttle: int = -1  # index into throttle_steps once auto-converge is on
     last_step: float = 0.0
     aborted: str | None = None
+    postcopy: str | None = None  # why it switched to postcopy (the last rung, when asked)
     log: list[Action] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -106,7 +113,7 @@ class Converger:
 
     def feed(self, s: Sample) -> list[Action]:
         """The actions to apply after this sample (empty: leave QEMU alone)."""
-        if self.aborted is not None:
+        if self.aborted is not None or self.postcopy is not None:
             return []
         p = self.policy
         out: list[Action] = []
@@ -118,8 +125,8 @@ class Converger:
                 out,
                 f"the guest did not converge within {p.timeout_s:.0f} s "
                 f"(dirtying {s.dirty_rate / 1e6:.1f} MB/s, link {_mb(rate)}, "
-                f"{s.remaining / 1e6:.1f} MB left): migrate it when it is idler, or raise "
-                "--max-downtime / --converge-timeout",
+                f"{s.remaining / 1e6:.1f} MB left)",
+                "migrate it when it is idler, or raise --max-downtime / --converge-timeout",
             )
         # a rate of 0 is a stall, not a guest outrunning the link: the timeout handles it
         outrun = bool(rate) and s.iteration >= 2 and s.dirty_rate >= p.near * (rate or 0.0)
@@ -131,8 +138,8 @@ class Converger:
                     out,
                     f"the guest dirties memory at {s.dirty_rate / 1e6:.1f} MB/s, faster than "
                     f"the link carries it ({_mb(rate)}), even at a {self.downtime_ms} ms "
-                    "downtime limit with auto-converge: migrate it when it is idler, or "
-                    "raise --max-downtime",
+                    "downtime limit with auto-converge",
+                    "migrate it when it is idler, or raise --max-downtime",
                 )
             self.last_step = s.now
             out += step
@@ -181,9 +188,14 @@ class Converger:
             return [Action(Kind.THROTTLE, step, "still outrunning the link")]
         return None
 
-    def _abort(self, out: list[Action], reason: str) -> list[Action]:
-        self.aborted = reason
-        out.append(Action(Kind.ABORT, 0, reason))
+    def _abort(self, out: list[Action], what: str, advice: str) -> list[Action]:
+        """The ladder is exhausted (or the time is up): abort, or postcopy when asked."""
+        if self.policy.postcopy:
+            self.postcopy = f"{what}: switching to postcopy"
+            out.append(Action(Kind.POSTCOPY, 0, self.postcopy))
+        else:
+            self.aborted = f"{what}: {advice}"
+            out.append(Action(Kind.ABORT, 0, self.aborted))
         self.log += out
         return out
 

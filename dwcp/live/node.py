@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from dwcp import framing
 from dwcp.errors import ConsensusError, DwcpError, MigrationAbortedError, UsageError, VmError
 from dwcp.identity import PublicKey
-from dwcp.live import fanout, hold, precopy, recover
+from dwcp.live import fanout, hold, postcopy, precopy, recover
 from dwcp.live.control import CONTROL, MAX_FRAME, RELAY, disk_size, encode_msg, read_msg, stage
 from dwcp.live.converge import Converger
 from dwcp.live.host import VmHost
@@ -71,10 +71,9 @@ class LiveMigrator:
         await ctx.reload()
         name = check_image_name(str(args.get("name", "")))
         peer = ctx.config.peer(str(args.get("to", "")))
-        conv = precopy.policy(
-            args.get("downtime_limit"), args.get("max_downtime"), args.get("converge_timeout")
-        )
-        multifd, lanes = precopy.channels(args.get("multifd"), args.get("lanes"))
+        limits = (args.get("downtime_limit"), args.get("max_downtime"))
+        conv = precopy.policy(*limits, args.get("converge_timeout"), bool(args.get("postcopy")))
+        multifd, lanes = precopy.channels(args.get("multifd"), args.get("lanes"), conv.postcopy)
         qz = multifd > 0 and args.get("compress") == "qemu"  # else the relay's zstd
         async with self.vms.lock(name):
             state, _ = await self.vms.state(name)
@@ -115,7 +114,8 @@ class LiveMigrator:
             chan = await session.open_channel(CONTROL)
             fmt, size = await asyncio.to_thread(disk_size, ctx.store.images_dir / d.disk)
             prep = {"op": "prepare", "id": mid, "def": d.to_json(), "format": fmt, "size": size,
-                    "multifd": chans[0], "qemu_zstd": chans[2]}  # fmt: skip
+                    "multifd": chans[0], "qemu_zstd": chans[2],
+                    "postcopy": conv.postcopy}  # fmt: skip
             chan.writer.write(encode_msg(prep))
             for present, f in ((d.kernel, paths.kernel), (d.initrd, paths.initrd)):
                 if present:
@@ -156,7 +156,7 @@ class LiveMigrator:
             pm.advance(Phase.RAM, loop.time())
             emit({"phase": pm.phase.value})
             caps = [{"capability": "pause-before-switchover", "state": True}, *precopy.START_CAPS]
-            caps += precopy.multifd_caps(chans[0])
+            caps += precopy.multifd_caps(chans[0]) + postcopy.caps(conv.postcopy)
             await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
             crawl = hold.wanted(paths.root, "ram")
             params: dict[str, Any] = {
@@ -171,27 +171,31 @@ class LiveMigrator:
                 await hold.hold(paths.root, "ram")
                 await qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
             converger = Converger(conv, loop.time())
-            await precopy.wait_precopy(qmp, pm, converger, lambda: ram_counter.raw[0], emit)
+            info = await precopy.wait_precopy(qmp, pm, converger, lambda: ram_counter.raw[0], emit)
+            pm.postcopy = converger.postcopy is not None  # the ladder's last rung (--postcopy)
 
             pm.advance(Phase.SWITCH, loop.time())  # the source is paused from here
             emit({"phase": pm.phase.value})
             await hold.hold(paths.root, "switchover")
+            if pm.postcopy:  # QEMU is still in pre-copy: pause the source before the commit
+                await qmp.execute("stop")
             await qmp.execute("block-job-cancel", {"device": "m0"})
             await qmp.wait_event(
                 "BLOCK_JOB_COMPLETED", pm.remaining(loop.time()), match={"device": "m0"}
             )
             await qmp.execute("blockdev-del", {"node-name": "tgt0"})
-            # QEMU answers once it has sent the final state (it holds its main lock meanwhile)
-            await qmp.execute("migrate-continue", {"state": "pre-switchover"},
-                              timeout=max(1.0, pm.remaining(loop.time())))  # fmt: skip
-            info = await self._wait_migration(qmp, pm, ("completed",), emit)
-            # QEMU's "completed" means the state left this host, not that the destination
-            # has it (it may sit in a relay that dies): commit only once the peer says so.
-            chan.writer.write(encode_msg({"op": "check"}))
-            await chan.writer.drain()
-            loaded = await read_msg(chan.reader, pm.remaining(loop.time()))
-            if not loaded.get("ok"):
-                raise VmError(f"{peer.name} did not load the VM's state: {loaded.get('error')}")
+            if not pm.postcopy:  # postcopy: the commit comes first (``postcopy``)
+                # QEMU answers once it has sent the final state (holding its main lock)
+                await qmp.execute("migrate-continue", {"state": "pre-switchover"},
+                                  timeout=max(1.0, pm.remaining(loop.time())))  # fmt: skip
+                info = await precopy.wait_status(qmp, pm, ("completed",), emit)
+                # QEMU's "completed" means the state left this host, not that the peer has
+                # it (it may sit in a relay that dies): commit only once the peer says so.
+                chan.writer.write(encode_msg({"op": "check"}))
+                await chan.writer.drain()
+                loaded = await read_msg(chan.reader, pm.remaining(loop.time()))
+                if not loaded.get("ok"):
+                    raise VmError(f"{peer.name} did not load the VM's state: {loaded.get('error')}")
             await hold.hold(paths.root, "committing")
 
             pm.advance(Phase.COMMIT, loop.time())
@@ -205,12 +209,15 @@ class LiveMigrator:
             pm.advance(Phase.RUN, loop.time())  # committed: the destination owns the VM
             emit({"phase": pm.phase.value})
             await hold.hold(paths.root, "run")
+            went = pm.postcopy and await postcopy.switch(qmp, pm, name, peer.name)
             chan.writer.write(encode_msg({"op": "run"}))
             await chan.writer.drain()
             ran = await read_msg(chan.reader, pm.remaining(loop.time()))
             if not ran.get("ok"):
                 raise VmError(f"{peer.name} could not resume VM {name}: {ran.get('error')}")
             pm.advance(Phase.DONE, loop.time())
+            if pm.postcopy:  # the destination runs the VM; the pages it lacks still flow
+                info = await postcopy.finish(qmp, name, peer.name, emit, lambda: ram_counter.raw[0])
             ram = info.get("ram", {})
             result = {
                 "name": name,
@@ -230,6 +237,7 @@ class LiveMigrator:
                 "multifd_channels": chans[0],
                 "compress": "qemu" if chans[2] else "dwcp",
                 "lanes": len(sessions),
+                "postcopy": went,
             }
         except (DwcpError, OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
             if chan is not None and pm.phase in (Phase.DISK, Phase.RAM):
@@ -281,32 +289,6 @@ class LiveMigrator:
                 return
             await asyncio.sleep(POLL)
 
-    async def _wait_migration(
-        self, qmp: QmpClient, pm: PhaseMachine, want: tuple[str, ...], emit: Emit
-    ) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        while True:
-            if pm.expired(loop.time()):
-                raise VmError(
-                    f"the RAM copy did not reach {want[0]} in time (the guest may dirty memory "
-                    "faster than the link carries it: raise --downtime-limit)"
-                )
-            # the phase's deadline, not QMP's 10 s: QEMU holds its main lock while it sends
-            # the final RAM and device state, so QMP answers only once that is across
-            info: dict[str, Any] = await qmp.execute(
-                "query-migrate", timeout=max(1.0, pm.remaining(loop.time()))
-            )
-            status = info.get("status")
-            if status in want:
-                return info
-            if status in ("failed", "cancelled", "cancelling"):
-                raise VmError(f"QEMU's migration {status}: {info.get('error-desc', '')}")
-            ram = info.get("ram", {})
-            log.info("migration %s %s", status, ram, extra={"event": "live_ram"})
-            emit({"phase": pm.phase.value, "ram_sent": ram.get("transferred"),
-                  "ram_remaining": ram.get("remaining")})  # fmt: skip
-            await asyncio.sleep(POLL)
-
     async def _fail(self, name: str, qmp: QmpClient, pm: PhaseMachine, exc: Any, peer: Any) -> str:
         """Apply the failure rule (see ``phases``): before the commit, resume the source.
         Returns where the VM is, for the error message."""
@@ -320,8 +302,11 @@ class LiveMigrator:
                 return (f"VM {name} stays paused here, as the registry cannot say whether it "
                         f"moved to {peer.name}: restart this node once 'dwcp owner {name}' "
                         "answers, and it resumes the VM where the registry says")  # fmt: skip
-            if owner == peer.public_key.node_id:
-                outcome = Outcome.DESTINATION_RUNS
+            outcome = pm.settle(owner == peer.public_key.node_id)
+        if outcome is Outcome.HOLD_SOURCE:  # postcopy: its memory may be needed at the peer
+            log.warning("postcopy of %s to %s failed after the commit: its paused copy stays "
+                        "here", name, peer.name, extra={"event": "live_postcopy_held"})  # fmt: skip
+            return f"VM {name} is owned by {peer.name}; this node keeps its paused copy"
         if outcome is Outcome.DESTINATION_RUNS:
             with contextlib.suppress(DwcpError):
                 await self.vms.quit(name)
@@ -337,8 +322,9 @@ class LiveMigrator:
         if isinstance(exc, MigrationAbortedError):
             return MigrationAbortedError(f"live migration to {peer} aborted: {what}; {where}")
         cls = ConsensusError if isinstance(exc, ConsensusError) else VmError
-        return cls(f"live migration to {peer} failed while {pm.phase.value} ({what}); {where}; "
-                   "re-run the command to try again")  # fmt: skip
+        again = "" if pm.postcopy and pm.committed else "; re-run the command to try again"
+        return cls(f"live migration to {peer} failed while {pm.phase.value} ({what}); {where}"
+                   f"{again}")  # fmt: skip
 
     # --- destination ----------------------------------------------------------------
 
@@ -425,6 +411,8 @@ class LiveMigrator:
                  "writable": True},
             )  # fmt: skip
             await precopy.incoming_multifd(qmp, prep.get("multifd"), prep.get("qemu_zstd"))
+            if prep.get("postcopy"):
+                await postcopy.enable_incoming(qmp)
             await qmp.execute("migrate-incoming", {"uri": f"unix:{paths.root / 'mig.sock'}"})
             socks = {k: (paths.root / f"{k}.sock", fanout.Turns()) for k in ("nbd", "mig")}
             self.targets[mid] = socks

@@ -5,6 +5,9 @@ must not depend on sockets or clocks. Fed the phase reached and ``now``, it
 says when the current wait expires and, on any failure, what must happen:
 before the ownership commit the VM keeps running at the source and the
 destination is cleaned up; once the commit is done the destination runs it.
+In postcopy (``postcopy`` set at the switch-over, ``dwcp.live.postcopy``) the commit
+comes before the destination has the VM's memory: after it, a failure leaves the source
+paused and alive (it holds the pages the destination still lacks), never resumed.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ DEADLINES: dict[Phase, float] = {
 class Outcome(enum.Enum):
     RESUME_SOURCE = "resume_source"  # cancel jobs, cont at the source, destination quits
     DESTINATION_RUNS = "destination_runs"  # the commit is done: the source QEMU quits
+    HOLD_SOURCE = "hold_source"  # postcopy after the commit: the source stays paused, alive
 
 
 @dataclass
@@ -51,6 +55,7 @@ class PhaseMachine:
     phase: Phase = Phase.CLAIM
     entered: float = 0.0
     committed: bool = False
+    postcopy: bool = False  # this switch-over is postcopy's: memory moves after the commit
     history: list[tuple[Phase, float]] = field(default_factory=list)
 
     def start(self, now: float) -> None:
@@ -78,7 +83,13 @@ class PhaseMachine:
 
     def on_failure(self) -> Outcome:
         """Where the VM must run after a failure in the current phase."""
-        return Outcome.DESTINATION_RUNS if self.committed else Outcome.RESUME_SOURCE
+        return self.settle(self.committed)
+
+    def settle(self, owned_by_peer: bool) -> Outcome:
+        """The rule once it is known whether the destination owns the VM."""
+        if not owned_by_peer:
+            return Outcome.RESUME_SOURCE
+        return Outcome.HOLD_SOURCE if self.postcopy else Outcome.DESTINATION_RUNS
 
     def downtime(self) -> float | None:
         """Seconds from the source's pause (SWITCH entered) to the destination running."""

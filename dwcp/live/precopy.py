@@ -38,11 +38,13 @@ DEFAULT_MULTIFD = 0
 MAX_MULTIFD = 16
 
 
-def channels(multifd: Any, lanes: Any) -> tuple[int, int]:
+def channels(multifd: Any, lanes: Any, postcopy: bool = False) -> tuple[int, int]:
     """(multifd channels, lanes) from the op's arguments; lanes default to one per channel."""
     n = DEFAULT_MULTIFD if multifd is None else int(multifd)
     if not 0 <= n <= MAX_MULTIFD:
         raise UsageError(f"--multifd takes 0 (off) to {MAX_MULTIFD} channels, not {n}")
+    if n and postcopy:  # QEMU 7.2: "Postcopy is not yet compatible with multifd"
+        raise UsageError("--postcopy needs QEMU's single stream: drop --multifd")
     k = n + 1 if lanes is None else int(lanes)
     if k < 1:
         raise UsageError(f"--lanes takes at least 1 session, not {k}")
@@ -72,13 +74,16 @@ async def incoming_multifd(qmp: QmpClient, multifd: Any, qemu_zstd: Any) -> None
         await qmp.execute("migrate-set-parameters", multifd_params(n, bool(qemu_zstd)))
 
 
-def policy(downtime: int | None, max_downtime: int | None, timeout: float | None) -> Policy:
+def policy(
+    downtime: int | None, max_downtime: int | None, timeout: float | None, postcopy: bool = False
+) -> Policy:
     want = int(downtime) if downtime is not None else 300
     cap = int(max_downtime) if max_downtime is not None else DEFAULT_MAX_DOWNTIME_MS
     return Policy(
         downtime_ms=want,
         max_downtime_ms=max(want, cap),
         timeout_s=float(timeout) if timeout is not None else DEFAULT_CONVERGE_SECONDS,
+        postcopy=postcopy,
     )
 
 
@@ -102,8 +107,9 @@ async def wait_precopy(
     raw_sent: Callable[[], int],
     emit: Emit,
 ) -> dict[str, Any]:
-    """Until QEMU pauses the source at ``pre-switchover``; ``MigrationAbortedError`` when the
-    converger gives up. ``raw_sent``: QEMU's bytes the relay has put into its channel."""
+    """Until QEMU pauses the source at ``pre-switchover``, or the converger's last rung is
+    postcopy (``conv.postcopy`` set; QEMU still in pre-copy); ``MigrationAbortedError`` when
+    it gives up. ``raw_sent``: QEMU's bytes the relay has put into its channel."""
     loop = asyncio.get_running_loop()
     meter = RateMeter()
     while True:
@@ -124,6 +130,8 @@ async def wait_precopy(
                 args = params_of(a)
                 log.info("converge: %s %s (%s)", a.kind.value, a.value, a.reason,
                          extra={"event": "live_converge"})  # fmt: skip
+                if a.kind is Kind.POSTCOPY:
+                    return info
                 if args is None:
                     raise MigrationAbortedError(a.reason)
                 await qmp.execute("migrate-set-parameters", args)
@@ -131,4 +139,32 @@ async def wait_precopy(
         emit({"phase": pm.phase.value, "ram_sent": ram.get("transferred"),
               "ram_remaining": ram.get("remaining"), "downtime_limit_ms": conv.downtime_ms,
               "rung": conv.rung})  # fmt: skip
+        await asyncio.sleep(POLL)
+
+
+async def wait_status(
+    qmp: QmpClient, pm: PhaseMachine, want: tuple[str, ...], emit: Emit
+) -> dict[str, Any]:
+    """Poll ``query-migrate`` until its status is one of ``want``, within the phase's time."""
+    loop = asyncio.get_running_loop()
+    while True:
+        if pm.expired(loop.time()):
+            raise VmError(
+                f"the RAM copy did not reach {want[0]} in time (the guest may dirty memory "
+                "faster than the link carries it: raise --downtime-limit)"
+            )
+        # the phase's deadline, not QMP's 10 s: QEMU holds its main lock while it sends
+        # the final RAM and device state, so QMP answers only once that is across
+        info: dict[str, Any] = await qmp.execute(
+            "query-migrate", timeout=max(1.0, pm.remaining(loop.time()))
+        )
+        status = info.get("status")
+        if status in want:
+            return info
+        if status in ("failed", "cancelled", "cancelling"):
+            raise VmError(f"QEMU's migration {status}: {info.get('error-desc', '')}")
+        ram = info.get("ram", {})
+        log.info("migration %s %s", status, ram, extra={"event": "live_ram"})
+        emit({"phase": pm.phase.value, "ram_sent": ram.get("transferred"),
+              "ram_remaining": ram.get("remaining")})  # fmt: skip
         await asyncio.sleep(POLL)

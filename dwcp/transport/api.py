@@ -30,6 +30,7 @@ from dwcp.transport.config import TransportConfig
 from dwcp.transport.core import CONTROL_STREAM
 from dwcp.transport.handshake import Greeter, quic_configuration
 from dwcp.transport.quic import DwcpQuicConnection
+from dwcp.transport.resume import jump_rate
 from dwcp.transport.server import Server, SessionHandler
 from dwcp.transport.session import RequestHandler, Session
 
@@ -48,7 +49,9 @@ async def _open_conn(
     trusted: frozenset[PublicKey],
     config: TransportConfig,
     hello: wire.Hello,
+    resume_rate: float = 0.0,
 ) -> tuple[Conn, wire.FrameDecoder, Greeter, int]:
+    """One connection of a session; ``resume_rate`` (bytes/s, > 0) = careful resume at it."""
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
@@ -75,10 +78,8 @@ async def _open_conn(
         configuration=quic_configuration(key, config, is_client=True), trusted=trusted
     )
     quic.path_mtu.enabled = config.path_mtu_discovery
-    if config.resume_bps > 0 and config.resume_rtt > 0 and hello.index < config.initial_connections:
-        # A known path: the first connections share its rate (careful resume).
-        share = config.resume_bps / 8 / max(1, config.initial_connections)
-        quic.careful_resume(share, config.resume_rtt)
+    if resume_rate > 0 and config.resume_rtt > 0:
+        quic.careful_resume(resume_rate, config.resume_rtt)
     conn_box: list[Conn] = []
 
     def on_batch(batch: list[tuple[bytes, Addr]]) -> None:
@@ -129,18 +130,33 @@ async def connect(
     session_id = random_session_id()
     count = max(1, config.max_connections)
     first = wire.Hello(session_id, 0, count, config.bulk_window)
-    conn, decoder, greeter, peer_window = await _open_conn(host, port, key, trust, config, first)
+    # A known path (careful resume): the first connection resumes the whole stored rate,
+    # the others only what is left of it when they open (``resume.jump_rate``).
+    known = config.resume_bps / 8 if config.resume_bps > 0 and config.resume_rtt > 0 else 0.0
+    conn, decoder, greeter, peer_window = await _open_conn(
+        host, port, key, trust, config, first, known
+    )
     assert conn.quic.peer_key is not None
 
+    pending: dict[int, float] = {}  # the jump rates of connections still handshaking
+
     async def opener(session: Session, index: int) -> Conn:
-        extra, dec, extra_greeter, _ = await _open_conn(
-            host,
-            port,
-            key,
-            frozenset({session.peer}),
-            config,
-            wire.Hello(session_id, index, count, config.bulk_window),
-        )
+        rate = 0.0
+        if known and index < config.initial_connections:
+            up = [c.quic.committed_rate for c in session.conns]
+            rate = pending[index] = jump_rate(known, up + list(pending.values()))
+        try:
+            extra, dec, extra_greeter, _ = await _open_conn(
+                host,
+                port,
+                key,
+                frozenset({session.peer}),
+                config,
+                wire.Hello(session_id, index, count, config.bulk_window),
+                rate,
+            )
+        finally:
+            pending.pop(index, None)  # the session attaches it before its next await
         if extra.quic.peer_key != session.peer:
             extra.close("different peer")
             raise AuthenticationError("an extra connection reached a different node")
@@ -162,6 +178,10 @@ async def connect(
     greeter.hand_over(session, conn, decoder)
     if conn.error is not None:
         session.terminated(conn, conn.error)
+    elif known:
+        # The level a known path starts at: its connections handshake now, while the
+        # application prepares its transfer, not after the first bulk byte.
+        session.open_initial()
     return session
 
 

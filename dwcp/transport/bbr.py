@@ -182,6 +182,15 @@ class BbrCongestionControl(QuicCongestionControl):
             self.resume = cr.CarefulResume(rate, rtt)
 
     @property
+    def committed_rate(self) -> float:
+        """Bytes/s this connection carries or is about to resume (``resume.jump_rate``):
+        the jump rate from the start until the resume is decided, then the model's rate."""
+        r = self.resume
+        if r is not None and (r.active or r.phase == cr.RECON):
+            return max(self.bandwidth, r.rate)
+        return self.bandwidth
+
+    @property
     def _resuming(self) -> bool:
         return self.resume is not None and self.resume.active
 

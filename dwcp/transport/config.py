@@ -38,7 +38,8 @@ class TransportConfig:
     congestion: str = "dwcp-bbr"
     alpn: str = ALPN
     # Careful resume (dwcp.transport.resume): the path's known rate in bit/s and its RTT
-    # in s, shared by the first ``initial_connections``; 0 = cold start (BBR's startup).
+    # in s: the first connection resumes it all, the others of ``initial_connections`` what
+    # is left (``resume.jump_rate``), opened at connect; 0 = cold start (BBR's startup).
     resume_bps: float = 0.0
     resume_rtt: float = 0.0
     # Path MTU discovery (dwcp.transport.pmtud): datagrams past 1452 bytes where the path

@@ -246,6 +246,11 @@ class DwcpQuicConnection(QuicConnection):
         return True
 
     @property
+    def committed_rate(self) -> float:
+        """Bytes/s this connection carries or is about to resume (0 without dwcp-bbr)."""
+        return self._bbr.committed_rate if self._bbr is not None else 0.0
+
+    @property
     def resume_state(self) -> dict[str, str | float] | None:
         """The careful resume's phase and why (None: the connection started cold)."""
         r = self._bbr.resume if self._bbr is not None else None

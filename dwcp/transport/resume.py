@@ -27,6 +27,8 @@ plain state machine fed the controller's events (no clock, no socket), and
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 RECON, UNVALIDATED, VALIDATING, RETREAT, NORMAL = (
     "reconnaissance",
     "unvalidated",
@@ -42,6 +44,22 @@ QUEUE_MIN = 0.004  # (and above min-RTT + this, for short paths)
 QUEUE_SAMPLES = 8
 LOSS = 0.05  # of the packets sent since the jump, and at least LOSS_MIN of them
 LOSS_MIN = 4
+MIN_SHARE = 0.1  # a session's next connection jumps only if this much of the path is left
+
+
+def jump_rate(total: float, committed: Iterable[float]) -> float:
+    """The jump rate (bytes/s) for a session's next connection on a known path; 0 = start cold.
+
+    Why: a session's first connection resumes the path's WHOLE stored rate ``total``
+    (the others are still handshaking, and waiting for them would leave the path
+    idle), so a later connection gets only what the connections already up do not
+    resume or carry (``committed``, bytes/s each): the session as a whole never
+    jumps above the stored rate, however many connections it opens. Less than
+    ``MIN_SHARE`` of the path left is not worth a jump (the connection starts cold
+    and BBR shares the path out as usual).
+    """
+    left = total - sum(committed)
+    return left if total > 0 and left >= MIN_SHARE * total else 0.0
 
 
 class CarefulResume:

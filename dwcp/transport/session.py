@@ -417,6 +417,12 @@ class Session:
 
     # --- adaptation -------------------------------------------------------------
 
+    def open_initial(self) -> None:
+        """Open the connections the policy starts with now (they handshake in the
+        background), so a transfer that starts soon finds them up."""
+        self.check()
+        self._grow(self._core.controller.connections)
+
     async def _adapt_loop(self) -> None:
         """Every interval, let the core measure and decide; open the connections it wants."""
         core = self._core

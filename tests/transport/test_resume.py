@@ -72,3 +72,23 @@ def test_nonsense_parameters_are_refused() -> None:
         cr.CarefulResume(0.0, 0.05)
     with pytest.raises(ValueError):
         cr.CarefulResume(1e6, float("nan"))
+
+
+def test_the_first_connection_jumps_at_the_whole_rate_the_others_at_what_is_left() -> None:
+    assert cr.jump_rate(1e6, []) == 1e6  # nothing up yet: the whole stored rate
+    assert cr.jump_rate(1e6, [4e5]) == 6e5
+    assert cr.jump_rate(1e6, [4e5, 5.5e5]) == 0.0  # under MIN_SHARE left: start cold
+    assert cr.jump_rate(1e6, [1e6, 2e5]) == 0.0  # the path is taken: never above the stored
+    assert cr.jump_rate(0.0, []) == 0.0
+
+
+def test_a_connection_commits_its_jump_rate_from_the_start_until_the_resume_is_decided() -> None:
+    from dwcp.transport.bbr import BbrCongestionControl
+
+    cc = BbrCongestionControl(max_datagram_size=MSS)
+    assert cc.committed_rate == 0.0  # cold, no model yet
+    cc.careful_resume(1e6, 0.05)
+    assert cc.committed_rate == 1e6  # still in reconnaissance: the jump is promised
+    assert cc.resume is not None
+    cc.resume.on_rtt(0.2, 0.2)  # another path: no jump
+    assert cc.committed_rate == 0.0

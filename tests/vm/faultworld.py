@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +33,18 @@ IDLE_TIMEOUT = 4  # seconds of silence before a session counts as lost (the link
 
 
 class UdpLink(threading.Thread):
-    """Forward datagrams from ``listen`` to ``target`` and the answers back; ``cut`` drops all."""
+    """Forward datagrams from ``listen`` to ``target`` and the answers back; ``cut`` drops all;
+    ``rate`` (bytes/s, a token bucket) drops what exceeds it towards ``target``: a slow link."""
 
-    def __init__(self, target: int) -> None:
+    def __init__(self, target: int, rate: float | None = None) -> None:
         super().__init__(daemon=True)
         self.target = ("127.0.0.1", target)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.port = int(self.sock.getsockname()[1])
         self.cut = False
+        self.rate = rate
+        self.tokens, self.stamp = 0.0, time.monotonic()
         self.closed = False
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.sock, selectors.EVENT_READ, None)
@@ -52,7 +56,7 @@ class UdpLink(threading.Thread):
                 s: socket.socket = key.fileobj  # type: ignore[assignment]
                 with contextlib.suppress(OSError):
                     data, addr = s.recvfrom(65536)
-                    if self.cut:
+                    if self.cut or not self._admit(len(data), key.data is None):
                         continue
                     if key.data is None:  # from a client
                         up = self.upstream.get(addr)
@@ -64,6 +68,18 @@ class UdpLink(threading.Thread):
                         up.sendto(data, self.target)
                     else:  # from the target, back to that client
                         self.sock.sendto(data, key.data)
+
+    def _admit(self, size: int, forward: bool) -> bool:
+        if self.rate is None or not forward:
+            return True
+        now = time.monotonic()
+        burst = self.rate / 20  # 50 ms of the rate
+        self.tokens = min(burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < size:
+            return False
+        self.tokens -= size
+        return True
 
     def close(self) -> None:
         self.closed = True
@@ -103,13 +119,13 @@ class FaultNode(NodeProc):
 
 
 class FaultWorld:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, rate: float | None = None) -> None:
         self.root = root
         self.a, self.b = (
             FaultNode(root, "a", idle_timeout=IDLE_TIMEOUT),
             FaultNode(root, "b", idle_timeout=IDLE_TIMEOUT),
         )
-        self.link = UdpLink(self.b.port)
+        self.link = UdpLink(self.b.port, rate)
         self.link.start()
         self.a.cli("peers", "add", "b", f"127.0.0.1:{self.link.port}", self.b.pubkey)
         self.b.trust(self.a)

@@ -71,6 +71,8 @@ def run(guest: Guest, policy: Policy, seconds: float = 400.0) -> tuple[str, Conv
         for a in conv.feed(guest.sample(t)):
             if a.kind is Kind.ABORT:
                 return "aborted", conv, t
+            if a.kind is Kind.POSTCOPY:
+                return "postcopy", conv, t
             guest.apply(a.kind, a.value)
         t += dt
     return "running", conv, t
@@ -164,3 +166,30 @@ def test_a_zero_link_rate_climbs_no_rung() -> None:
                    qemu_rate=10 * MB, link_rate=0.0)  # fmt: skip
         assert all(a.kind is not Kind.ABORT for a in conv.feed(s))
     assert conv.rung == 0
+
+
+def test_postcopy_is_the_last_rung_only_when_asked() -> None:
+    # the hopeless guest: without --postcopy the ladder ends in the abort (above); with it,
+    # every earlier rung is climbed first, then postcopy instead of the abort
+    g = Guest(ram=256 * MB, dirty=30 * MB, link=10 * MB, wss=250 * MB)
+    got, conv, t = run(g, Policy(max_downtime_ms=1000, timeout_s=300.0, postcopy=True))
+    assert got == "postcopy" and conv.aborted is None
+    kinds = [a.kind for a in conv.log]
+    assert kinds[-1] is Kind.POSTCOPY and kinds.count(Kind.POSTCOPY) == 1
+    assert kinds.index(Kind.AUTO_CONVERGE) < kinds.index(Kind.POSTCOPY)
+    assert conv.downtime_ms == 1000 and conv.throttle == len(Policy().throttle_steps) - 1
+    assert conv.postcopy is not None and "postcopy" in conv.postcopy
+    assert conv.feed(g.sample(t + 1)) == []  # nothing after the switch
+    plain = Guest(ram=256 * MB, dirty=30 * MB, link=10 * MB, wss=250 * MB)
+    got, conv, _ = run(plain, Policy(max_downtime_ms=1000, timeout_s=300.0))
+    assert got == "aborted" and conv.postcopy is None
+    assert Kind.POSTCOPY not in [a.kind for a in conv.log]
+
+
+def test_postcopy_replaces_the_timeout_abort_and_never_an_idle_switch() -> None:
+    g = Guest(ram=256 * MB, dirty=30 * MB, link=10 * MB, wss=250 * MB)
+    got, conv, t = run(g, Policy(max_downtime_ms=100_000, timeout_s=20.0, postcopy=True))
+    assert got == "postcopy" and 20.0 <= t < 21.0
+    idle = Guest(ram=256 * MB, dirty=0.1 * MB, link=10 * MB, wss=32 * MB)
+    got, conv, _ = run(idle, Policy(postcopy=True))
+    assert got == "switched" and conv.postcopy is None  # pre-copy still does the easy ones
