@@ -159,7 +159,7 @@ def run_dwcp(
             # the op `dwcp migrate --live g --to b --json` sends, called here to see its phases
             res = control.call(
                 load_config(na.config).control_path, "migrate_live",
-                {"name": "g", "to": "b", "downtime_limit": None,
+                {"name": "g", "to": "b", "downtime_limit": None, "max_downtime": a.max_downtime,
                  "converge_timeout": a.converge_timeout, "multifd": multifd,
                  "lanes": a.lanes if multifd != 0 else None, "compress": compress,
                  "postcopy": postcopy},
@@ -449,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--converge-timeout", type=float, default=80.0,
                    help="dwcp's RAM-phase budget before its clean abort (s)")  # fmt: skip
+    p.add_argument("--max-downtime", type=int, default=None,
+                   help="dwcp's ladder cap (ms; default the node's, 3000)")  # fmt: skip
     p.add_argument("--multifd", type=int, default=None,
                    help="dwcp's multifd channels (default: the node's, 4)")  # fmt: skip
     p.add_argument("--lanes", type=int, default=None,

@@ -217,7 +217,7 @@ class LiveMigrator:
                 raise VmError(f"{peer.name} could not resume VM {name}: {ran.get('error')}")
             pm.advance(Phase.DONE, loop.time())
             if pm.postcopy:  # the destination runs the VM; the pages it lacks still flow
-                info = await postcopy.finish(qmp, name, peer.name, emit)
+                info = await postcopy.finish(qmp, name, peer.name, emit, lambda: ram_counter.raw[0])
             ram = info.get("ram", {})
             result = {
                 "name": name,

@@ -15,7 +15,9 @@ The risk, which is why postcopy is never a default: once it has started, the VM'
 lives on two hosts. A lost link or a dead source loses the VM's state unless QEMU's
 postcopy recovery (``migrate-pause``; ``migrate-recover`` at the destination, then
 ``migrate`` with ``resume`` at the source) brings it back. dwcp does not drive that
-recovery: it detects ``postcopy-paused``, reports it in one line that says what to do,
+recovery: it detects ``postcopy-paused`` (and a relay that moved no byte of QEMU's stream
+for ``STALL_SECONDS``, which it turns into one with ``migrate-pause``: QEMU itself waits
+on a silent socket for ever), reports it in one line that says what to do,
 and leaves the source QEMU paused and alive (``Outcome.HOLD_SOURCE``): never both running.
 A crash of the source node in postcopy is not recovered either: at its restart ``recover``
 finds the destination owning the VM and quits the source QEMU, so the pages that had not
@@ -25,6 +27,9 @@ crossed yet are lost with it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from dwcp.errors import VmError
@@ -32,9 +37,23 @@ from dwcp.live.phases import PhaseMachine
 from dwcp.node.control import Emit
 from dwcp.vm.qmp import QmpClient, QmpError
 
+log = logging.getLogger("dwcp.live")
 POLL = 0.1
 CAPS = [{"capability": "postcopy-ram", "state": True}]
 FINISH_SECONDS = 600.0  # the pages left after the switch: at most one pass over the RAM
+STALL_SECONDS = 10.0  # no byte of QEMU's stream relayed for this long: the link is lost
+
+
+class Stall:
+    """Sans-IO: whether a byte count has not moved for ``seconds`` (fed ``now``, the count)."""
+
+    def __init__(self, seconds: float, now: float) -> None:
+        self.seconds, self.since, self.total = seconds, now, -1
+
+    def feed(self, now: float, total: int) -> bool:
+        if total != self.total:
+            self.total, self.since = total, now
+        return now - self.since >= self.seconds
 
 
 def caps(on: bool) -> list[dict[str, Any]]:
@@ -92,15 +111,25 @@ async def switch(qmp: QmpClient, pm: PhaseMachine, name: str, peer: str) -> bool
         await asyncio.sleep(POLL)
 
 
-async def finish(qmp: QmpClient, name: str, peer: str, emit: Emit) -> dict[str, Any]:
-    """The destination runs the VM: wait (bounded) until the last page has left."""
-    deadline = asyncio.get_running_loop().time() + FINISH_SECONDS
+async def finish(
+    qmp: QmpClient, name: str, peer: str, emit: Emit, raw_sent: Callable[[], int]
+) -> dict[str, Any]:
+    """The destination runs the VM: wait (bounded) until the last page has left.
+    ``raw_sent``: QEMU's bytes the relay has taken (a stall means the link is gone)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + FINISH_SECONDS
+    stall = Stall(STALL_SECONDS, loop.time())
     while True:
         info = await _status(qmp, deadline)
         st = info.get("status")
+        log.info("postcopy %s %s", st, info.get("ram"), extra={"event": "live_postcopy"})
         if st == "completed":
             return info
         if st in ("postcopy-paused", "postcopy-recover"):
+            raise paused_error(name, peer)
+        if stall.feed(loop.time(), raw_sent()):  # pause it: recoverable, unlike a cancel
+            with contextlib.suppress(VmError):
+                await qmp.execute("migrate-pause")
             raise paused_error(name, peer)
         if st in ("failed", "cancelled", "cancelling"):
             raise VmError(

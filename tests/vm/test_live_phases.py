@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dwcp.live.phases import ORDER, Outcome, Phase, PhaseMachine
+from dwcp.live.postcopy import Stall
 
 
 def run_to(pm: PhaseMachine, last: Phase, step: float = 1.0) -> float:
@@ -81,3 +82,10 @@ def test_postcopy_commit_whose_answer_was_lost_is_settled_by_the_registry() -> N
     assert pm.settle(False) is Outcome.RESUME_SOURCE  # the registry: still the source's
     assert pm.settle(True) is Outcome.HOLD_SOURCE  # the peer's: keep the paused copy
     assert PhaseMachine().settle(True) is Outcome.DESTINATION_RUNS  # pre-copy: it has it all
+
+
+def test_a_postcopy_stream_that_stops_moving_counts_as_a_lost_link() -> None:
+    st = Stall(10.0, 0.0)
+    assert not any(st.feed(float(t), t * 1000) for t in range(30))  # moving: never
+    assert not st.feed(35.0, 29_000) and st.feed(39.0, 29_000)  # 10 s still: lost
+    assert not st.feed(40.0, 29_001)  # a byte moved: the clock restarts
