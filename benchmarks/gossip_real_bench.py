@@ -13,14 +13,18 @@ Measures (probe period ``--period``, default 1 s, memberlist's LAN timing scaled
   does not list it), run for ``--stranger`` seconds at the end: bytes it received, members
   it heard from, whether ``where`` there names the image, datagrams the fleet dropped as
   not admitted, and whether any member lists it.
-Loopback has no loss here: the link emulator needs namespaces this bench does not create.
+Without ``--loss`` the daemons share loopback (no loss). With ``--loss P`` each daemon
+(the stranger too) runs in its own namespace behind a spoke of a ``dwcp.netemu.Star`` whose
+hub forwards spoke to spoke, so every gossip datagram crosses two emulated links, each
+with loss P and ``--delay-ms`` one way (root only; ``EmulatorError`` says why not).
 
-    python benchmarks/gossip_real_bench.py [--period 1.0] [--quiet 20] [--json]
+    python benchmarks/gossip_real_bench.py [--period 1.0] [--quiet 20] [--loss 0.01] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -33,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from dwcp.gossip.health import suspicion_min
+from dwcp.netemu.params import Direction
+from dwcp.netemu.star import Star, src_addr
 from dwcp.node import control
 from dwcp.node.config import load_config
 
@@ -47,6 +53,12 @@ def free_port() -> int:
 
 
 class Node:
+    """One daemon; on a star (``star``/``side`` set) it runs in that spoke's namespace."""
+
+    star: Star | None = None
+    side = ""
+    host = "127.0.0.1"
+
     def __init__(self, root: Path, name: str) -> None:
         self.name, self.dir = name, root / name
         out = subprocess.run(
@@ -62,9 +74,10 @@ class Node:
 
     def start(self) -> None:
         log = open(self.dir / "node.log", "ab")  # noqa: SIM115 - the child keeps it
-        self.proc = subprocess.Popen(
-            [PY, "-m", "dwcp.node", "--config", str(self.config)], stderr=log, stdout=log
-        )
+        argv = [PY, "-m", "dwcp.node", "--config", str(self.config)]
+        if self.star is not None:  # `ip netns exec` execs the daemon: the pid is the daemon's
+            argv = self.star.cmd(self.side, argv)
+        self.proc = subprocess.Popen(argv, stderr=log, stdout=log)
         for _ in range(600):
             try:
                 control.call(self.sock, "status", timeout=5)
@@ -97,23 +110,33 @@ def main() -> int:
     ap.add_argument("--period", type=float, default=1.0)
     ap.add_argument("--quiet", type=float, default=20.0, help="seconds of the bytes/s window")
     ap.add_argument("--stranger", type=float, default=10.0, help="seconds the stranger runs")
+    ap.add_argument("--loss", type=float, default=None, help="per-link loss on the star")
+    ap.add_argument("--delay-ms", type=float, default=10.0, help="per-link one-way delay")
     ap.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     args = ap.parse_args()
     out: dict[str, Any] = {"n": N, "period": args.period, "load": os.getloadavg()[0]}
-    with tempfile.TemporaryDirectory(prefix="gossip-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="gossip-bench-") as tmp, contextlib.ExitStack() as es:
         nodes = [Node(Path(tmp), f"g{i}") for i in range(N)]
         stranger = Node(Path(tmp), "mallory")
+        if args.loss is not None:
+            link = Direction(rate_bps=100e6, delay_ms=args.delay_ms, loss=args.loss)
+            star = es.enter_context(Star([link] * (N + 1), seed=13))
+            star.route_sources()
+            for i, n in enumerate([*nodes, stranger]):
+                n.star, n.side, n.host = star, f"src{i}", src_addr(i)
+            out.update(loss_per_link=args.loss, delay_ms_per_link=args.delay_ms)
+            out["path"] = "two links per datagram (spoke, hub, spoke)"
 
         def table(ns: list[Node]) -> str:
             return "".join(
                 f'\n[[members]]\nname = "{n.name}"\nkey = "{n.pubkey}"\n'
-                f'address = "127.0.0.1:{n.gossip_port}"\n'
+                f'address = "{n.host}:{n.gossip_port}"\n'
                 for n in ns
             )
 
         for n in [*nodes, stranger]:
             (n.dir / "gossip.toml").write_text(
-                f'listen = "127.0.0.1:{n.gossip_port}"\nperiod = {args.period}\n'
+                f'listen = "{n.host}:{n.gossip_port}"\nperiod = {args.period}\n'
                 + table(nodes if n is not stranger else [*nodes, stranger])
             )
         try:
@@ -180,6 +203,11 @@ def main() -> int:
         finally:
             for n in [*nodes, stranger]:
                 n.stop()
+            if args.loss is not None:
+                dirs = [d for st in star.stats() for d in (st.ab, st.ba)]
+                out["link_packets"] = sum(d.rx_packets for d in dirs)
+                out["link_lost"] = sum(d.lost for d in dirs)
+                out["link_queue_drops"] = sum(d.queue_drops + d.overflow_drops for d in dirs)
     out["load_end"] = os.getloadavg()[0]
     for k, v in out.items():
         print(f"{k:>20}  {v}")

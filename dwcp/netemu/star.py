@@ -149,6 +149,20 @@ class Star:
         for ns in self._ns.values():
             netns.delete_ns(ns)
 
+    def route_sources(self) -> None:
+        """Let the sources reach each other through the destination (it forwards).
+
+        For a fleet on the star (gossip, issue 13): a datagram from source i to source j
+        crosses link i, then link j, so it meets both links' delay and loss.
+        """
+        dst = self._name(DST)
+        for key in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0"):
+            netns.run(netns.ns_exec(dst, ["sysctl", "-q", "-w", key]))
+        pid = os.getpid() % 100000
+        for i in range(len(self.links)):
+            if_s = f"dws{pid}x{i}s"[-15:]
+            netns.ip("route", "add", "198.18.0.0/16", "dev", if_s, ns=self._name(f"src{i}"))
+
     def _name(self, side: str) -> str:
         if not self._open:
             raise UsageError("the star is closed; use it inside `with Star(...) as star:`")

@@ -96,18 +96,23 @@ def test_a_killed_source_has_its_work_moved(fleet: tuple[list[NodeProc], NodePro
     srcs, dst, root = fleet
     img = _seed(srcs, root, 96)
     proc = dst.popen_cli("pull", "disk.img", "--json")
-    done_file: list[Path] = []
 
     def started() -> bool:
-        done_file[:] = list(dst.partial.glob("*/done"))
-        return bool(done_file) and done_file[0].stat().st_size > 0
+        # The first piece on disk, not in the journal: over loopback with path MTU discovery
+        # a 96 MiB pull ends within one of the journal's 0.5 s flushes.
+        return any(p.stat().st_blocks > 0 for p in dst.partial.glob("*/data"))
 
-    wait_until(started, "the pull's first pieces", polls=2400)
+    wait_until(started, "the pull's first pieces", polls=24000, interval=0.005)
     t_kill = time.monotonic()
     srcs[0].kill()
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr
     out = json.loads(stdout.strip().splitlines()[-1])
     assert sha256_file(dst.images / "disk.img") == sha256_file(img)
-    assert out["sources"]["a"]["state"] == "dead", out["sources"]
+    # Its work moved to b and c: either it was declared dead, or (on a fast path) the others
+    # stole and finished what it held before its stall window ran out.
+    srcs_out = out["sources"]
+    assert srcs_out["a"]["state"] in ("dead", "live"), srcs_out
+    assert srcs_out["a"]["bytes"] < 96 * MiB // 3, srcs_out
+    assert srcs_out["b"]["bytes"] + srcs_out["c"]["bytes"] + srcs_out["a"]["bytes"] >= 96 * MiB
     assert time.monotonic() - t_kill < 600
