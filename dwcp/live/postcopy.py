@@ -41,6 +41,8 @@ log = logging.getLogger("dwcp.live")
 POLL = 0.1
 CAPS = [{"capability": "postcopy-ram", "state": True}]
 FINISH_SECONDS = 600.0  # the pages left after the switch: at most one pass over the RAM
+CONT_SECONDS = 90.0  # the destination's cont: its main loop may fault on missing pages
+RUN_SECONDS = 120.0  # the source's wait for switch + that cont (phases.Phase.RUN)
 STALL_SECONDS = 10.0  # no byte of QEMU's stream relayed for this long: the link is lost
 
 

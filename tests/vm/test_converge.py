@@ -7,6 +7,10 @@ bounded by its working set. QEMU switches over when remaining / rate <= its down
 
 from __future__ import annotations
 
+import pytest
+
+from dwcp.errors import UsageError
+from dwcp.live import precopy
 from dwcp.live.converge import Converger, Kind, Policy, RateMeter, Sample
 
 MB = 1_000_000
@@ -193,3 +197,11 @@ def test_postcopy_replaces_the_timeout_abort_and_never_an_idle_switch() -> None:
     idle = Guest(ram=256 * MB, dirty=0.1 * MB, link=10 * MB, wss=32 * MB)
     got, conv, _ = run(idle, Policy(postcopy=True))
     assert got == "switched" and conv.postcopy is None  # pre-copy still does the easy ones
+
+
+def test_postcopy_options_from_the_op() -> None:
+    assert precopy.policy(None, None, None).postcopy is False  # never a default
+    assert precopy.policy(None, None, None, True).postcopy is True
+    assert precopy.channels(0, None, True) == (0, 1)
+    with pytest.raises(UsageError, match="--multifd"):  # QEMU 7.2: not with multifd
+        precopy.channels(4, None, True)
