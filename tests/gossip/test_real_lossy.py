@@ -6,13 +6,11 @@ stored at one node appears in ``where`` at every node."""
 
 from __future__ import annotations
 
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from node.cluster import ENV, PY, STARTUP_POLLS, NodeProc, wait_until
+from node.cluster import NodeProc, wait_until
 
 from dwcp.gossip.health import suspicion_min
 from dwcp.netemu import unavailable_reason
@@ -40,23 +38,8 @@ class SpokeNode(NodeProc):
         super().__init__(root, name)
         self.star, self.side, self.host = star, f"src{i}", src_addr(i)
 
-    def start(self) -> None:
-        assert self.proc is None
-        argv = [PY, "-m", "dwcp.node", "--config", str(self.config), "--log-level", "debug"]
-        with open(self.log, "ab") as err:
-            self.proc = subprocess.Popen(
-                self.star.cmd(self.side, argv), stdout=subprocess.DEVNULL, stderr=err, env=ENV
-            )
-        sock = load_config(self.config).control_path
-        for _ in range(STARTUP_POLLS):
-            if self.proc.poll() is not None:
-                raise AssertionError(f"node {self.name} exited: {self.log.read_text()}")
-            try:
-                control.call(sock, "status", timeout=10)
-                return
-            except (control.NodeNotRunningError, OSError):
-                time.sleep(0.05)
-        raise AssertionError(f"node {self.name} did not start")
+    def command(self, argv: list[str]) -> list[str]:
+        return self.star.cmd(self.side, argv)
 
 
 def members(n: NodeProc) -> dict[str, Any]:

@@ -7,33 +7,13 @@ from __future__ import annotations
 import sys
 
 import pytest
+from node.udp import ASK, ECHO
 
 from dwcp.netemu import unavailable_reason
 from dwcp.netemu.params import Direction
 from dwcp.netemu.star import Star, src_addr
 
 pytestmark = pytest.mark.skipif(bool(unavailable_reason()), reason=str(unavailable_reason()))
-
-ECHO = """
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((sys.argv[1], 9999))
-s.settimeout(20)
-data, addr = s.recvfrom(100)
-s.sendto(data + b" from " + addr[0].encode(), addr)
-"""
-
-ASK = """
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(0.5)
-for _ in range(30):
-    s.sendto(b"hi", (sys.argv[1], 9999))
-    try:
-        print(s.recvfrom(100)[0].decode()); break
-    except TimeoutError:
-        continue
-"""
 
 
 def test_a_spoke_reaches_another_spoke_through_the_hub_over_both_links() -> None:

@@ -111,14 +111,16 @@ class NodeProc:
             env=ENV,
         )
 
+    def command(self, argv: list[str]) -> list[str]:
+        """How the daemon is launched: as is here; a subclass may wrap it (a namespace)."""
+        return argv
+
     def start(self) -> None:
         assert self.proc is None
+        argv = [PY, "-m", "dwcp.node", "--config", str(self.config), "--log-level", "debug"]
         with open(self.log, "ab") as err:
             self.proc = subprocess.Popen(
-                [PY, "-m", "dwcp.node", "--config", str(self.config), "--log-level", "debug"],
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-                env=ENV,
+                self.command(argv), stdout=subprocess.DEVNULL, stderr=err, env=ENV
             )
         sock = load_config(self.config).control_path
         for _ in range(STARTUP_POLLS):
