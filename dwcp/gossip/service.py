@@ -32,6 +32,7 @@ from dwcp.gossip.inventory import FINAL, REQUEST, RESPONSE, TAG, Inventory, deco
 from dwcp.gossip.messages import ALIVE, STATE_NAMES, decode, encode
 from dwcp.gossip.records import SwimConfig
 from dwcp.gossip.swim import Send, Swim
+from dwcp.gossip.where_content import where_content
 from dwcp.node.context import NodeContext
 from dwcp.node.control import Emit, Handler
 from dwcp.node.ownership import Ownership
@@ -99,6 +100,7 @@ class GossipService(BaseService):
         return {
             "members": self.op_members,
             "where": self.op_where,
+            "where_content": self.op_where_content,
             "add_node": self.op_add_node,
             "remove_node": self.op_remove_node,
         }
@@ -325,6 +327,14 @@ class GossipService(BaseService):
             return {"enabled": False, "image": image, "holders": []}
         holders = [h for h in self.inventory.where(image) if h["member"] in self._members]
         return {"enabled": True, "image": image, "holders": holders}
+
+    async def op_where_content(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """``where PATH``: {size, piece, hashes} of a file the CLI hashed; rows per member."""
+        if self.inventory is None or self.core is None:
+            return {"enabled": False, "members": []}
+        me = self.core.name
+        rows = await where_content(self.ctx, self.inventory, self._members, me, args)
+        return {"enabled": True, "members": rows}
 
     def metrics(self) -> dict[str, Any]:
         """What ``dwcp_gossip_*`` reports when the node is scraped."""
