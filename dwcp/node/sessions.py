@@ -235,13 +235,20 @@ class PeerSessions(BaseService):
         if self.paths is None or self._stopped:
             return
         snap = session.snapshot()
+        seen = id(session) in self._recorded
         last = self._recorded.get(id(session), -1.0)
         samples = [s for s, _ in snap.history if s.now > last]
-        if not samples:
+        if not samples and seen:
             return
-        self._recorded[id(session)] = samples[-1].now
+        # A session too short for one measured interval (a small image on a fast path) still
+        # records its peer's name and the level it used, once: the path is known to exist.
+        self._recorded[id(session)] = samples[-1].now if samples else last
         seconds = to_seconds(samples, time.time())
-        level = (snap.decision.connections, snap.decision.streams) if snap.decision else None
+        if snap.decision is not None:
+            level: tuple[int, int] | None = (snap.decision.connections, snap.decision.streams)
+        else:  # no interval measured yet: the shape the session ran with
+            st = session.stats()
+            level = (st.connections, st.streams) if st.connections else None
         work = asyncio.to_thread(
             self.paths.record_session, session.peer.node_id, seconds, name=name, level=level
         )

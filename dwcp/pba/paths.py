@@ -34,6 +34,7 @@ RESUME_MAX_AGE = 24 * 3600.0  # and its newest second at most this old (s); the 
 # stale a guess may be.
 RESUME_RECENT = 30  # the stored RTT: the lowest of the last this many seconds
 KEEP_ERRORS = 50
+MIN_PARTIAL = 0.2  # seconds of bulk transfer below which a session leaves no sample
 VERSION = 1
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -144,6 +145,10 @@ def to_seconds(samples: Iterable[LinkSample], wall_end: float) -> list[Second]:
         if span >= 1.0 - 1e-9:
             out.append(Second(s.now + shift, bits / span, rtt / span, loss / span))
             bits = span = rtt = loss = 0.0
+    if not out and span >= MIN_PARTIAL:
+        # A transfer shorter than a second (fast paths move a small image in a few hundred
+        # ms) still measured the path: keep its one partial second rather than nothing.
+        out.append(Second(items[-1].now + shift, bits / span, rtt / span, loss / span))
     return out
 
 

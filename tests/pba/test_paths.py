@@ -31,6 +31,14 @@ def test_half_second_samples_become_whole_seconds_and_idle_ones_are_dropped() ->
     assert out[0].rtt_s == pytest.approx(0.05)
 
 
+def test_a_transfer_shorter_than_a_second_still_leaves_its_rate() -> None:
+    # A fast migration (a few hundred ms of bulk data) used to leave no history at all.
+    out = to_seconds(_samples(80e6, 3, interval=0.2), wall_end=500.0)
+    assert [round(x.rate_bps) for x in out] == [80_000_000]
+    assert out[0].t == pytest.approx(500.0)
+    assert to_seconds(_samples(80e6, 1, interval=0.05), wall_end=500.0) == []  # too short
+
+
 def test_a_session_is_kept_and_the_next_one_scores_its_forecasts(tmp_path: Path) -> None:
     store = PathStore(tmp_path / "paths")
     assert store.get(PEER) is None
