@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from typing import Any
 
@@ -25,6 +26,27 @@ def require_config(args: argparse.Namespace) -> NodeConfig:
 def call_node(config: NodeConfig, op: str, args: dict[str, Any] | None = None, **kw: Any) -> Any:
     """Ask the running node; ``NodeNotRunningError`` if it is not running."""
     return control.call(config.control_path, op, args, **kw)
+
+
+def gossip_rows(
+    config: NodeConfig,
+    op: str,
+    key: str,
+    as_json: bool,
+    args: dict[str, Any] | None = None,
+    **kw: Any,
+) -> list[dict[str, Any]] | None:
+    """The rows a gossip op answers (under ``key``), or None when they are already printed:
+    as one JSON list with ``--json``, or as the one line saying gossip is off."""
+    got: dict[str, Any] = call_node(config, op, args, **kw)
+    rows: list[dict[str, Any]] = got[key]
+    if as_json:
+        print(json.dumps(rows))
+        return None
+    if not got["enabled"]:
+        print(f"gossip is off: no gossip.toml next to {config.path}")
+        return None
+    return rows
 
 
 def human_bytes(n: float) -> str:

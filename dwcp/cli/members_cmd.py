@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
-from dwcp.cli._node import call_node, require_config
+from dwcp.cli._node import gossip_rows, require_config
 
 
 def register(sub: Any) -> None:
@@ -19,13 +18,8 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = require_config(args)
-    got: dict[str, Any] = call_node(config, "members")
-    rows: list[dict[str, Any]] = got["members"]
-    if args.json:
-        print(json.dumps(rows))
-        return 0
-    if not got["enabled"]:
-        print(f"gossip is off: no gossip.toml next to {config.path}")
+    rows = gossip_rows(config, "members", "members", args.json)
+    if rows is None:
         return 0
     print(f"{'NAME':<16} {'ADDRESS':<22} {'STATE':<8} {'INC':>5} {'HEARD':>8}  IMAGES")
     for r in rows:

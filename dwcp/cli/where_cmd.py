@@ -4,12 +4,11 @@ image file given by path, how much of its content each member holds."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from dwcp.cli._node import call_node, human_bytes, require_config
+from dwcp.cli._node import gossip_rows, human_bytes, require_config
 from dwcp.gossip.where_content import ASK_TIMEOUT
 from dwcp.migrate.multi import build_manifest
 from dwcp.node.pulls import PULL_PIECE
@@ -34,13 +33,8 @@ def run(args: argparse.Namespace) -> int:
     config = require_config(args)
     if os.path.isfile(args.image):
         return _by_content(config, Path(args.image), args.json)
-    got: dict[str, Any] = call_node(config, "where", {"image": args.image})
-    rows: list[dict[str, Any]] = got["holders"]
-    if args.json:
-        print(json.dumps(rows))
-        return 0
-    if not got["enabled"]:
-        print(f"gossip is off: no gossip.toml next to {config.path}")
+    rows = gossip_rows(config, "where", "holders", args.json, {"image": args.image})
+    if rows is None:
         return 0
     if not rows:
         print(f"no member is known to hold {args.image}")
@@ -53,13 +47,8 @@ def _by_content(config: Any, path: Path, as_json: bool) -> int:
     """Hash the file here (not in the node), then ask the node to compare with members."""
     m = build_manifest(path, path.name, PULL_PIECE)
     req = {"name": m.name, "size": m.size, "piece": m.piece, "hashes": list(m.hashes)}
-    got: dict[str, Any] = call_node(config, "where_content", req, timeout=ASK_TIMEOUT * 6)
-    rows: list[dict[str, Any]] = got["members"]
-    if as_json:
-        print(json.dumps(rows))
-        return 0
-    if not got["enabled"]:
-        print(f"gossip is off: no gossip.toml next to {config.path}")
+    rows = gossip_rows(config, "where_content", "members", as_json, req, timeout=ASK_TIMEOUT * 6)
+    if rows is None:
         return 0
     print(f"{path} ({human_bytes(m.size)}):")
     for r in rows:
