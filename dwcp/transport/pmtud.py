@@ -86,14 +86,19 @@ class PmtuSearch:
         self._candidates = [c for c in self._candidates if c > self.size]
         self._next_at = now + RAISE_INTERVAL
 
-    def lost(self, size: int) -> None:
-        """The probe of ``size`` was lost: after ``PROBE_TRIES`` losses try the next smaller."""
+    def lost(self, size: int, now: float = 0.0) -> None:
+        """The probe of ``size`` was lost: after ``PROBE_TRIES`` losses try the next smaller;
+        when every candidate is spent, search again ``BLACK_HOLE_WAIT`` later (a starved
+        host can lose every probe to a full socket buffer, not to the path)."""
         self.in_flight = None
         self.probes_lost += 1
         self._tries += 1
         if self._tries >= PROBE_TRIES and self._candidates and self._candidates[0] == size:
             self._candidates.pop(0)
             self._tries = 0
+            if not self._candidates and self.size == self.base:
+                self._candidates = list(self._all)
+                self._next_at = now + BLACK_HOLE_WAIT
 
     def black_hole(self, now: float) -> None:
         """Datagrams of ``size`` stopped getting through (the connection saw persistent

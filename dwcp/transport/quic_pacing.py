@@ -252,7 +252,7 @@ class PathMtu:
             if search.size > self.conn._max_datagram_size:
                 set_datagram_size(self.conn, search.size)
         else:
-            search.lost(size)
+            search.lost(size, self._now)
 
     def black_hole(self) -> None:
         """Persistent congestion with datagrams above the base size: back to the base."""

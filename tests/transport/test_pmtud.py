@@ -208,3 +208,17 @@ def test_only_datagrams_past_the_base_size_leave_unfragmentable() -> None:
 
     probe, want = aio.PMTUDISC_PROBE, aio.PMTUDISC_WANT
     assert asyncio.run(main()) == [want, probe, want, probe]
+
+
+def test_a_search_whose_every_probe_was_lost_tries_again_later() -> None:
+    # A starved host can drop every probe (a full socket buffer): that must not pin the
+    # connection at the base size for the rest of its life.
+    search = pmtud.PmtuSearch(1452, 65488)
+    for size in (65488, 8952):
+        for _ in range(pmtud.PROBE_TRIES):
+            assert search.probe_due(5.0) == size
+            search.sent(size)
+            search.lost(size, now=5.0)
+    assert search.size == 1452
+    assert search.probe_due(5.0 + pmtud.BLACK_HOLE_WAIT - 1) is None
+    assert search.probe_due(5.0 + pmtud.BLACK_HOLE_WAIT) == 65488
